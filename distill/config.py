@@ -1,0 +1,349 @@
+"""Typed recipe: the YAML a user writes, validated before anything is built.
+
+A recipe is data. It is read with ``yaml.safe_load`` and checked by the pydantic classes
+below; an error names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import RecipeError
+from distill.registry import suggest
+
+__all__ = [
+    "CacheSpec",
+    "DataSpec",
+    "DeriveSpec",
+    "EvalSpec",
+    "LossSpec",
+    "ModelSpec",
+    "Recipe",
+    "TrainSpec",
+    "load_recipe",
+    "parse_recipe",
+]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class DeriveSpec(_Spec):
+    """How to build the student from the teacher (Hugging Face encoders)."""
+
+    layers: list[int] | None = None
+    """Teacher layer indices the student keeps, in order; each student layer starts as a copy of
+    that teacher layer (DistilBERT-style). ``None`` keeps all layers."""
+    hidden_size: int | None = None
+    """Student hidden size; channels are kept by their activation magnitude on calibration data."""
+    num_attention_heads: int | None = None
+    """Student attention heads; heads are kept by their output magnitude. Head size is unchanged,
+    so ``hidden_size`` must equal heads x the teacher's head size."""
+    intermediate_size: int | None = None
+    """Student feed-forward width; neurons are kept by their activation magnitude."""
+    calibration_batches: int = Field(8, ge=1)
+    """Training batches run through the teacher to rank channels, heads and neurons."""
+
+
+class ModelSpec(_Spec):
+    """A teacher or student model."""
+
+    kind: Literal["torch", "hf-classifier", "hf-embedding"] | None = None
+    """``torch``: a plain PyTorch classifier from distill's architectures; ``hf-classifier``: a
+    ``transformers`` sequence classifier; ``hf-embedding``: a ``transformers`` encoder pooled into
+    a sentence embedding. A student without a kind takes the teacher's."""
+    source: str | None = None
+    """Where the weights are: a local folder or Hub id (Hugging Face), ``pkg://package/subdir``
+    for a model shipped inside an installed Python package, or a ``.safetensors`` file (torch)."""
+    arch: str | None = None
+    """Architecture name for ``torch`` models (``distill models`` lists them)."""
+    arch_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the architecture (for example ``width``)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Sentence-embedding pooling over tokens (``hf-embedding``)."""
+    normalize: bool = True
+    """L2-normalise sentence embeddings (``hf-embedding``)."""
+    max_length: int = Field(128, ge=1)
+    """Tokens per text; longer texts are truncated."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the model is loaded in (the teacher may run in half precision on a GPU)."""
+    derive: DeriveSpec | None = None
+    """Student only: derive the student from the teacher instead of loading one."""
+
+
+class DataSpec(_Spec):
+    """The data the student learns from and is evaluated on."""
+
+    format: Literal["stsb", "fashion-mnist"]
+    """``stsb``: STS Benchmark TSV files (sts-train.csv, sts-dev.csv, sts-test.csv);
+    ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not."""
+    path: Path
+    """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand)."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use only the first N training examples (quick runs and tests)."""
+    eval_limit: int | None = Field(None, ge=1)
+    """Use only the first N validation examples."""
+    test_limit: int | None = Field(None, ge=1)
+    """Use only the first N test examples."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the training set held out for validation when the data has no dev split."""
+
+
+class LossSpec(_Spec):
+    """One distillation loss term."""
+
+    name: str
+    """Loss name from the registry (``distill losses`` lists them)."""
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this term in the total loss."""
+    on: str | None = None
+    """Named model output to compare (``logits``, ``embedding``); defaults to the task's output."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the loss (for example ``temperature``)."""
+
+
+class TrainSpec(_Spec):
+    """The training loop."""
+
+    epochs: float = Field(3, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps, whatever ``epochs`` says."""
+    batch_size: int = Field(32, ge=1)
+    """Examples per forward pass (per process)."""
+    grad_accum: int = Field(1, ge=1)
+    """Forward passes per optimizer step."""
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of steps with a linear warm-up."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip gradients to this norm; ``null`` disables clipping."""
+    eval_every: int = Field(200, ge=1)
+    """Evaluate on the validation split every N optimizer steps (and at the end)."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """``auto`` uses a GPU when present."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision on GPU."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for PyTorch; ``null`` keeps PyTorch's default."""
+
+
+class CacheSpec(_Spec):
+    """Teacher-output cache."""
+
+    enabled: bool = True
+    """Compute the teacher's outputs once and train from the cache; ``false`` runs the teacher
+    online every step (needed when inputs are augmented)."""
+    dir: Path = Path(".cache/distill")
+    """Cache folder, shared between runs. Relative paths are taken from the working directory."""
+
+
+class EvalSpec(_Spec):
+    """Final evaluation of teacher, student and baseline."""
+
+    latency_repeats: int = Field(30, ge=1)
+    """Timed batch-1 forward passes (median reported) after warm-up."""
+    throughput_repeats: int = Field(5, ge=1)
+    """Timed batch-64 forward passes (median reported) after warm-up."""
+    warmup: int = Field(3, ge=0)
+    """Untimed forward passes before timing."""
+    batch_size: int = Field(64, ge=1)
+    """Batch size of the throughput measurement and of quality evaluation."""
+
+
+class Recipe(_Spec):
+    """A distillation recipe."""
+
+    name: str
+    """Run name; the default output folder is ``runs/<name>``."""
+    task: Literal["sts", "classification"]
+    """``sts``: sentence embeddings scored by Spearman correlation on sentence pairs;
+    ``classification``: class logits scored by accuracy."""
+    teacher: ModelSpec
+    """The model to imitate. It is frozen and kept in eval mode."""
+    student: ModelSpec
+    """The model to train: loaded, built from an architecture, or derived from the teacher."""
+    data: DataSpec
+    """Training, validation and test data."""
+    losses: list[LossSpec] = Field(min_length=1)
+    """Distillation loss terms, summed with their weights."""
+    task_loss_weight: float = Field(0.0, ge=0)
+    """Weight of the task's own loss on labels (cross-entropy for classification) in the sum."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    output_dir: Path | None = None
+    """Run folder; defaults to ``runs/<name>`` in the working directory."""
+    train: TrainSpec = TrainSpec()
+    """Training loop settings."""
+    cache: CacheSpec = CacheSpec()
+    """Teacher-output cache settings."""
+    baseline: bool = True
+    """Also train the same student without the teacher, on the task loss and the same budget."""
+    evaluate: EvalSpec = EvalSpec()
+    """Final evaluation settings."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.teacher.derive is not None:
+            raise ValueError("teacher.derive: only the student can be derived")
+        if self.teacher.kind is None:
+            raise ValueError("teacher.kind: required (torch, hf-classifier or hf-embedding)")
+        kind = self.student.kind or self.teacher.kind
+        if self.student.derive is not None and kind == "torch":
+            raise ValueError("student.derive: only Hugging Face students can be derived")
+        if self.student.derive is None and self.student.source is None and self.student.arch is None:
+            raise ValueError("student: give derive, source or arch")
+        expected = {"sts": "hf-embedding", "classification": None}[self.task]
+        for role, k in (("teacher", self.teacher.kind), ("student", kind)):
+            if expected and k != expected:
+                raise ValueError(f"{role}.kind: task '{self.task}' needs '{expected}', got '{k}'")
+            if self.task == "classification" and k == "hf-embedding":
+                raise ValueError(f"{role}.kind: task 'classification' needs class logits, not embeddings")
+        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"}}[self.task]
+        if self.data.format not in formats:
+            raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
+        return self
+
+    @property
+    def student_kind(self) -> str:
+        """The student's model kind (the teacher's unless the recipe says otherwise)."""
+        return self.student.kind or self.teacher.kind or "torch"
+
+    def run_dir(self) -> Path:
+        """The run folder of this recipe."""
+        return self.output_dir or Path("runs") / self.name
+
+    def identity(self) -> str:
+        """Hash of everything that changes results (not where they are written)."""
+        data = self.model_dump(mode="json", exclude={"output_dir"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML, every default written out."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if key.isdigit() and isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"--set {dotted}: '{key}' is not a section")
+    last = keys[-1]
+    if isinstance(node, list) and last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (``3``, ``1e-3``, ``[0, 5]``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set '{item}': expected key=value, for example train.lr=1e-3")
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that owns the field at ``loc`` (for listing allowed names)."""
+    model: type[BaseModel] = Recipe
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return model
+        inner = _spec_in(field.annotation)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def _spec_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _spec_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = sorted(owner.model_fields) if owner else []
+        return f"{where}: unknown field '{loc[-1]}';{suggest(str(loc[-1]), known)} allowed: {', '.join(known)}"
+    if err["type"] == "missing":
+        return f"{where}: required field is missing"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return msg if ":" in msg.split(" ")[0] else f"{where}: {msg}"
+    return f"{where}: {msg}, got {shown}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict.
+
+    Args:
+        data: The recipe, as loaded from YAML.
+        source: Name used in error messages (usually the file path).
+
+    Raises:
+        RecipeError: With one line per problem, naming field, value and what is allowed.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of fields, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(dict(e)) for e in exc.errors()]
+        raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines)) from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key=value`` strings applied before validation (``--set`` on the CLI).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,120 @@
+"""Readers for the data sets recipes name, with errors that say what is wrong and where."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill.errors import DataError
+
+__all__ = ["SentencePairs", "read_idx_images", "read_stsb"]
+
+
+@dataclass(frozen=True)
+class SentencePairs:
+    """Sentence pairs with a similarity score (0-5 in STS Benchmark)."""
+
+    first: list[str]
+    second: list[str]
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def fingerprint(self) -> str:
+        """Hash of the content, so caches can tell two data sets apart."""
+        digest = hashlib.sha256()
+        for a, b, s in zip(self.first, self.second, self.scores.tolist(), strict=True):
+            digest.update(f"{a}\t{b}\t{s}\n".encode())
+        return digest.hexdigest()
+
+
+def _expand(folder: Path) -> Path:
+    import os
+
+    return Path(os.path.expandvars(str(folder))).expanduser()
+
+
+def read_stsb(folder: Path, split: str, limit: int | None = None) -> SentencePairs:
+    """Read ``sts-<split>.csv``: tab-separated genre, file, year, id, score, sentence1, sentence2.
+
+    Lines may carry extra columns after the seventh; they are ignored.
+
+    Raises:
+        DataError: Missing file, too few columns, or a score that is not a number.
+    """
+    path = _expand(folder) / f"sts-{split}.csv"
+    if not path.is_file():
+        raise DataError(f"STS Benchmark file not found: {path} (expected sts-train.csv, sts-dev.csv, sts-test.csv)")
+    first, second, scores = [], [], []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if len(row) < 7:
+                raise DataError(
+                    f"{path}:{lineno}: expected 7 tab-separated columns (genre, file, year, id, score, "
+                    f"sentence1, sentence2), found {len(row)}"
+                )
+            try:
+                score = float(row[4])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: column 5 (score) is not a number: {row[4]!r}") from None
+            first.append(row[5])
+            second.append(row[6])
+            scores.append(score)
+            if limit is not None and len(scores) >= limit:
+                break
+    if not scores:
+        raise DataError(f"{path}: no sentence pairs")
+    return SentencePairs(first, second, np.asarray(scores, dtype=np.float32))
+
+
+_IDX_NAMES = {"train": "train", "test": "t10k"}
+
+
+def _open_idx(folder: Path, stem: str) -> tuple[Path, bytes]:
+    for name in (f"{stem}.gz", stem):
+        path = folder / name
+        if path.is_file():
+            raw = path.read_bytes()
+            try:
+                return path, gzip.decompress(raw) if name.endswith(".gz") else raw
+            except OSError as exc:
+                raise DataError(f"{path}: not a valid gzip file: {exc}") from None
+    raise DataError(f"IDX file not found: {folder / stem}(.gz)")
+
+
+def _parse_idx(path: Path, raw: bytes, dims: int) -> np.ndarray:
+    if len(raw) < 4 + 4 * dims or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != dims:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes with {dims} dimension(s)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but the file holds {body.size} bytes of data")
+    return body.reshape(shape)
+
+
+def read_idx_images(folder: Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``<prefix>-images-idx3-ubyte`` and ``<prefix>-labels-idx1-ubyte`` (gzipped or not).
+
+    Returns:
+        ``(images, labels)``: ``(N, H, W)`` uint8 and ``(N,)`` int64.
+
+    Raises:
+        DataError: Missing or malformed files, or image and label counts that differ.
+    """
+    folder = _expand(folder)
+    prefix = _IDX_NAMES[split]
+    img_path, img_raw = _open_idx(folder, f"{prefix}-images-idx3-ubyte")
+    lbl_path, lbl_raw = _open_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    images = _parse_idx(img_path, img_raw, 3)
+    labels = _parse_idx(lbl_path, lbl_raw, 1).astype(np.int64)
+    if len(images) != len(labels):
+        raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels

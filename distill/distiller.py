@@ -1,0 +1,152 @@
+"""Distil with plain ``nn.Module``s and data loaders, without writing a recipe."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.config import LossSpec, TrainSpec
+from distill.engine import make_accelerator, train
+from distill.runner import build_loss_terms, pair_outputs
+from distill.tasks import Batch
+
+__all__ = ["Distiller"]
+
+
+class ModuleAdapter:
+    """Wraps a plain module so that ``module(inputs["x"])`` becomes ``{output: tensor}``."""
+
+    def __init__(self, module: nn.Module, output: str = "logits") -> None:
+        self.module = module
+        self.output = output
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        device = next(self.module.parameters()).device
+        return {self.output: self.module(inputs["x"].to(device))}
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+
+
+def _to_batch(item: Any) -> Batch:
+    if isinstance(item, dict):
+        return {"index": item.get("index"), "inputs": {"x": item["x"]}, "labels": item.get("y")}
+    x, y = item[0], (item[1] if len(item) > 1 else None)
+    return {"index": None, "inputs": {"x": x}, "labels": y}
+
+
+class _LoaderBatches:
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        return (_to_batch(item) for item in itertools.islice(self.loader, skip, None))
+
+
+class _LoaderTask:
+    def __init__(self, output: str, eval_loader: Iterable[Any] | None) -> None:
+        self.output = output
+        self.metric = "accuracy" if output == "logits" else "cosine"
+        self.eval_loader = eval_loader
+
+    def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
+        out = outputs[self.output]
+        labels = batch["labels"].to(out.device)
+        if self.output == "logits":
+            return F.cross_entropy(out.float(), labels)
+        return F.mse_loss(out.float(), labels.float())
+
+    @torch.inference_mode()
+    def evaluate(self, model: ModuleAdapter, split: str) -> float:
+        if self.eval_loader is None or self.output != "logits":
+            return float("nan")
+        was_training = model.module.training
+        model.module.eval()
+        correct = total = 0
+        for item in self.eval_loader:
+            batch = _to_batch(item)
+            pred = model(batch["inputs"])["logits"].argmax(-1).cpu()
+            correct += int((pred == batch["labels"]).sum())
+            total += len(pred)
+        model.module.train(was_training)
+        return 100.0 * correct / max(1, total)
+
+
+class Distiller:
+    """Train ``student`` to imitate ``teacher`` on batches from a data loader.
+
+    Batches are ``(x, y)`` tuples or ``{"x": ..., "y": ...}`` dicts; ``y`` may be ``None``
+    when ``task_loss_weight`` is 0. The teacher runs online on every batch.
+
+    Args:
+        teacher: The frozen model to imitate.
+        student: The model to train.
+        losses: Loss names or :class:`LossSpec` dicts, for example ``[{"name": "kd",
+            "params": {"temperature": 4}}]``.
+        task_loss_weight: Weight of cross-entropy on ``y`` (0 for pure distillation).
+        train: Loop settings (:class:`TrainSpec` or a dict of its fields).
+        output: Name of what the models return (``logits`` or ``embedding``).
+        folder: Where checkpoints and metrics go; a rerun resumes from the last checkpoint.
+        seed: Seed for dropout and any randomness of the loop.
+
+    Example:
+        >>> Distiller(teacher, student, losses=["kd"]).fit(train_loader, eval_loader)
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        losses: list[str | dict[str, Any] | LossSpec] = ("kd",),  # type: ignore[assignment]
+        task_loss_weight: float = 0.0,
+        train: TrainSpec | dict[str, Any] | None = None,
+        output: str = "logits",
+        folder: str | Path = "runs/distiller",
+        seed: int = 0,
+    ) -> None:
+        self.teacher = ModuleAdapter(teacher.eval().requires_grad_(False), output)
+        self.student = ModuleAdapter(student, output)
+        specs = [s if isinstance(s, LossSpec) else LossSpec(**({"name": s} if isinstance(s, str) else s))
+                 for s in losses]
+        self.terms = build_loss_terms(specs, output)
+        self.task_loss_weight = task_loss_weight
+        self.spec = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
+        self.output = output
+        self.folder = Path(folder)
+        self.seed = seed
+
+    def fit(self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None) -> dict[str, Any]:
+        """Train; returns ``{"steps", "eval"}``. The trained student is ``self.student.module``."""
+        accelerator = make_accelerator(self.spec)
+        self.teacher.module.to(accelerator.device)
+        task = _LoaderTask(self.output, eval_loader)
+        sample = _to_batch(next(iter(train_loader)))
+        with torch.no_grad():
+            s_out, t_out = self.student(sample["inputs"]), self.teacher(sample["inputs"])
+        projectors = pair_outputs(self.terms, s_out, t_out, _NoCheck())
+        return train(
+            student=self.student, task=task, batches=_LoaderBatches(train_loader), terms=self.terms,
+            projectors=projectors, teacher=self.teacher, cache=None, task_weight=self.task_loss_weight,
+            spec=self.spec, seed=self.seed, folder=self.folder, accelerator=accelerator, desc="distil",
+        )
+
+
+class _NoCheck:
+    def check_outputs(self, outputs: dict[str, Tensor], role: str) -> None:
+        return None

@@ -1,0 +1,326 @@
+"""The training loop, on Hugging Face Accelerate: one code path for CPU, GPU and many processes.
+
+One step: the student runs on a batch, the teacher's outputs come from the cache (or from the
+teacher, online), each loss term compares a pair of named outputs, and the weighted parts are
+summed. The step returns every part, and every part is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from distill.cache import TeacherCache
+from distill.config import TrainSpec
+from distill.models.adapters import Adapter
+from distill.tasks import Batch
+
+__all__ = [
+    "LossTerm",
+    "MetricsLog",
+    "ShuffledBatches",
+    "TrainState",
+    "distill_step",
+    "make_accelerator",
+    "total_steps",
+    "train",
+]
+
+Teacher = Callable[[dict[str, Any]], dict[str, Tensor]]
+
+
+@dataclass
+class LossTerm:
+    """One weighted loss between a named student output and the same teacher output."""
+
+    name: str
+    weight: float
+    on: str
+    loss: nn.Module
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer steps done, epoch, and batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, records after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to ``step`` (what the resumed run will not repeat)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def make_accelerator(spec: TrainSpec) -> Accelerator:
+    """An Accelerator for the recipe's device, precision and gradient accumulation."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    cpu = spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=spec.mixed_precision if not cpu else "no",
+        gradient_accumulation_steps=spec.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def distill_step(
+    student: Adapter,
+    batch: Batch,
+    teacher_out: dict[str, Tensor] | None,
+    terms: list[LossTerm],
+    projectors: nn.Module,
+    task_loss: Callable[[dict[str, Tensor], Batch], Tensor] | None,
+    task_weight: float,
+    labels_for_losses: bool,
+) -> dict[str, Tensor]:
+    """Compute every loss part of one batch; ``loss`` is their weighted sum."""
+    out = student(batch["inputs"])
+    parts: dict[str, Tensor] = {}
+    labels = batch.get("labels") if labels_for_losses else None
+    for term in terms:
+        assert teacher_out is not None
+        s = out[term.on]
+        if term.on in projectors:
+            s = projectors[term.on](s)
+        t = teacher_out[term.on].to(s.device, s.dtype)
+        parts[f"{term.name}_loss"] = term.weight * term.loss(s, t, None if labels is None else labels.to(s.device))
+    if task_loss is not None and task_weight > 0:
+        parts["task_loss"] = task_weight * task_loss(out, batch)
+    parts["loss"] = sum(parts.values())  # type: ignore[assignment]
+    return parts
+
+
+class ShuffledBatches:
+    """Batches of a dataset in a seeded order per epoch; each process takes every ``world``-th example.
+
+    Args:
+        dataset: Has ``len()`` and ``batch(indices) -> Batch``.
+        batch_size: Examples per batch and process.
+        seed: With the epoch number, fixes the order (so a resumed run sees the same batches).
+        rank: This process's index.
+        world: Number of processes.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.dataset) / self.world) / self.batch_size)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch``, without the first ``skip``."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=gen)[self.rank :: self.world].tolist()
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
+            yield self.dataset.batch(order[start : start + self.batch_size])
+
+
+def total_steps(batches_per_epoch: int, spec: TrainSpec) -> int:
+    """Optimizer steps of a run: ``max_steps``, or ``epochs`` passes of ``batches_per_epoch``."""
+    if spec.max_steps:
+        return spec.max_steps
+    return max(1, math.ceil(spec.epochs * batches_per_epoch / spec.grad_accum))
+
+
+def _lr_lambda(spec: TrainSpec, steps: int) -> Callable[[int], float]:
+    warmup = int(spec.warmup_ratio * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if spec.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        if spec.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1 - progress)
+
+    return factor
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.glob("step-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator: Accelerator, folder: Path, state: TrainState, keep: int) -> None:
+    """Write a checkpoint to a temporary folder and rename it: a kill never leaves half of one."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    final = folder / f"step-{state.step:08d}"
+    tmp = folder / f".tmp-step-{state.step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog) -> TrainState:
+    for stale in folder.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    found = _checkpoints(folder)
+    if not found:
+        return TrainState()
+    latest = found[-1]
+    accelerator.load_state(str(latest))
+    state = TrainState(**json.loads((latest / "trainer_state.json").read_text()))
+    metrics.truncate_after(state.step)
+    accelerator.print(f"resuming from {latest} (step {state.step})")
+    return state
+
+
+def _kill_point() -> int | None:
+    """Test hook: ``DISTILL_KILL_AT_STEP=N`` sends this process SIGKILL after step N."""
+    value = os.environ.get("DISTILL_KILL_AT_STEP")
+    return int(value) if value else None
+
+
+def train(
+    *,
+    student: Adapter,
+    task: Any,
+    batches: Any,
+    terms: list[LossTerm],
+    projectors: nn.ModuleDict,
+    teacher: Teacher | None,
+    cache: TeacherCache | None,
+    task_weight: float,
+    spec: TrainSpec,
+    seed: int,
+    folder: Path,
+    accelerator: Accelerator,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train ``student`` in ``folder`` (checkpoints, metrics.jsonl), resuming if it holds a checkpoint.
+
+    Args:
+        student: The model to train.
+        task: Supplies ``task_loss``, ``evaluate`` and ``metric``/``output``.
+        batches: Has ``len()`` (batches per epoch) and ``epoch(epoch, skip) -> Iterator[Batch]``.
+        terms: Distillation loss terms (empty for a run without teacher).
+        projectors: Trained with the student where widths differ; never saved with it.
+        teacher: Called for teacher outputs when there is no cache.
+        cache: Teacher outputs by example index.
+        task_weight: Weight of the task loss.
+        spec: Loop settings.
+        seed: Seed of initialisation-independent randomness (dropout, data order).
+        folder: Where checkpoints and metrics go.
+        accelerator: The Accelerate engine.
+        desc: Progress-bar label.
+
+    Returns:
+        ``{"steps", "eval": [...]}`` with the validation metric after each evaluation.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    set_seed(seed)
+    steps = total_steps(len(batches), spec)
+    params = [p for p in student.module.parameters() if p.requires_grad] + list(projectors.parameters())
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps))
+    student.module, projectors, optimizer = accelerator.prepare(student.module, projectors, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    metrics = MetricsLog(folder / "metrics.jsonl", accelerator.is_main_process)
+    ckpt_dir = folder / "checkpoints"
+    state = _resume(accelerator, ckpt_dir, metrics)
+    kill_at = _kill_point()
+    labels_for_losses = task.output == "logits"
+    student.module.train()
+    bar = tqdm(total=steps, initial=state.step, desc=desc, unit="step", disable=not accelerator.is_local_main_process)
+    running: dict[str, float] = {}
+    while state.step < steps:
+        for batch in batches.epoch(state.epoch, state.batch):
+            with accelerator.accumulate(student.module, projectors):
+                teacher_out = _teacher_outputs(batch, teacher, cache, bool(terms))
+                with accelerator.autocast():
+                    parts = distill_step(student, batch, teacher_out, terms, projectors, task.task_loss,
+                                         task_weight, labels_for_losses)
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients and spec.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            state.batch += 1
+            for key, value in parts.items():
+                running[key] = running.get(key, 0.0) + float(value.detach()) / spec.grad_accum
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            record = {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **running}
+            metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running['loss']:.4f}")
+            running = {}
+            if state.step % spec.eval_every == 0 or state.step == steps:
+                score = task.evaluate(student, "eval")
+                metrics.write({"step": state.step, "split": "eval", task.metric: score})
+                bar.write(f"{desc} step {state.step}: eval {task.metric} {score:.2f}")
+            if state.step % spec.checkpoint_every == 0 or state.step == steps:
+                _save_checkpoint(accelerator, ckpt_dir, state, spec.keep_checkpoints)
+            if kill_at is not None and state.step == kill_at:
+                os.kill(os.getpid(), 9)
+            if state.step >= steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch = 0
+    bar.close()
+    student.module = accelerator.unwrap_model(student.module)
+    evals = [r for r in metrics.read() if r.get("split") == "eval"]
+    return {"steps": steps, "eval": evals}
+
+
+def _teacher_outputs(batch: Batch, teacher: Teacher | None, cache: TeacherCache | None, needed: bool
+                     ) -> dict[str, Tensor] | None:
+    if not needed:
+        return None
+    if cache is not None:
+        return cache.lookup(batch["index"])
+    assert teacher is not None
+    # no_grad, not inference_mode: the outputs are targets in an autograd graph.
+    with torch.no_grad():
+        return dict(teacher(batch["inputs"]))

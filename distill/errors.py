@@ -1,0 +1,29 @@
+"""Errors that distill reports to the user as a message, never as a bare traceback."""
+
+from __future__ import annotations
+
+__all__ = ["DistillError", "RecipeError", "DataError", "ModelError", "RunFolderError", "CacheError"]
+
+
+class DistillError(Exception):
+    """Base class: the CLI prints the message and exits with status 2."""
+
+
+class RecipeError(DistillError):
+    """A recipe is malformed or names something that does not exist."""
+
+
+class DataError(DistillError):
+    """A data file is missing, unreadable or does not hold what the recipe says."""
+
+
+class ModelError(DistillError):
+    """A model cannot be loaded, or teacher and student outputs cannot be compared."""
+
+
+class RunFolderError(DistillError):
+    """A run folder holds something other than this recipe's run."""
+
+
+class CacheError(DistillError):
+    """A teacher-output cache cannot be written or read."""

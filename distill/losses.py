@@ -1,0 +1,243 @@
+"""Response-based distillation losses.
+
+Every loss is a pure ``nn.Module``: ``forward(student_out, teacher_out, labels=None)`` takes
+tensors and returns a scalar. Nothing in here reads a config or touches a model; the engine
+decides which named outputs (``logits``, ``embedding``) each loss compares.
+
+Logit losses take ``(..., C)`` tensors: every leading position is one distribution and the
+result is the mean over positions, so the same modules serve classifiers ``(N, C)`` and,
+later, token-level language models ``(N, T, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.registry import Registry
+
+__all__ = [
+    "LOSSES",
+    "CosineLoss",
+    "DKDLoss",
+    "JSDLoss",
+    "KDLoss",
+    "MSELoss",
+    "ReverseKLLoss",
+    "TVDLoss",
+    "kl_divergence",
+]
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``(..., C)`` to ``(N, C)``; half precision is upcast so that softmax and logs stay accurate."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Mean over rows of KL(p || q) for ``(N, C)`` log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def _check_pair(student: Tensor, teacher: Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
+            "differ in shape"
+        )
+
+
+class KDLoss(nn.Module):
+    """Hinton knowledge distillation: ``T^2 * KL(p_teacher^T || p_student^T)``.
+
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015. The ``T^2``
+    factor keeps gradient magnitudes comparable across temperatures.
+
+    Args:
+        temperature: Softmax temperature applied to both sets of logits.
+
+    Shapes: ``student_out`` and ``teacher_out`` are ``(..., C)`` logits; returns a scalar.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        t = self.temperature
+        log_s = F.log_softmax(_flat(student_out) / t, -1)
+        log_t = F.log_softmax(_flat(teacher_out) / t, -1)
+        return kl_divergence(log_t, log_s) * t * t
+
+
+class ReverseKLLoss(nn.Module):
+    """Reverse KL ``T^2 * KL(p_student || p_teacher)``: mode-seeking (Gu et al., MiniLLM, 2023).
+
+    Args:
+        temperature: Softmax temperature applied to both sets of logits.
+
+    Shapes: ``(..., C)`` logits in, scalar out.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        t = self.temperature
+        log_s = F.log_softmax(_flat(student_out) / t, -1)
+        log_t = F.log_softmax(_flat(teacher_out) / t, -1)
+        return kl_divergence(log_s, log_t) * t * t
+
+
+class JSDLoss(nn.Module):
+    """Generalized Jensen-Shannon divergence (Agarwal et al., GKD, 2024).
+
+    With ``P`` the teacher, ``Q`` the student and ``M = beta*P + (1-beta)*Q``:
+    ``JSD_beta = beta*KL(P || M) + (1-beta)*KL(Q || M)``. As beta -> 0, ``JSD_beta / beta``
+    tends to forward ``KL(P || Q)``; as beta -> 1, ``JSD_beta / (1-beta)`` tends to reverse
+    ``KL(Q || P)``. At exactly 0 and 1 the loss *is* forward and reverse KL, so one knob moves
+    between the three.
+
+    Args:
+        beta: Mixture weight in [0, 1]; 0.5 is the symmetric JSD.
+        temperature: Softmax temperature applied to both sets of logits.
+
+    Shapes: ``(..., C)`` logits in, scalar out.
+    """
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.beta = beta
+        self.temperature = temperature
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        t, beta = self.temperature, self.beta
+        log_q = F.log_softmax(_flat(student_out) / t, -1)
+        log_p = F.log_softmax(_flat(teacher_out) / t, -1)
+        if beta == 0.0:
+            return kl_divergence(log_p, log_q) * t * t
+        if beta == 1.0:
+            return kl_divergence(log_q, log_p) * t * t
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        jsd = beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
+        return jsd * t * t
+
+
+class TVDLoss(nn.Module):
+    """Total variation distance ``0.5 * sum |p_teacher - p_student|`` (Wen et al., f-divergence KD, 2023).
+
+    Args:
+        temperature: Softmax temperature applied to both sets of logits.
+
+    Shapes: ``(..., C)`` logits in, scalar out (in [0, 1]).
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        p_s = F.softmax(_flat(student_out) / self.temperature, -1)
+        p_t = F.softmax(_flat(teacher_out) / self.temperature, -1)
+        return 0.5 * (p_s - p_t).abs().sum(-1).mean()
+
+
+class DKDLoss(nn.Module):
+    """Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+
+    Splits KD into target-class KD (binary: target vs the rest) and non-target-class KD (the
+    distribution over the other classes), weighted independently:
+    ``T^2 * (alpha * TCKD + beta * NCKD)``.
+
+    Args:
+        alpha: Weight of the target-class term.
+        beta: Weight of the non-target-class term (8 in the paper for CIFAR-100).
+        temperature: Softmax temperature.
+
+    Shapes: ``(N, C)`` logits and ``(N,)`` integer labels in, scalar out. Labels are required.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        if labels is None:
+            raise ValueError("dkd needs class labels; use it on a labelled classification task")
+        t = self.temperature
+        s, te = _flat(student_out) / t, _flat(teacher_out) / t
+        target = F.one_hot(labels.reshape(-1).long(), s.shape[-1]).bool()
+        tckd = kl_divergence(_binary_log_probs(te, target), _binary_log_probs(s, target))
+        # Masking the target with a large negative logit leaves the softmax over the rest.
+        log_nt_s = F.log_softmax(s.masked_fill(target, -1e4), -1)
+        log_nt_t = F.log_softmax(te.masked_fill(target, -1e4), -1)
+        nckd = kl_divergence(log_nt_t, log_nt_s)
+        return (self.alpha * tckd + self.beta * nckd) * t * t
+
+
+def _binary_log_probs(logits: Tensor, target: Tensor) -> Tensor:
+    """Log of ``[p_target, 1 - p_target]`` for each row, computed stably from logits."""
+    log_p = F.log_softmax(logits, -1)
+    log_target = log_p.masked_fill(~target, float("-inf")).logsumexp(-1)
+    log_rest = log_p.masked_fill(target, float("-inf")).logsumexp(-1)
+    return torch.stack([log_target, log_rest], -1)
+
+
+class MSELoss(nn.Module):
+    """Mean squared error between student and teacher vectors (embeddings, features).
+
+    Shapes: ``(N, D)`` (or any equal shapes) in, scalar out.
+    """
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        return F.mse_loss(student_out, teacher_out.to(student_out.dtype))
+
+
+class CosineLoss(nn.Module):
+    """``1 - cos(student, teacher)`` averaged over rows: matches direction, ignores scale.
+
+    Shapes: ``(..., D)`` in, scalar out (in [0, 2]).
+    """
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        _check_pair(student_out, teacher_out)
+        return (1 - F.cosine_similarity(_flat(student_out), _flat(teacher_out), dim=-1)).mean()
+
+
+LOSSES: Registry[type[nn.Module]] = Registry("loss")
+for _name, _cls in (
+    ("kd", KDLoss),
+    ("reverse_kl", ReverseKLLoss),
+    ("jsd", JSDLoss),
+    ("tvd", TVDLoss),
+    ("dkd", DKDLoss),
+    ("mse", MSELoss),
+    ("cosine", CosineLoss),
+):
+    LOSSES.add(_name, _cls)
+
+#: Which named model output each loss compares when the recipe does not say.
+LOGIT_LOSSES = frozenset({"kd", "reverse_kl", "jsd", "tvd", "dkd"})

@@ -1,0 +1,240 @@
+"""Adapters turn a model into named output tensors and save it in the format it came in.
+
+An adapter is what the engine, the cache and the evaluator see of a model: call it on a batch
+of inputs, get ``{"logits": ...}`` or ``{"embedding": ...}``. Later capabilities add names
+(``hidden.3``, ``attn.3``) through forward hooks without changing the callers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from distill.errors import ModelError
+from distill.models.zoo import ARCHITECTURES
+
+__all__ = [
+    "Adapter",
+    "HFClassifierAdapter",
+    "HFEmbeddingAdapter",
+    "TorchClassifierAdapter",
+    "load_torch_classifier",
+    "require_transformers",
+]
+
+
+class Adapter(Protocol):
+    """What distill needs from a model."""
+
+    module: nn.Module
+    """The underlying ``nn.Module`` (the engine may replace it with a wrapped version)."""
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        """Run the model on a batch of raw inputs and return its named outputs."""
+        ...
+
+    def save(self, folder: Path) -> None:
+        """Write the model to ``folder`` in a format loadable without distill."""
+        ...
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def require_transformers() -> Any:
+    """Import ``transformers`` or explain which extra to install."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(
+            "Hugging Face models need the 'hf' extra: pip install 'distill[hf]'"
+        ) from None
+    return transformers
+
+
+class TorchClassifierAdapter:
+    """A plain PyTorch classifier taking ``inputs["x"]`` and returning ``logits``.
+
+    Args:
+        module: The classifier.
+        arch: Registry name of its architecture, written next to the weights.
+        arch_args: Keyword arguments that rebuild the architecture.
+    """
+
+    outputs = ("logits",)
+
+    def __init__(self, module: nn.Module, arch: str, arch_args: dict[str, Any]) -> None:
+        self.module = module
+        self.arch = arch
+        self.arch_args = dict(arch_args)
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        return {"logits": self.module(inputs["x"].to(_device_of(self.module)))}
+
+    def save(self, folder: Path) -> None:
+        """Write ``model.safetensors`` and ``config.json`` (architecture and its arguments)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.module).state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"arch": self.arch})
+        config = {"arch": self.arch, "arch_args": self.arch_args}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: str | None) -> TorchClassifierAdapter:
+    """Build a registry architecture, loading weights from ``source`` when given.
+
+    ``source`` may be a ``.safetensors`` file or a folder that distill saved (with
+    ``config.json``, whose architecture is used when ``arch`` is not given).
+    """
+    path = Path(source).expanduser() if source else None
+    if path is not None and path.is_dir():
+        config_file = path / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            arch = arch or config.get("arch")
+            arch_args = {**config.get("arch_args", {}), **arch_args}
+        path = path / "model.safetensors"
+    if arch is None:
+        raise ModelError("torch model: give arch (an architecture name) or a folder distill saved")
+    module = ARCHITECTURES.get(arch)(**arch_args)
+    if path is not None:
+        if not path.is_file():
+            raise ModelError(f"torch model: weights file not found: {path}")
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise ModelError(f"torch model: cannot read {path}: {exc}") from None
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelError(
+                f"torch model: {path} does not fit architecture '{arch}' {arch_args}: "
+                f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+    return TorchClassifierAdapter(module, arch, arch_args)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a distributed wrapper (which keeps it as ``.module``)."""
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+class _HFTextAdapter:
+    """Shared tokenisation for text models from ``transformers``."""
+
+    def __init__(self, module: nn.Module, tokenizer: Any, max_length: int) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Pad to the longest text of the batch, truncate at ``max_length``."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        device = _device_of(self.module)
+        return {k: v.to(device) for k, v in enc.items()}
+
+    def _save_hf(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        _unwrap(self.module).save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+
+
+class HFEmbeddingAdapter(_HFTextAdapter):
+    """A ``transformers`` encoder pooled into sentence embeddings: ``inputs["text"]`` -> ``embedding``.
+
+    Args:
+        module: An ``AutoModel`` encoder.
+        tokenizer: Its tokenizer.
+        pooling: ``mean`` over non-padding tokens, or the ``cls`` token.
+        normalize: L2-normalise the pooled vector.
+        max_length: Truncation length in tokens.
+    """
+
+    outputs = ("embedding",)
+
+    def __init__(self, module: nn.Module, tokenizer: Any, pooling: str = "mean", normalize: bool = True,
+                 max_length: int = 128) -> None:
+        super().__init__(module, tokenizer, max_length)
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        enc = self.tokenize(inputs["text"])
+        hidden = self.module(**enc).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        return {"embedding": pooled}
+
+    def save(self, folder: Path) -> None:
+        """Hugging Face folder (safetensors, tokenizer) plus sentence-transformers module files."""
+        self._save_hf(folder)
+        dim = _unwrap(self.module).config.hidden_size
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+        (folder / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": self.max_length, "do_lower_case": False}, indent=2) + "\n"
+        )
+        pooling = {
+            "word_embedding_dimension": dim,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+        if self.normalize:
+            (folder / "2_Normalize").mkdir(exist_ok=True)
+
+
+class HFClassifierAdapter(_HFTextAdapter):
+    """A ``transformers`` sequence classifier: ``inputs["text"]`` -> ``logits``."""
+
+    outputs = ("logits",)
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        enc = self.tokenize(inputs["text"])
+        return {"logits": self.module(**enc).logits}
+
+    def save(self, folder: Path) -> None:
+        """Hugging Face folder: config, safetensors weights and tokenizer."""
+        self._save_hf(folder)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128,
+            dtype: str = "float32") -> HFEmbeddingAdapter | HFClassifierAdapter:
+    """Load a Hugging Face model (local folder or Hub id) and its tokenizer into an adapter."""
+    transformers = require_transformers()
+    auto = transformers.AutoModel if kind == "hf-embedding" else transformers.AutoModelForSequenceClassification
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        module = auto.from_pretrained(source, dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
+    if kind == "hf-embedding":
+        return HFEmbeddingAdapter(module, tokenizer, pooling, normalize, max_length)
+    return HFClassifierAdapter(module, tokenizer, max_length)

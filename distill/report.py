@@ -1,0 +1,150 @@
+"""Write the run's report: ``report.md``, ``report.html``, ``report.json`` and plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["summarize", "write_report"]
+
+ROLES = ("teacher", "student", "baseline")
+
+
+def summarize(models: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per model with ratios against the teacher (retention, speed-up, size)."""
+    teacher = models["teacher"]
+    rows = []
+    for role in ROLES:
+        if role not in models:
+            continue
+        m = models[role]
+        rows.append({
+            "model": role,
+            metric: m[metric],
+            "retention_pct": 100.0 * m[metric] / teacher[metric],
+            "parameters": m["parameters"],
+            "size_mb": m["size_bytes"] / 1e6,
+            "smaller_x": teacher["size_bytes"] / m["size_bytes"],
+            "latency_ms": m["latency_ms"],
+            "speedup_latency_x": teacher["latency_ms"] / m["latency_ms"],
+            "throughput": m["throughput"],
+            "speedup_throughput_x": m["throughput"] / teacher["throughput"],
+        })
+    return rows
+
+
+def _table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
+    head = ["model", metric, "retained", "params", "size (MB)", "smaller", "latency b1 (ms)",
+            "speed-up b1", "throughput b64 (/s)", "speed-up b64"]
+    body = [[
+        r["model"], f"{r[metric]:.2f}", f"{r['retention_pct']:.1f}%", f"{r['parameters'] / 1e6:.2f}M",
+        f"{r['size_mb']:.1f}", f"{r['smaller_x']:.2f}x", f"{r['latency_ms']:.2f}", f"{r['speedup_latency_x']:.2f}x",
+        f"{r['throughput']:.0f}", f"{r['speedup_throughput_x']:.2f}x",
+    ] for r in rows]
+    return head, body
+
+
+def _plot_curves(histories: dict[str, list[dict[str, Any]]], metric: str, path: Path) -> None:
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for role, records in histories.items():
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if r.get("split") == "eval"]
+        if train:
+            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=role, lw=0.8)
+        if evals:
+            ax_eval.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o", label=role)
+    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
+    ax_eval.set(xlabel="step", ylabel=f"validation {metric}", title=f"validation {metric}")
+    for ax in (ax_loss, ax_eval):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_tradeoff(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in rows:
+        ax.scatter(r["latency_ms"], r[metric], s=40 + 2 * r["size_mb"])
+        ax.annotate(r["model"], (r["latency_ms"], r[metric]), textcoords="offset points", xytext=(6, 4))
+    ax.set(xlabel="CPU latency at batch 1 (ms)", ylabel=f"test {metric}", title="quality vs latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, list[dict[str, Any]]]) -> Path:
+    """Write every report file into ``folder`` and return the path of ``report.md``.
+
+    Args:
+        folder: The run folder.
+        summary: ``{"recipe", "metric", "models": {role: figures}, ...}`` from the evaluation.
+        histories: Metrics records per trained model (``student``, ``baseline``).
+    """
+    metric = summary["metric"]
+    rows = summarize(summary["models"], metric)
+    report = {**summary, "table": rows}
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot_curves(histories, metric, folder / "curves.png")
+    _plot_tradeoff(rows, metric, folder / "tradeoff.png")
+    head, body = _table(rows, metric)
+    md = [f"# Distillation report: {summary['recipe']}", "", _facts(summary), "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(line) + " |" for line in body]
+    md += ["", _verdict(rows, metric), "", "![training curves](curves.png)", "",
+           "![quality vs latency](tradeoff.png)", ""]
+    (folder / "report.md").write_text("\n".join(md))
+    (folder / "report.html").write_text(_html(summary, head, body, rows, metric, folder))
+    return folder / "report.md"
+
+
+def _facts(summary: dict[str, Any]) -> str:
+    lines = [f"- teacher: `{summary['teacher']}`", f"- student: {summary['student']}",
+             f"- data: `{summary['data']}`", f"- losses: {summary['losses']}",
+             f"- training: {summary['steps']} steps; measured on {summary['machine']}"]
+    return "\n".join(lines)
+
+
+def _verdict(rows: list[dict[str, Any]], metric: str) -> str:
+    by = {r["model"]: r for r in rows}
+    s = by["student"]
+    text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is "
+            f"{s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 "
+            f"({s['speedup_throughput_x']:.2f}x at batch 64).")
+    if "baseline" in by:
+        gain = s[metric] - by["baseline"][metric]
+        text += f" Distillation adds {gain:+.2f} {metric} over the same student trained without the teacher."
+    return text
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
+
+
+def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows: list[dict[str, Any]],
+          metric: str, folder: Path) -> str:
+    esc = html.escape
+    table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in line) + "</tr>" for line in body)
+    facts = "".join(f"<li>{esc(line[2:])}</li>" for line in _facts(summary).splitlines())
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>distill report: {esc(summary['recipe'])}</title><style>"
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "</style></head><body>"
+        f"<h1>Distillation report: {esc(summary['recipe'])}</h1><ul>{facts}</ul>"
+        f"<table>{table}</table><p>{esc(_verdict(rows, metric))}</p>"
+        f"{_img(folder / 'curves.png')}<br>{_img(folder / 'tradeoff.png')}</body></html>\n"
+    )

@@ -1,0 +1,281 @@
+"""Run a recipe end to end: models, data, teacher cache, training, baseline, evaluation, report.
+
+Each phase leaves its result in the run folder, so running the same recipe again picks up
+where it stopped: a finished training is not repeated, an interrupted one resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from distill.cache import TeacherCache, model_fingerprint
+from distill.config import LossSpec, ModelSpec, Recipe, load_recipe, parse_recipe
+from distill.engine import LossTerm, ShuffledBatches, make_accelerator, train
+from distill.errors import ModelError, RecipeError, RunFolderError
+from distill.evaluate import measure
+from distill.losses import LOGIT_LOSSES, LOSSES
+from distill.models.adapters import Adapter, load_hf, load_torch_classifier
+from distill.models.derive import derive_student
+from distill.models.sources import resolve_source
+from distill.registry import suggest
+from distill.report import write_report
+from distill.tasks import build_task
+
+__all__ = ["RunResult", "build_loss_terms", "evaluate_run", "load_model", "pair_outputs", "report_run", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    folder: Path
+    report: Path
+    models: dict[str, dict[str, Any]]
+
+
+def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter:
+    """Load a teacher or student adapter from its spec (``source`` overrides the spec's)."""
+    source = source or spec.source
+    if kind == "torch":
+        return load_torch_classifier(spec.arch, spec.arch_args, resolve_source(source) if source else None)
+    if source is None:
+        raise ModelError(f"{kind} model: source is required")
+    return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
+                   max_length=spec.max_length, dtype=spec.dtype)
+
+
+def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
+    """Derive the student from the teacher, or load/build it, with the recipe's seed."""
+    set_seed(recipe.seed)
+    derive = recipe.student.derive
+    if derive is None:
+        return load_model(recipe.student, recipe.student_kind)
+    bs = recipe.train.batch_size
+    calibration = [task.train.batch(range(i * bs, min((i + 1) * bs, len(task.train))))["inputs"]
+                   for i in range(min(derive.calibration_batches, -(-len(task.train) // bs)))]
+    return derive_student(teacher, derive, calibration)  # type: ignore[arg-type]
+
+
+def build_loss_terms(specs: list[LossSpec], default_on: str) -> list[LossTerm]:
+    """Instantiate the recipe's loss terms, with errors that name the bad parameter."""
+    terms = []
+    for i, spec in enumerate(specs):
+        cls = LOSSES.get(spec.name)
+        try:
+            loss = cls(**spec.params)
+        except TypeError:
+            import inspect
+
+            allowed = [p for p in inspect.signature(cls).parameters]
+            bad = [k for k in spec.params if k not in allowed]
+            hint = suggest(bad[0], allowed) if bad else ""
+            raise RecipeError(
+                f"losses.{i}.params: loss '{spec.name}' has no parameter {bad};{hint} "
+                f"allowed: {', '.join(allowed) or 'none'}"
+            ) from None
+        except ValueError as exc:
+            raise RecipeError(f"losses.{i}.params: {exc}") from None
+        on = spec.on or ("logits" if spec.name in LOGIT_LOSSES else default_on)
+        terms.append(LossTerm(spec.name, spec.weight, on, loss))
+    return terms
+
+
+def pair_outputs(terms: list[LossTerm], s_out: dict[str, torch.Tensor], t_out: dict[str, torch.Tensor],
+                   task: Any) -> nn.ModuleDict:
+    """Verify that each term can compare its outputs; add a linear projector where widths differ."""
+    task.check_outputs(t_out, "teacher")
+    task.check_outputs(s_out, "student")
+    projectors = nn.ModuleDict()
+    for term in terms:
+        for role, out in (("student", s_out), ("teacher", t_out)):
+            if term.on not in out:
+                raise ModelError(f"loss '{term.name}' compares '{term.on}', which the {role} does not produce "
+                                 f"(it produces {sorted(out)})")
+        s, t = s_out[term.on], t_out[term.on]
+        if s.shape[:-1] != t.shape[:-1]:
+            raise ModelError(f"loss '{term.name}': student '{term.on}' {tuple(s.shape)} and teacher "
+                             f"{tuple(t.shape)} cannot be compared")
+        if s.shape[-1] != t.shape[-1]:
+            if term.name in LOGIT_LOSSES:
+                raise ModelError(f"loss '{term.name}': student has {s.shape[-1]} classes, teacher {t.shape[-1]}")
+            if term.on not in projectors:
+                projectors[term.on] = nn.Linear(s.shape[-1], t.shape[-1])
+    return projectors
+
+
+def _prepare_folder(recipe: Recipe) -> Path:
+    folder = recipe.run_dir()
+    marker = folder / "run.json"
+    identity = recipe.identity()
+    if marker.is_file():
+        held = json.loads(marker.read_text())
+        if held.get("identity") != identity:
+            raise RunFolderError(
+                f"{folder} holds a run of another recipe ('{held.get('name')}', identity {held.get('identity')}; "
+                f"this one is '{recipe.name}', identity {identity}). Nothing was changed: pick another "
+                "folder with --set output_dir=..., or delete that one to start over."
+            )
+    elif folder.exists() and any(folder.iterdir()):
+        raise RunFolderError(f"{folder} exists and is not a distill run folder; pick another output_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"name": recipe.name, "identity": identity}) + "\n")
+    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    return folder
+
+
+def _save_atomic(model: Adapter, target: Path) -> None:
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _student_and_projectors(recipe: Recipe, teacher: Adapter, task: Any, distilled: bool
+                            ) -> tuple[Adapter, list[LossTerm], nn.ModuleDict]:
+    """Build the student and check, on a few real examples, that it can be compared with the teacher."""
+    student = build_student(recipe, teacher, task)
+    terms = build_loss_terms(recipe.losses, task.output) if distilled else []
+    sample = task.train.batch(range(min(4, len(task.train))))
+    with torch.no_grad():
+        projectors = pair_outputs(terms, student(sample["inputs"]), teacher(sample["inputs"]), task)
+    return student, terms, projectors
+
+
+def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: TeacherCache | None,
+               folder: Path) -> Adapter:
+    """Train the distilled student (``role='student'``) or the no-teacher baseline, or load it if done."""
+    saved = folder / role
+    if (saved / "distill.json").is_file():
+        log.info("%s already trained: %s", role, saved)
+        return load_model(recipe.student, recipe.student_kind, str(saved))
+    accelerator = make_accelerator(recipe.train)
+    teacher.module.to(accelerator.device)
+    distilled = role == "student"
+    student, terms, projectors = _student_and_projectors(recipe, teacher, task, distilled)
+    result = train(
+        student=student, task=task, terms=terms, projectors=projectors,
+        batches=ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed, accelerator.process_index,
+                                accelerator.num_processes),
+        teacher=teacher if distilled else None, cache=cache if distilled else None,
+        task_weight=recipe.task_loss_weight if distilled else 1.0, spec=recipe.train, seed=recipe.seed,
+        folder=folder / "train" / role, accelerator=accelerator, desc=role,
+    )
+    if accelerator.is_main_process:
+        _save_atomic(student, saved)
+        (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
+    return student
+
+
+def _teacher(recipe: Recipe) -> Adapter:
+    teacher = load_model(recipe.teacher, recipe.teacher.kind or "torch")
+    teacher.module.eval().requires_grad_(False)
+    return teacher
+
+
+def _cache(recipe: Recipe, teacher: Adapter, task: Any) -> TeacherCache | None:
+    if not recipe.cache.enabled:
+        return None
+    spec = recipe.teacher
+    teacher_id = model_fingerprint(teacher.module, {"pooling": spec.pooling, "normalize": spec.normalize,
+                                                    "max_length": spec.max_length})
+    names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output)})
+    return TeacherCache.open_or_build(
+        recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
+        lengths=task.lengths(), names=names, batch_size=recipe.evaluate.batch_size,
+    )
+
+
+def _coerce(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        if overrides:
+            from distill.config import apply_overrides
+
+            return parse_recipe(apply_overrides(recipe.model_dump(mode="json"), overrides))
+        return recipe
+    if isinstance(recipe, dict):
+        from distill.config import apply_overrides
+
+        return parse_recipe(apply_overrides(dict(recipe), overrides or []))
+    return load_recipe(recipe, overrides)
+
+
+def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunResult:
+    """Run a recipe (object, dict or YAML path) to the end and return where the report is.
+
+    Running it again on the same folder resumes an interrupted run or reuses finished phases.
+    """
+    recipe = _coerce(recipe, overrides)
+    folder = _prepare_folder(recipe)
+    task = build_task(recipe.task, recipe.data)
+    teacher = _teacher(recipe)
+    _student_and_projectors(recipe, teacher, task, True)  # fail fast, before the teacher cache
+    cache = _cache(recipe, teacher, task)
+    _train_one(recipe, "student", teacher, task, cache, folder)
+    if recipe.baseline:
+        _train_one(recipe, "baseline", teacher, task, None, folder)
+    models = evaluate_run(folder, recipe, task, teacher)
+    report = report_run(folder)
+    return RunResult(folder, report, models)
+
+
+def _machine() -> str:
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, teacher: Adapter | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """Measure teacher, student and baseline of a finished run and write ``eval.json``."""
+    recipe = recipe or load_recipe(folder / "recipe.yaml")
+    task = task or build_task(recipe.task, recipe.data)
+    teacher = teacher or _teacher(recipe)
+    teacher.module.to("cpu")
+    models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task, recipe.evaluate)}
+    for role in ("student", "baseline"):
+        saved = folder / role
+        if (saved / "distill.json").is_file():
+            model = load_model(recipe.student, recipe.student_kind, str(saved))
+            models[role] = measure(model, task, recipe.evaluate, saved)
+    if "student" not in models:
+        raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
+    losses = ", ".join(f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses)
+    if recipe.task_loss_weight:
+        losses += f", {recipe.task_loss_weight:g} x task loss"
+    student = recipe.student.derive.model_dump(exclude_none=True) if recipe.student.derive else (
+        recipe.student.arch or recipe.student.source)
+    steps = json.loads((folder / "student" / "distill.json").read_text())["steps"]
+    summary = {
+        "recipe": recipe.name, "metric": task.metric, "teacher": recipe.teacher.source or recipe.teacher.arch,
+        "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses, "steps": steps,
+        "machine": _machine(), "models": models,
+    }
+    (folder / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return models
+
+
+def report_run(folder: Path) -> Path:
+    """(Re)write the report of a run from its ``eval.json`` and metrics."""
+    eval_file = folder / "eval.json"
+    if not eval_file.is_file():
+        raise RunFolderError(f"{folder}: no eval.json; run 'distill eval {folder}' first")
+    summary = json.loads(eval_file.read_text())
+    histories = {}
+    for role in ("student", "baseline"):
+        path = folder / "train" / role / "metrics.jsonl"
+        if path.is_file():
+            histories[role] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return write_report(folder, summary, histories)

@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from distill.config import load_recipe, parse_recipe
+from distill.errors import RecipeError
+from distill.runner import build_loss_terms
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+BASE = {
+    "name": "t",
+    "task": "classification",
+    "teacher": {"kind": "torch", "arch": "convnet"},
+    "student": {"arch": "convnet", "arch_args": {"width": 4}},
+    "data": {"format": "fashion-mnist", "path": "x"},
+    "losses": [{"name": "kd", "params": {"temperature": 2}}],
+}
+
+
+def with_(**changes):
+    recipe = {**BASE, **changes}
+    return recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    build_loss_terms(recipe.losses, "logits")
+    assert recipe.name == path.stem
+
+
+def test_there_are_shipped_recipes():
+    assert {"demo-minilm-sts.yaml", "fashion-mnist.yaml"} <= {p.name for p in RECIPES}
+
+
+def test_typo_names_field_and_suggests():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(with_(train={"epoch": 3}))
+    assert "train.epoch: unknown field 'epoch'; did you mean 'epochs'?" in str(err.value)
+
+
+def test_bad_value_names_field_value_and_allowed():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(with_(train={"schedule": "cosin"}))
+    message = str(err.value)
+    assert "train.schedule" in message and "'cosin'" in message and "'cosine'" in message
+
+
+def test_missing_field():
+    recipe = dict(BASE)
+    del recipe["data"]
+    with pytest.raises(RecipeError, match="data: required field is missing"):
+        parse_recipe(recipe)
+
+
+def test_unknown_loss_suggests():
+    recipe = parse_recipe(with_(losses=[{"name": "kld"}]))
+    with pytest.raises(RecipeError, match="unknown loss 'kld'; did you mean 'kd'"):
+        build_loss_terms(recipe.losses, "logits")
+
+
+def test_unknown_loss_parameter():
+    recipe = parse_recipe(with_(losses=[{"name": "kd", "params": {"temprature": 2}}]))
+    with pytest.raises(RecipeError, match="did you mean 'temperature'"):
+        build_loss_terms(recipe.losses, "logits")
+
+
+def test_task_and_model_kind_must_fit():
+    with pytest.raises(RecipeError, match="needs 'hf-embedding'"):
+        parse_recipe(with_(task="sts", data={"format": "stsb", "path": "x"}))
+
+
+def test_yaml_is_data_only(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_overrides_and_missing_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    recipe = load_recipe(path, ["train.lr=1e-3", "losses.0.weight=0.5", "seed=7"])
+    assert (recipe.train.lr, recipe.losses[0].weight, recipe.seed) == (1e-3, 0.5, 7)
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(path, ["train.lr"])
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_identity_ignores_output_dir_only():
+    a = parse_recipe(with_(output_dir="a"))
+    assert a.identity() == parse_recipe(with_(output_dir="b")).identity()
+    assert a.identity() != parse_recipe(with_(seed=1)).identity()
+
+
+def test_resolved_recipe_round_trips():
+    import yaml
+
+    recipe = parse_recipe(BASE)
+    assert parse_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
