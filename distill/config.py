@@ -140,6 +140,11 @@ class TrainSpec(_Spec):
     """``auto`` uses a GPU when present."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision on GPU."""
+    group_by_length: bool = True
+    """Batch texts of similar length together (less padding, faster steps); no effect on images."""
+    freeze: list[str] = Field(default_factory=list)
+    """Student parameters kept frozen, by name prefix (``embeddings.word_embeddings`` keeps the
+    vocabulary table as derived from the teacher and makes each step cheaper)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for PyTorch; ``null`` keeps PyTorch's default."""
 

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,26 +130,46 @@ def distill_step(
 class ShuffledBatches:
     """Batches of a dataset in a seeded order per epoch; each process takes every ``world``-th example.
 
+    With ``lengths``, examples are grouped by length inside windows of 50 batches and the
+    batches are then shuffled: far less padding for text, the same randomness between windows.
+
     Args:
         dataset: Has ``len()`` and ``batch(indices) -> Batch``.
         batch_size: Examples per batch and process.
         seed: With the epoch number, fixes the order (so a resumed run sees the same batches).
         rank: This process's index.
         world: Number of processes.
+        lengths: Optional size of each example, for grouping by length.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    WINDOW = 50
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 lengths: Sequence[int] | None = None) -> None:
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.lengths = torch.as_tensor(list(lengths)) if lengths is not None else None
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.dataset) / self.world) / self.batch_size)
 
+    def _order(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=gen)[self.rank :: self.world]
+        if self.lengths is None:
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        window = self.WINDOW * self.batch_size
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        shuffle = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[i] for i in shuffle]
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch``, without the first ``skip``."""
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=gen)[self.rank :: self.world].tolist()
-        for start in range(skip * self.batch_size, len(order), self.batch_size):
-            yield self.dataset.batch(order[start : start + self.batch_size])
+        for indices in self._order(epoch)[skip:]:
+            yield self.dataset.batch(indices)
 
 
 def total_steps(batches_per_epoch: int, spec: TrainSpec) -> int:
@@ -258,6 +278,7 @@ def train(
     folder.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     steps = total_steps(len(batches), spec)
+    _freeze(student.module, spec.freeze)
     params = [p for p in student.module.parameters() if p.requires_grad] + list(projectors.parameters())
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps))
@@ -312,6 +333,19 @@ def train(
     student.module = accelerator.unwrap_model(student.module)
     evals = [r for r in metrics.read() if r.get("split") == "eval"]
     return {"steps": steps, "eval": evals}
+
+
+def _freeze(module: nn.Module, prefixes: list[str]) -> None:
+    names = [name for name, _ in module.named_parameters()]
+    for prefix in prefixes:
+        hits = [n for n in names if n.startswith(prefix)]
+        if not hits:
+            from distill.errors import RecipeError
+
+            raise RecipeError(f"train.freeze: no student parameter starts with '{prefix}' (e.g. {names[:3]})")
+        for name, param in module.named_parameters():
+            if name.startswith(prefix):
+                param.requires_grad_(False)
 
 
 def _teacher_outputs(batch: Batch, teacher: Teacher | None, cache: TeacherCache | None, needed: bool

@@ -14,7 +14,7 @@ from distill.config import EvalSpec
 from distill.models.adapters import Adapter
 from distill.models.derive import count_parameters
 
-__all__ = ["folder_size", "measure", "time_forward"]
+__all__ = ["folder_size", "measure", "time_models"]
 
 
 def folder_size(folder: Path) -> int:
@@ -22,30 +22,63 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-@torch.inference_mode()
-def time_forward(model: Adapter, inputs: list[dict[str, Any]], repeats: int, warmup: int) -> list[float]:
-    """Seconds per forward pass (inputs included: tokenisation is part of serving a text model)."""
-    for i in range(warmup):
-        model(inputs[i % len(inputs)])
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        model(inputs[i % len(inputs)])
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _split(inputs: dict[str, Any], i: int) -> dict[str, Any]:
     return {k: v[i : i + 1] for k, v in inputs.items()}
 
 
-def measure(model: Adapter, task: Any, spec: EvalSpec, saved: Path | None = None) -> dict[str, Any]:
-    """All figures of one model, on the CPU it runs on now.
+@torch.inference_mode()
+def time_models(models: dict[str, Adapter], task: Any, spec: EvalSpec) -> dict[str, dict[str, float]]:
+    """CPU latency at batch 1 and throughput at ``spec.batch_size``, models timed in turn.
+
+    The models take turns pass by pass, so a change in machine load during the measurement
+    hits all of them alike and the ratios between them stay fair. Inputs are real test
+    examples (tokenisation included: it is part of serving a text model). Medians after warm-up.
+    """
+    sample = task.sample_inputs(max(spec.batch_size, 16))
+    singles = [_split(sample, i) for i in range(16)]
+    batch = {k: v[: spec.batch_size] for k, v in sample.items()}
+    n = len(next(iter(batch.values())))
+    for model in models.values():
+        model.module.eval()
+        for i in range(spec.warmup):
+            model(singles[i % 16])
+            model(batch)
+    single_times: dict[str, list[float]] = {role: [] for role in models}
+    batch_times: dict[str, list[float]] = {role: [] for role in models}
+    for i in range(spec.latency_repeats):
+        for role, model in models.items():
+            start = time.perf_counter()
+            model(singles[i % 16])
+            single_times[role].append(time.perf_counter() - start)
+    for _ in range(spec.throughput_repeats):
+        for role, model in models.items():
+            start = time.perf_counter()
+            model(batch)
+            batch_times[role].append(time.perf_counter() - start)
+    return {
+        role: {
+            "latency_ms": 1000 * statistics.median(single_times[role]),
+            "latency_ms_iqr": 1000 * _iqr(single_times[role]),
+            "throughput": n / statistics.median(batch_times[role]),
+            "threads": torch.get_num_threads(),
+        }
+        for role in models
+    }
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return max(values) - min(values)
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def measure(model: Adapter, task: Any, saved: Path | None = None) -> dict[str, Any]:
+    """Quality on the test split, parameters and size on disk of one model.
 
     Args:
         model: The adapter to measure.
-        task: Supplies the test split and real inputs for timing.
-        spec: Repeats, warm-up and batch size.
+        task: Supplies the test split.
         saved: The model's saved folder; when ``None`` the model is saved to a temporary folder
             the same way, so sizes are comparable.
     """
@@ -57,18 +90,4 @@ def measure(model: Adapter, task: Any, spec: EvalSpec, saved: Path | None = None
             size = folder_size(Path(tmp))
     else:
         size = folder_size(saved)
-    sample = task.sample_inputs(max(spec.batch_size, 16))
-    singles = [_split(sample, i) for i in range(16)]
-    latency = time_forward(model, singles, spec.latency_repeats, spec.warmup)
-    batch = {k: v[: spec.batch_size] for k, v in sample.items()}
-    batch_times = time_forward(model, [batch], spec.throughput_repeats, spec.warmup)
-    n = len(next(iter(batch.values())))
-    return {
-        task.metric: quality,
-        "parameters": count_parameters(model.module),
-        "size_bytes": size,
-        "latency_ms": 1000 * statistics.median(latency),
-        "latency_ms_spread": 1000 * (max(latency) - min(latency)),
-        "throughput": n / statistics.median(batch_times),
-        "threads": torch.get_num_threads(),
-    }
+    return {task.metric: quality, "parameters": count_parameters(model.module), "size_bytes": size}

@@ -27,6 +27,7 @@ __all__ = [
     "KDLoss",
     "MSELoss",
     "ReverseKLLoss",
+    "SimilarityLoss",
     "TVDLoss",
     "kl_divergence",
 ]
@@ -227,6 +228,28 @@ class CosineLoss(nn.Module):
         return (1 - F.cosine_similarity(_flat(student_out), _flat(teacher_out), dim=-1)).mean()
 
 
+class SimilarityLoss(nn.Module):
+    """In-batch similarity distillation: the student's pairwise cosine similarities between the
+    examples of a batch should equal the teacher's (a relation-based loss in the spirit of
+    similarity-preserving KD, Tung & Mori 2019, applied to sentence embeddings).
+
+    Because it compares ``N x N`` matrices, student and teacher widths may differ and no
+    projector is needed, so the student's own embedding space is what gets trained.
+
+    Shapes: ``(N, D_s)`` and ``(N, D_t)`` in, scalar out.
+    """
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        if student_out.shape[0] != teacher_out.shape[0]:
+            raise ValueError(
+                f"student output {tuple(student_out.shape)} and teacher output {tuple(teacher_out.shape)} "
+                "differ in batch size"
+            )
+        s = F.normalize(_flat(student_out), dim=-1)
+        t = F.normalize(_flat(teacher_out), dim=-1).to(s.dtype)
+        return F.mse_loss(s @ s.T, t @ t.T)
+
+
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 for _name, _cls in (
     ("kd", KDLoss),
@@ -236,8 +259,11 @@ for _name, _cls in (
     ("dkd", DKDLoss),
     ("mse", MSELoss),
     ("cosine", CosineLoss),
+    ("similarity", SimilarityLoss),
 ):
     LOSSES.add(_name, _cls)
 
 #: Which named model output each loss compares when the recipe does not say.
 LOGIT_LOSSES = frozenset({"kd", "reverse_kl", "jsd", "tvd", "dkd"})
+#: Losses that compare relations between examples, so student and teacher widths may differ.
+RELATION_LOSSES = frozenset({"similarity"})

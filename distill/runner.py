@@ -24,8 +24,8 @@ from distill.cache import TeacherCache, model_fingerprint
 from distill.config import LossSpec, ModelSpec, Recipe, load_recipe, parse_recipe
 from distill.engine import LossTerm, ShuffledBatches, make_accelerator, train
 from distill.errors import ModelError, RecipeError, RunFolderError
-from distill.evaluate import measure
-from distill.losses import LOGIT_LOSSES, LOSSES
+from distill.evaluate import measure, time_models
+from distill.losses import LOGIT_LOSSES, LOSSES, RELATION_LOSSES
 from distill.models.adapters import Adapter, load_hf, load_torch_classifier
 from distill.models.derive import derive_student
 from distill.models.sources import resolve_source
@@ -109,7 +109,7 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, torch.Tensor], t_out: d
         if s.shape[:-1] != t.shape[:-1]:
             raise ModelError(f"loss '{term.name}': student '{term.on}' {tuple(s.shape)} and teacher "
                              f"{tuple(t.shape)} cannot be compared")
-        if s.shape[-1] != t.shape[-1]:
+        if s.shape[-1] != t.shape[-1] and term.name not in RELATION_LOSSES:
             if term.name in LOGIT_LOSSES:
                 raise ModelError(f"loss '{term.name}': student has {s.shape[-1]} classes, teacher {t.shape[-1]}")
             if term.on not in projectors:
@@ -170,7 +170,8 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
     result = train(
         student=student, task=task, terms=terms, projectors=projectors,
         batches=ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed, accelerator.process_index,
-                                accelerator.num_processes),
+                                accelerator.num_processes,
+                                task.lengths() if recipe.train.group_by_length else None),
         teacher=teacher if distilled else None, cache=cache if distilled else None,
         task_weight=recipe.task_loss_weight if distilled else 1.0, spec=recipe.train, seed=recipe.seed,
         folder=folder / "train" / role, accelerator=accelerator, desc=role,
@@ -244,14 +245,17 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     task = task or build_task(recipe.task, recipe.data)
     teacher = teacher or _teacher(recipe)
     teacher.module.to("cpu")
-    models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task, recipe.evaluate)}
+    adapters: dict[str, Adapter] = {"teacher": teacher}
+    models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task)}
     for role in ("student", "baseline"):
         saved = folder / role
         if (saved / "distill.json").is_file():
-            model = load_model(recipe.student, recipe.student_kind, str(saved))
-            models[role] = measure(model, task, recipe.evaluate, saved)
+            adapters[role] = load_model(recipe.student, recipe.student_kind, str(saved))
+            models[role] = measure(adapters[role], task, saved)
     if "student" not in models:
         raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
+    for role, timing in time_models(adapters, task, recipe.evaluate).items():
+        models[role].update(timing)
     losses = ", ".join(f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses)
     if recipe.task_loss_weight:
         losses += f", {recipe.task_loss_weight:g} x task loss"

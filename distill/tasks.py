@@ -135,7 +135,7 @@ class STSTask:
 
     def lengths(self) -> list[int]:
         p = self.train.pairs
-        return [len(a) + len(b) for a, b in zip(p.first, p.second, strict=True)]
+        return [max(len(a), len(b)) for a, b in zip(p.first, p.second, strict=True)]
 
     def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
         emb = outputs["embedding"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import LOSSES, DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, TVDLoss
+from distill.losses import LOSSES, RELATION_LOSSES, DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, SimilarityLoss, TVDLoss
 
 torch.manual_seed(0)
 S = torch.randn(6, 10, dtype=torch.float64)
@@ -27,10 +27,23 @@ def test_positive_for_different_inputs(name):
     assert float(loss(S, T, torch.randint(0, 10, (6,)))) > 0
 
 
-@pytest.mark.parametrize("name", LOSSES.names())
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - RELATION_LOSSES))
 def test_shape_mismatch_is_an_error(name):
     with pytest.raises(ValueError, match="differ in shape"):
         LOSSES.get(name)()(S, T[:, :5], torch.zeros(6, dtype=torch.long))
+
+
+def test_similarity_compares_relations_across_widths():
+    loss = SimilarityLoss()
+    q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    # A rotation and a rescaling keep every cosine between examples: zero loss.
+    assert float(loss(3 * S @ q, S)) == pytest.approx(0.0, abs=1e-12)
+    # Widths may differ: an orthogonal embedding into more dimensions also keeps them.
+    wide = torch.cat([S, torch.zeros(6, 4, dtype=torch.float64)], -1)
+    assert float(loss(S, wide)) == pytest.approx(0.0, abs=1e-12)
+    assert float(loss(S, T)) > 0
+    with pytest.raises(ValueError, match="batch size"):
+        loss(S, T[:4])
 
 
 def test_kd_is_t_squared_kl_teacher_to_student():

@@ -1,0 +1,78 @@
+"""Cost of an epoch trained from the teacher cache vs a plain student epoch (no teacher).
+
+Side by side in one process, on the Fashion-MNIST recipe's teacher and student, in alternating
+repeats; prints the median ratio and its spread, and the online-teacher ratio for contrast.
+
+    python bench/cache_overhead.py [--recipe recipes/fashion-mnist.yaml] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from distill.cache import TeacherCache, model_fingerprint
+from distill.config import load_recipe
+from distill.engine import ShuffledBatches, distill_step
+from distill.runner import _teacher, build_loss_terms, build_student
+from distill.tasks import build_task
+
+
+def epoch_seconds(mode: str, recipe, task, teacher, cache, terms) -> float:
+    student = build_student(recipe, teacher, task)
+    student.module.train()
+    optimizer = torch.optim.AdamW(student.module.parameters(), lr=recipe.train.lr)
+    batches = ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed)
+    start = time.perf_counter()
+    for batch in batches.epoch(0):
+        if mode == "plain":
+            t_out, use_terms = None, []
+        elif mode == "cached":
+            t_out, use_terms = cache.lookup(batch["index"]), terms
+        else:
+            with torch.no_grad():
+                t_out, use_terms = teacher(batch["inputs"]), terms
+        weight = recipe.task_loss_weight if mode != "plain" else 1.0
+        parts = distill_step(student, batch, t_out, use_terms, torch.nn.ModuleDict(), task.task_loss, weight, True)
+        parts["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/fashion-mnist.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe)
+    task = build_task(recipe.task, recipe.data)
+    teacher = _teacher(recipe)
+    terms = build_loss_terms(recipe.losses, task.output)
+    cache = TeacherCache.open_or_build(
+        recipe.cache.dir, model_fingerprint(teacher.module, {"pooling": recipe.teacher.pooling,
+                                                            "normalize": recipe.teacher.normalize,
+                                                            "max_length": recipe.teacher.max_length}),
+        task.fingerprint(), teacher=teacher, batches=task.train.batch, lengths=task.lengths(),
+        names=["logits"], batch_size=256,
+    )
+    times: dict[str, list[float]] = {"plain": [], "cached": [], "online": []}
+    for _ in range(args.repeats):
+        for mode in times:
+            times[mode].append(epoch_seconds(mode, recipe, task, teacher, cache, terms))
+    ratios = [c / p for c, p in zip(times["cached"], times["plain"], strict=True)]
+    online = [o / p for o, p in zip(times["online"], times["plain"], strict=True)]
+    print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    for mode, values in times.items():
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"{mode:>6} epoch: median {statistics.median(values):.1f}s  (runs: {runs})")
+    for name, values in (("cached", ratios), ("online", online)):
+        print(f"{name} / plain epoch: median {statistics.median(values):.3f}x  "
+              f"(min {min(values):.3f}, max {max(values):.3f})")
+
+
+if __name__ == "__main__":
+    main()
