@@ -160,3 +160,13 @@ def test_distiller_api_with_plain_modules(tmp_path, data_dir):
     assert result["steps"] == 8 and len(result["eval"]) == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     assert (tmp_path / "d/checkpoints").is_dir()
+
+
+def test_eval_and_report_commands_on_a_finished_run(tmp_path, data_dir, tiny_teacher):
+    from distill.cli import main
+
+    distill.run(recipe(tmp_path, data_dir, tiny_teacher, baseline=False))
+    (tmp_path / "run/report.md").unlink()
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run/report.md").is_file()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2

@@ -75,3 +75,23 @@ def test_hf_save_load_round_trip(teacher, tmp_path):
     pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     with torch.no_grad():
         torch.testing.assert_close(pooled, student({"text": TEXTS})["embedding"])
+
+
+def test_sequence_classifier_adapter_and_derivation(tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).save_pretrained(tmp_path / "clf")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "clf")
+    teacher = load_hf("hf-classifier", str(tmp_path / "clf"))
+    assert teacher({"text": TEXTS})["logits"].shape == (3, 3)
+    student = derive_student(teacher, DeriveSpec(layers=[0], hidden_size=16, num_attention_heads=2), [{"text": TEXTS}])
+    assert student({"text": TEXTS})["logits"].shape == (3, 3)
+    student.save(tmp_path / "student")
+    reloaded = load_hf("hf-classifier", str(tmp_path / "student"))
+    student.module.eval()
+    reloaded.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded({"text": TEXTS})["logits"], student({"text": TEXTS})["logits"])

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+
+from distill.config import TrainSpec
+from distill.engine import MetricsLog, ShuffledBatches, _lr_lambda, total_steps
+
+
+class Items:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def batch(self, indices):
+        return {"index": torch.tensor(indices)}
+
+
+@pytest.mark.parametrize("lengths", [None, [i % 17 for i in range(103)]])
+def test_each_example_once_per_epoch_and_seeded(lengths):
+    batches = ShuffledBatches(Items(103), 8, seed=3, lengths=lengths)
+    epoch0 = [b["index"].tolist() for b in batches.epoch(0)]
+    assert sorted(i for b in epoch0 for i in b) == list(range(103))
+    assert len(epoch0) == len(batches) == 13
+    assert epoch0 == [b["index"].tolist() for b in ShuffledBatches(Items(103), 8, 3, lengths=lengths).epoch(0)]
+    assert epoch0 != [b["index"].tolist() for b in batches.epoch(1)]
+    assert [b["index"].tolist() for b in batches.epoch(0, skip=5)] == epoch0[5:]
+
+
+def test_grouping_by_length_cuts_padding():
+    lengths = torch.randint(1, 100, (800,)).tolist()
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                   for b in (x["index"].tolist() for x in batches.epoch(0)))
+    grouped = padding(ShuffledBatches(Items(800), 16, 0, lengths=lengths))
+    plain = padding(ShuffledBatches(Items(800), 16, 0))
+    assert grouped < plain / 5
+
+
+def test_processes_split_the_data():
+    ranks = [ShuffledBatches(Items(20), 4, 0, rank=r, world=2) for r in (0, 1)]
+    seen = [i for s in ranks for b in s.epoch(0) for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(20))
+
+
+def test_schedule_and_steps():
+    spec = TrainSpec(epochs=2, grad_accum=2, warmup_ratio=0.1, schedule="linear")
+    assert total_steps(11, spec) == 11
+    assert total_steps(11, TrainSpec(max_steps=5)) == 5
+    f = _lr_lambda(spec, 100)
+    assert f(0) < f(9) <= 1.0 and f(10) == pytest.approx(1.0) and f(99) < 0.05
+
+
+def test_metrics_truncate_after_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    log.truncate_after(3)
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
+    assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["step"] == 3
