@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from distill.cache import TeacherCache, model_fingerprint
 from distill.config import load_recipe
 from distill.engine import ShuffledBatches, distill_step
-from distill.runner import _teacher, build_loss_terms, build_student
+from distill.runner import build_loss_terms, build_student, load_teacher, open_teacher_cache
 from distill.tasks import build_task
 
 
@@ -50,15 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     task = build_task(recipe.task, recipe.data)
-    teacher = _teacher(recipe)
+    teacher = load_teacher(recipe)
     terms = build_loss_terms(recipe.losses, task.output)
-    cache = TeacherCache.open_or_build(
-        recipe.cache.dir, model_fingerprint(teacher.module, {"pooling": recipe.teacher.pooling,
-                                                            "normalize": recipe.teacher.normalize,
-                                                            "max_length": recipe.teacher.max_length}),
-        task.fingerprint(), teacher=teacher, batches=task.train.batch, lengths=task.lengths(),
-        names=["logits"], batch_size=256,
-    )
+    cache = open_teacher_cache(recipe, teacher, task)
     times: dict[str, list[float]] = {"plain": [], "cached": [], "online": []}
     for _ in range(args.repeats):
         for mode in times:

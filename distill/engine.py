@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from distill.cache import TeacherCache
 from distill.config import TrainSpec
+from distill.errors import RecipeError
 from distill.models.adapters import Adapter
 from distill.tasks import Batch
 
@@ -336,16 +337,13 @@ def train(
 
 
 def _freeze(module: nn.Module, prefixes: list[str]) -> None:
-    names = [name for name, _ in module.named_parameters()]
+    params = dict(module.named_parameters())
     for prefix in prefixes:
-        hits = [n for n in names if n.startswith(prefix)]
+        hits = [param for name, param in params.items() if name.startswith(prefix)]
         if not hits:
-            from distill.errors import RecipeError
-
-            raise RecipeError(f"train.freeze: no student parameter starts with '{prefix}' (e.g. {names[:3]})")
-        for name, param in module.named_parameters():
-            if name.startswith(prefix):
-                param.requires_grad_(False)
+            raise RecipeError(f"train.freeze: no student parameter starts with '{prefix}' (e.g. {list(params)[:3]})")
+        for param in hits:
+            param.requires_grad_(False)
 
 
 def _teacher_outputs(batch: Batch, teacher: Teacher | None, cache: TeacherCache | None, needed: bool

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from distill.cache import TeacherCache, model_fingerprint
-from distill.config import LossSpec, ModelSpec, Recipe, load_recipe, parse_recipe
+from distill.config import LossSpec, ModelSpec, Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import LossTerm, ShuffledBatches, make_accelerator, train
 from distill.errors import ModelError, RecipeError, RunFolderError
 from distill.evaluate import measure, time_models
@@ -33,7 +33,17 @@ from distill.registry import suggest
 from distill.report import write_report
 from distill.tasks import build_task
 
-__all__ = ["RunResult", "build_loss_terms", "evaluate_run", "load_model", "pair_outputs", "report_run", "run"]
+__all__ = [
+    "RunResult",
+    "build_loss_terms",
+    "evaluate_run",
+    "load_model",
+    "load_teacher",
+    "open_teacher_cache",
+    "pair_outputs",
+    "report_run",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -182,15 +192,15 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
     return student
 
 
-def _teacher(recipe: Recipe) -> Adapter:
+def load_teacher(recipe: Recipe) -> Adapter:
+    """The recipe's teacher, frozen and in eval mode."""
     teacher = load_model(recipe.teacher, recipe.teacher.kind or "torch")
     teacher.module.eval().requires_grad_(False)
     return teacher
 
 
-def _cache(recipe: Recipe, teacher: Adapter, task: Any) -> TeacherCache | None:
-    if not recipe.cache.enabled:
-        return None
+def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any) -> TeacherCache:
+    """The verified teacher-output cache of this teacher on this task's training set (built if needed)."""
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"pooling": spec.pooling, "normalize": spec.normalize,
                                                     "max_length": spec.max_length})
@@ -204,13 +214,9 @@ def _cache(recipe: Recipe, teacher: Adapter, task: Any) -> TeacherCache | None:
 def _coerce(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None) -> Recipe:
     if isinstance(recipe, Recipe):
         if overrides:
-            from distill.config import apply_overrides
-
             return parse_recipe(apply_overrides(recipe.model_dump(mode="json"), overrides))
         return recipe
     if isinstance(recipe, dict):
-        from distill.config import apply_overrides
-
         return parse_recipe(apply_overrides(dict(recipe), overrides or []))
     return load_recipe(recipe, overrides)
 
@@ -223,9 +229,9 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     recipe = _coerce(recipe, overrides)
     folder = _prepare_folder(recipe)
     task = build_task(recipe.task, recipe.data)
-    teacher = _teacher(recipe)
+    teacher = load_teacher(recipe)
     _student_and_projectors(recipe, teacher, task, True)  # fail fast, before the teacher cache
-    cache = _cache(recipe, teacher, task)
+    cache = open_teacher_cache(recipe, teacher, task) if recipe.cache.enabled else None
     _train_one(recipe, "student", teacher, task, cache, folder)
     if recipe.baseline:
         _train_one(recipe, "baseline", teacher, task, None, folder)
@@ -243,7 +249,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     """Measure teacher, student and baseline of a finished run and write ``eval.json``."""
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     task = task or build_task(recipe.task, recipe.data)
-    teacher = teacher or _teacher(recipe)
+    teacher = teacher or load_teacher(recipe)
     teacher.module.to("cpu")
     adapters: dict[str, Adapter] = {"teacher": teacher}
     models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task)}
