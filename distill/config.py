@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import RecipeError
+from distill.losses import LOSSES
 from distill.registry import suggest
 
 __all__ = [
@@ -107,6 +108,15 @@ class LossSpec(_Spec):
     """Named model output to compare (``logits``, ``embedding``); defaults to the task's output."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the loss (for example ``temperature``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        try:
+            LOSSES.get(name)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
 
 class TrainSpec(_Spec):

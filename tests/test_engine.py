@@ -60,3 +60,14 @@ def test_metrics_truncate_after_checkpoint(tmp_path):
     log.truncate_after(3)
     assert [r["step"] for r in log.read()] == [1, 2, 3]
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_freeze_by_prefix():
+    from distill.engine import _freeze
+    from distill.errors import RecipeError
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    _freeze(model, ["0."])
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    with pytest.raises(RecipeError, match="no student parameter starts with 'emb'"):
+        _freeze(model, ["emb"])
