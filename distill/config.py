@@ -23,6 +23,7 @@ __all__ = [
     "DataSpec",
     "DeriveSpec",
     "EvalSpec",
+    "LayerSpec",
     "LossSpec",
     "ModelSpec",
     "Recipe",
@@ -97,6 +98,20 @@ class DataSpec(_Spec):
     """Share of the training set held out for validation when the data has no dev split."""
 
 
+class LayerSpec(_Spec):
+    """Which intermediate layers a feature loss compares (``distill inspect`` lists the names)."""
+
+    student: list[str | int] = Field(min_length=1)
+    """Student layers: module paths (``features.6``) or block indices (``2`` is the third
+    transformer block; negative counts from the end)."""
+    teacher: list[str | int] | None = None
+    """Teacher layers to pair with, or to choose from under ``uniform``/``last``; ``null`` means
+    the same names as the student's (``pairs``) or all teacher blocks (``uniform``/``last``)."""
+    map: Literal["pairs", "uniform", "last"] = "pairs"
+    """``pairs``: the i-th student layer with the i-th teacher layer; ``uniform``: student layers
+    spread evenly over the teacher's (PKD/TinyBERT); ``last``: the teacher's last layers."""
+
+
 class LossSpec(_Spec):
     """One distillation loss term."""
 
@@ -105,9 +120,17 @@ class LossSpec(_Spec):
     weight: float = Field(1.0, ge=0)
     """Multiplier of this term in the total loss."""
     on: str | None = None
-    """Named model output to compare (``logits``, ``embedding``); defaults to the task's output."""
+    """Named model output to compare (``logits``, ``embedding``); defaults to the loss's own
+    (``logits`` for logit losses) or the task's output. Ignored when ``layers`` is given."""
+    layers: LayerSpec | None = None
+    """Compare intermediate layers instead of a model output (feature losses); each pair's
+    losses are averaged."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the loss (for example ``temperature``)."""
+    start_step: int = Field(0, ge=0)
+    """Optimizer step at which the term starts to count (weight 0 before)."""
+    ramp_steps: int = Field(0, ge=0)
+    """Steps over which the weight rises linearly from 0 to ``weight`` after ``start_step``."""
 
     @field_validator("name")
     @classmethod

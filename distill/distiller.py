@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from distill.config import LossSpec, TrainSpec
 from distill.engine import make_accelerator, train
-from distill.runner import build_loss_terms, pair_outputs
+from distill.pairing import build_loss_terms, prepare_pair
 from distill.tasks import Batch
 
 __all__ = ["Distiller"]
@@ -124,7 +124,8 @@ class Distiller:
         self.student = ModuleAdapter(student, output)
         specs = [s if isinstance(s, LossSpec) else LossSpec(**({"name": s} if isinstance(s, str) else s))
                  for s in losses]
-        self.terms = build_loss_terms(specs, output)
+        build_loss_terms(specs, output)  # parameter errors now, not at fit()
+        self.specs = specs
         self.task_loss_weight = task_loss_weight
         self.spec = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
         self.output = output
@@ -137,14 +138,15 @@ class Distiller:
         self.teacher.module.to(accelerator.device)
         task = _LoaderTask(self.output, eval_loader)
         sample = _to_batch(next(iter(train_loader)))
-        with torch.no_grad():
-            s_out, t_out = self.student(sample["inputs"]), self.teacher(sample["inputs"])
-        projectors = pair_outputs(self.terms, s_out, t_out, _NoCheck())
-        return train(
-            student=self.student, task=task, batches=_LoaderBatches(train_loader), terms=self.terms,
-            projectors=projectors, teacher=self.teacher, cache=None, task_weight=self.task_loss_weight,
-            spec=self.spec, seed=self.seed, folder=self.folder, accelerator=accelerator, desc="distil",
-        )
+        pair = prepare_pair(self.specs, self.output, self.student, self.teacher, sample, _NoCheck())
+        try:
+            return train(
+                student=pair.student, task=task, batches=_LoaderBatches(train_loader), terms=pair.terms,
+                projectors=pair.projectors, teacher=pair.teacher, cache=None, task_weight=self.task_loss_weight,
+                spec=self.spec, seed=self.seed, folder=self.folder, accelerator=accelerator, desc="distil",
+            )
+        finally:
+            pair.release()
 
 
 class _NoCheck:

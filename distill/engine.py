@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "ShuffledBatches",
     "TrainState",
     "distill_step",
+    "projector_key",
     "make_accelerator",
     "total_steps",
     "train",
@@ -44,12 +45,38 @@ Teacher = Callable[[dict[str, Any]], dict[str, Tensor]]
 
 @dataclass
 class LossTerm:
-    """One weighted loss between a named student output and the same teacher output."""
+    """One weighted loss between student outputs and teacher outputs.
+
+    ``pairs`` lists the (student output, teacher output) names it compares; with several
+    pairs (one per mapped layer) the term is their mean. ``start_step`` and ``ramp_steps``
+    schedule the weight.
+    """
 
     name: str
     weight: float
     on: str
     loss: nn.Module
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    start_step: int = 0
+    ramp_steps: int = 0
+    layers: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.pairs and self.layers is None:
+            self.pairs = [(self.on, self.on)]
+
+    def factor(self, step: int) -> float:
+        """Share of ``weight`` that applies at optimizer step ``step`` (0-based)."""
+        if step < self.start_step:
+            return 0.0
+        if self.ramp_steps:
+            return min(1.0, (step - self.start_step + 1) / self.ramp_steps)
+        return 1.0
+
+    @property
+    def label(self) -> str:
+        """Name of this term's part in the logs."""
+        return f"{self.name}_loss"
 
 
 @dataclass
@@ -101,6 +128,11 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
     )
 
 
+def projector_key(term_index: int, pair_index: int) -> str:
+    """Key of the projector of one (term, layer pair) in the projector ``ModuleDict``."""
+    return f"{term_index}_{pair_index}"
+
+
 def distill_step(
     student: Adapter,
     batch: Batch,
@@ -110,18 +142,28 @@ def distill_step(
     task_loss: Callable[[dict[str, Tensor], Batch], Tensor] | None,
     task_weight: float,
     labels_for_losses: bool,
+    step: int = 0,
 ) -> dict[str, Tensor]:
-    """Compute every loss part of one batch; ``loss`` is their weighted sum."""
+    """Compute every loss part of one batch at optimizer step ``step``; ``loss`` is their weighted sum."""
     out = student(batch["inputs"])
     parts: dict[str, Tensor] = {}
     labels = batch.get("labels") if labels_for_losses else None
-    for term in terms:
+    for i, term in enumerate(terms):
         assert teacher_out is not None
-        s = out[term.on]
-        if term.on in projectors:
-            s = projectors[term.on](s)
-        t = teacher_out[term.on].to(s.device, s.dtype)
-        parts[f"{term.name}_loss"] = term.weight * term.loss(s, t, None if labels is None else labels.to(s.device))
+        factor = term.factor(step)
+        values = []
+        for j, (s_key, t_key) in enumerate(term.pairs):
+            s = out[s_key]
+            key = projector_key(i, j)
+            if key in projectors:
+                s = projectors[key](s)
+            t = teacher_out[t_key].to(s.device, s.dtype)
+            masked = getattr(term.loss, "uses_mask", False) and "token_mask" in out
+            extra = {"mask": out["token_mask"]} if masked else {}
+            values.append(term.loss(s, t, None if labels is None else labels.to(s.device), **extra))
+        value = torch.stack(values).mean() if len(values) > 1 else values[0]
+        label = term.label if term.label not in parts else f"{term.name}{i}_loss"
+        parts[label] = term.weight * factor * value
     if task_loss is not None and task_weight > 0:
         parts["task_loss"] = task_weight * task_loss(out, batch)
     parts["loss"] = sum(parts.values())  # type: ignore[assignment]
@@ -299,7 +341,7 @@ def train(
                 teacher_out = _teacher_outputs(batch, teacher, cache, bool(terms))
                 with accelerator.autocast():
                     parts = distill_step(student, batch, teacher_out, terms, projectors, task.task_loss,
-                                         task_weight, labels_for_losses)
+                                         task_weight, labels_for_losses, state.step)
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients and spec.max_grad_norm:
                     accelerator.clip_grad_norm_(params, spec.max_grad_norm)

@@ -18,18 +18,16 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch import nn
 
 from distill.cache import TeacherCache, model_fingerprint
-from distill.config import LossSpec, ModelSpec, Recipe, apply_overrides, load_recipe, parse_recipe
-from distill.engine import LossTerm, ShuffledBatches, make_accelerator, train
-from distill.errors import ModelError, RecipeError, RunFolderError
+from distill.config import ModelSpec, Recipe, apply_overrides, load_recipe, parse_recipe
+from distill.engine import ShuffledBatches, make_accelerator, train
+from distill.errors import ModelError, RunFolderError
 from distill.evaluate import measure, time_models
-from distill.losses import LOGIT_LOSSES, LOSSES, RELATION_LOSSES
 from distill.models.adapters import Adapter, load_hf, load_torch_classifier
 from distill.models.derive import derive_student
 from distill.models.sources import resolve_source
-from distill.registry import suggest
+from distill.pairing import Pairing, build_loss_terms, pair_outputs, prepare_pair
 from distill.report import write_report
 from distill.tasks import build_task
 
@@ -41,6 +39,7 @@ __all__ = [
     "load_teacher",
     "open_teacher_cache",
     "pair_outputs",
+    "reads_layers",
     "report_run",
     "run",
 ]
@@ -80,53 +79,6 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
     return derive_student(teacher, derive, calibration)  # type: ignore[arg-type]
 
 
-def build_loss_terms(specs: list[LossSpec], default_on: str) -> list[LossTerm]:
-    """Instantiate the recipe's loss terms, with errors that name the bad parameter."""
-    terms = []
-    for i, spec in enumerate(specs):
-        cls = LOSSES.get(spec.name)
-        try:
-            loss = cls(**spec.params)
-        except TypeError:
-            import inspect
-
-            allowed = [p for p in inspect.signature(cls).parameters]
-            bad = [k for k in spec.params if k not in allowed]
-            hint = suggest(bad[0], allowed) if bad else ""
-            raise RecipeError(
-                f"losses.{i}.params: loss '{spec.name}' has no parameter {bad};{hint} "
-                f"allowed: {', '.join(allowed) or 'none'}"
-            ) from None
-        except ValueError as exc:
-            raise RecipeError(f"losses.{i}.params: {exc}") from None
-        on = spec.on or ("logits" if spec.name in LOGIT_LOSSES else default_on)
-        terms.append(LossTerm(spec.name, spec.weight, on, loss))
-    return terms
-
-
-def pair_outputs(terms: list[LossTerm], s_out: dict[str, torch.Tensor], t_out: dict[str, torch.Tensor],
-                   task: Any) -> nn.ModuleDict:
-    """Verify that each term can compare its outputs; add a linear projector where widths differ."""
-    task.check_outputs(t_out, "teacher")
-    task.check_outputs(s_out, "student")
-    projectors = nn.ModuleDict()
-    for term in terms:
-        for role, out in (("student", s_out), ("teacher", t_out)):
-            if term.on not in out:
-                raise ModelError(f"loss '{term.name}' compares '{term.on}', which the {role} does not produce "
-                                 f"(it produces {sorted(out)})")
-        s, t = s_out[term.on], t_out[term.on]
-        if s.shape[:-1] != t.shape[:-1]:
-            raise ModelError(f"loss '{term.name}': student '{term.on}' {tuple(s.shape)} and teacher "
-                             f"{tuple(t.shape)} cannot be compared")
-        if s.shape[-1] != t.shape[-1] and term.name not in RELATION_LOSSES:
-            if term.name in LOGIT_LOSSES:
-                raise ModelError(f"loss '{term.name}': student has {s.shape[-1]} classes, teacher {t.shape[-1]}")
-            if term.on not in projectors:
-                projectors[term.on] = nn.Linear(s.shape[-1], t.shape[-1])
-    return projectors
-
-
 def _prepare_folder(recipe: Recipe) -> Path:
     folder = recipe.run_dir()
     marker = folder / "run.json"
@@ -155,15 +107,12 @@ def _save_atomic(model: Adapter, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _student_and_projectors(recipe: Recipe, teacher: Adapter, task: Any, distilled: bool
-                            ) -> tuple[Adapter, list[LossTerm], nn.ModuleDict]:
+def _pairing(recipe: Recipe, teacher: Adapter, task: Any, distilled: bool) -> Pairing:
     """Build the student and check, on a few real examples, that it can be compared with the teacher."""
     student = build_student(recipe, teacher, task)
-    terms = build_loss_terms(recipe.losses, task.output) if distilled else []
     sample = task.train.batch(range(min(4, len(task.train))))
-    with torch.no_grad():
-        projectors = pair_outputs(terms, student(sample["inputs"]), teacher(sample["inputs"]), task)
-    return student, terms, projectors
+    specs = recipe.losses if distilled else []
+    return prepare_pair(specs, task.output, student, teacher, sample, task)
 
 
 def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: TeacherCache | None,
@@ -176,20 +125,23 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
     accelerator = make_accelerator(recipe.train)
     teacher.module.to(accelerator.device)
     distilled = role == "student"
-    student, terms, projectors = _student_and_projectors(recipe, teacher, task, distilled)
-    result = train(
-        student=student, task=task, terms=terms, projectors=projectors,
-        batches=ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed, accelerator.process_index,
-                                accelerator.num_processes,
-                                task.lengths() if recipe.train.group_by_length else None),
-        teacher=teacher if distilled else None, cache=cache if distilled else None,
-        task_weight=recipe.task_loss_weight if distilled else 1.0, spec=recipe.train, seed=recipe.seed,
-        folder=folder / "train" / role, accelerator=accelerator, desc=role,
-    )
+    pair = _pairing(recipe, teacher, task, distilled)
+    try:
+        result = train(
+            student=pair.student, task=task, terms=pair.terms, projectors=pair.projectors,
+            batches=ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed, accelerator.process_index,
+                                    accelerator.num_processes,
+                                    task.lengths() if recipe.train.group_by_length else None),
+            teacher=pair.teacher if distilled else None, cache=cache if distilled else None,
+            task_weight=recipe.task_loss_weight if distilled else 1.0, spec=recipe.train, seed=recipe.seed,
+            folder=folder / "train" / role, accelerator=accelerator, desc=role,
+        )
+    finally:
+        pair.release()
     if accelerator.is_main_process:
-        _save_atomic(student, saved)
+        _save_atomic(pair.student, saved)
         (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
-    return student
+    return pair.student
 
 
 def load_teacher(recipe: Recipe) -> Adapter:
@@ -204,11 +156,16 @@ def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any) -> TeacherCa
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"pooling": spec.pooling, "normalize": spec.normalize,
                                                     "max_length": spec.max_length})
-    names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output)})
+    names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output) if t.layers is None})
     return TeacherCache.open_or_build(
         recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
         lengths=task.lengths(), names=names, batch_size=recipe.evaluate.batch_size,
     )
+
+
+def reads_layers(recipe: Recipe) -> bool:
+    """Whether a loss of the recipe compares intermediate layers (so the teacher must run online)."""
+    return any(spec.layers is not None for spec in recipe.losses)
 
 
 def _coerce(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None) -> Recipe:
@@ -230,8 +187,12 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     folder = _prepare_folder(recipe)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
-    _student_and_projectors(recipe, teacher, task, True)  # fail fast, before the teacher cache
-    cache = open_teacher_cache(recipe, teacher, task) if recipe.cache.enabled else None
+    _pairing(recipe, teacher, task, True).release()  # fail fast, before the teacher cache
+    cache = None
+    if recipe.cache.enabled and reads_layers(recipe):
+        log.info("feature losses read the teacher's intermediate layers: the teacher runs online, uncached")
+    elif recipe.cache.enabled:
+        cache = open_teacher_cache(recipe, teacher, task)
     _train_one(recipe, "student", teacher, task, cache, folder)
     if recipe.baseline:
         _train_one(recipe, "baseline", teacher, task, None, folder)

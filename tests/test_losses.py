@@ -2,11 +2,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import LOSSES, RELATION_LOSSES, DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, SimilarityLoss, TVDLoss
+from distill.losses import (
+    FAMILIES,
+    LOSSES,
+    RELATION_LOSSES,
+    DKDLoss,
+    JSDLoss,
+    KDLoss,
+    ReverseKLLoss,
+    SimilarityLoss,
+    TVDLoss,
+)
 
 torch.manual_seed(0)
 S = torch.randn(6, 10, dtype=torch.float64)
 T = torch.randn(6, 10, dtype=torch.float64)
+# Feature maps (N, C, H, W) and stacked transformer queries/keys/values (3, N, T, D).
+MAPS_S, MAPS_T = torch.randn(2, 6, 3, 8, 8, dtype=torch.float64)
+QKV_S, QKV_T = torch.randn(2, 3, 4, 5, 8, dtype=torch.float64)
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+LABELS = torch.randint(0, 10, (6,))
+KWARGS = {"attention_kl": {"heads": 2}, "attention_relation": {"heads": 2}}
+
+
+def inputs(name):
+    """A (student, teacher) pair of inputs the loss accepts, differing in value."""
+    if name == "attention_transfer":
+        return MAPS_S, MAPS_T
+    if name.startswith("attention_"):
+        return QKV_S, QKV_T
+    return S, T
+
+
+def call(name, s, t):
+    loss = LOSSES.get(name)(**KWARGS.get(name, {}))
+    extra = {"mask": MASK} if name.startswith("attention_") and name != "attention_transfer" else {}
+    return loss(s, t, LABELS, **extra)
 
 
 def naive_kl(p_logits, q_logits, t=1.0):
@@ -14,17 +45,32 @@ def naive_kl(p_logits, q_logits, t=1.0):
     return (p * (torch.log(p) - torch.log(F.softmax(q_logits / t, -1)))).sum(-1).mean()
 
 
+def test_every_loss_has_a_family():
+    assert set(FAMILIES) == set(LOSSES.names())
+    assert set(FAMILIES.values()) == {"response", "feature", "relation"}
+
+
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_zero_for_identical_inputs(name):
-    loss = LOSSES.get(name)()
-    labels = torch.randint(0, 10, (6,))
-    assert float(loss(S, S.clone(), labels)) == pytest.approx(0.0, abs=1e-10)
+    s, _ = inputs(name)
+    assert float(call(name, s, s.clone())) == pytest.approx(0.0, abs=1e-10)
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_positive_for_different_inputs(name):
-    loss = LOSSES.get(name)()
-    assert float(loss(S, T, torch.randint(0, 10, (6,)))) > 0
+    assert float(call(name, *inputs(name))) > 0
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_gradients_match_finite_differences(name):
+    s, t = inputs(name)
+    s = s[..., :4, :].clone() if s.dim() > 2 else s.clone()
+    t = t[..., :4, :].clone() if t.dim() > 2 else t.clone()
+    if name.startswith("attention_") and name != "attention_transfer":
+        s, t = QKV_S.clone(), QKV_T.clone()
+    s.requires_grad_(True)
+    fn = (lambda x: call(name, x, t)) if name != "rkd_angle" else (lambda x: call(name, x[:4], t[:4]))
+    assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - RELATION_LOSSES))

@@ -1,8 +1,9 @@
 """Adapters turn a model into named output tensors and save it in the format it came in.
 
 An adapter is what the engine, the cache and the evaluator see of a model: call it on a batch
-of inputs, get ``{"logits": ...}`` or ``{"embedding": ...}``. Later capabilities add names
-(``hidden.3``, ``attn.3``) through forward hooks without changing the callers.
+of inputs, get ``{"logits": ...}`` or ``{"embedding": ...}`` (text models add ``token_mask``,
+``(N, T)``, 1 for real tokens). Intermediate layers are added under their own names by
+:class:`distill.features.TappedAdapter`, through forward hooks, without changing the callers.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class HFEmbeddingAdapter(_HFTextAdapter):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
-        return {"embedding": pooled}
+        return {"embedding": pooled, "token_mask": enc["attention_mask"]}
 
     def save(self, folder: Path) -> None:
         """Hugging Face folder (safetensors, tokenizer) plus sentence-transformers module files."""
@@ -215,7 +216,7 @@ class HFClassifierAdapter(_HFTextAdapter):
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         enc = self.tokenize(inputs["text"])
-        return {"logits": self.module(**enc).logits}
+        return {"logits": self.module(**enc).logits, "token_mask": enc["attention_mask"]}
 
     def save(self, folder: Path) -> None:
         """Hugging Face folder: config, safetensors weights and tokenizer."""

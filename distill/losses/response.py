@@ -1,12 +1,8 @@
-"""Response-based distillation losses.
-
-Every loss is a pure ``nn.Module``: ``forward(student_out, teacher_out, labels=None)`` takes
-tensors and returns a scalar. Nothing in here reads a config or touches a model; the engine
-decides which named outputs (``logits``, ``embedding``) each loss compares.
+"""Response-based losses: the student's output distribution should match the teacher's.
 
 Logit losses take ``(..., C)`` tensors: every leading position is one distribution and the
-result is the mean over positions, so the same modules serve classifiers ``(N, C)`` and,
-later, token-level language models ``(N, T, C)``.
+result is the mean over positions, so the same modules serve classifiers ``(N, C)`` and
+token-level language models ``(N, T, C)``.
 """
 
 from __future__ import annotations
@@ -17,23 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.registry import Registry
-
-__all__ = [
-    "LOSSES",
-    "CosineLoss",
-    "DKDLoss",
-    "JSDLoss",
-    "KDLoss",
-    "MSELoss",
-    "ReverseKLLoss",
-    "SimilarityLoss",
-    "TVDLoss",
-    "kl_divergence",
-]
+__all__ = ["DKDLoss", "JSDLoss", "KDLoss", "ReverseKLLoss", "TVDLoss", "kl_divergence"]
 
 
-def _flat(x: Tensor) -> Tensor:
+def flat(x: Tensor) -> Tensor:
     """``(..., C)`` to ``(N, C)``; half precision is upcast so that softmax and logs stay accurate."""
     x = x.reshape(-1, x.shape[-1])
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -44,7 +27,7 @@ def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def _check_pair(student: Tensor, teacher: Tensor) -> None:
+def check_pair(student: Tensor, teacher: Tensor) -> None:
     if student.shape != teacher.shape:
         raise ValueError(
             f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
@@ -64,6 +47,8 @@ class KDLoss(nn.Module):
     Shapes: ``student_out`` and ``teacher_out`` are ``(..., C)`` logits; returns a scalar.
     """
 
+    output = "logits"
+
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
@@ -71,10 +56,10 @@ class KDLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
+        check_pair(student_out, teacher_out)
         t = self.temperature
-        log_s = F.log_softmax(_flat(student_out) / t, -1)
-        log_t = F.log_softmax(_flat(teacher_out) / t, -1)
+        log_s = F.log_softmax(flat(student_out) / t, -1)
+        log_t = F.log_softmax(flat(teacher_out) / t, -1)
         return kl_divergence(log_t, log_s) * t * t
 
 
@@ -87,6 +72,8 @@ class ReverseKLLoss(nn.Module):
     Shapes: ``(..., C)`` logits in, scalar out.
     """
 
+    output = "logits"
+
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
@@ -94,10 +81,10 @@ class ReverseKLLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
+        check_pair(student_out, teacher_out)
         t = self.temperature
-        log_s = F.log_softmax(_flat(student_out) / t, -1)
-        log_t = F.log_softmax(_flat(teacher_out) / t, -1)
+        log_s = F.log_softmax(flat(student_out) / t, -1)
+        log_t = F.log_softmax(flat(teacher_out) / t, -1)
         return kl_divergence(log_s, log_t) * t * t
 
 
@@ -117,6 +104,8 @@ class JSDLoss(nn.Module):
     Shapes: ``(..., C)`` logits in, scalar out.
     """
 
+    output = "logits"
+
     def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__()
         if not 0.0 <= beta <= 1.0:
@@ -127,10 +116,10 @@ class JSDLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
+        check_pair(student_out, teacher_out)
         t, beta = self.temperature, self.beta
-        log_q = F.log_softmax(_flat(student_out) / t, -1)
-        log_p = F.log_softmax(_flat(teacher_out) / t, -1)
+        log_q = F.log_softmax(flat(student_out) / t, -1)
+        log_p = F.log_softmax(flat(teacher_out) / t, -1)
         if beta == 0.0:
             return kl_divergence(log_p, log_q) * t * t
         if beta == 1.0:
@@ -149,6 +138,8 @@ class TVDLoss(nn.Module):
     Shapes: ``(..., C)`` logits in, scalar out (in [0, 1]).
     """
 
+    output = "logits"
+
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
@@ -156,9 +147,9 @@ class TVDLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
-        p_s = F.softmax(_flat(student_out) / self.temperature, -1)
-        p_t = F.softmax(_flat(teacher_out) / self.temperature, -1)
+        check_pair(student_out, teacher_out)
+        p_s = F.softmax(flat(student_out) / self.temperature, -1)
+        p_t = F.softmax(flat(teacher_out) / self.temperature, -1)
         return 0.5 * (p_s - p_t).abs().sum(-1).mean()
 
 
@@ -177,6 +168,8 @@ class DKDLoss(nn.Module):
     Shapes: ``(N, C)`` logits and ``(N,)`` integer labels in, scalar out. Labels are required.
     """
 
+    output = "logits"
+
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
         super().__init__()
         if temperature <= 0:
@@ -184,11 +177,11 @@ class DKDLoss(nn.Module):
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
+        check_pair(student_out, teacher_out)
         if labels is None:
             raise ValueError("dkd needs class labels; use it on a labelled classification task")
         t = self.temperature
-        s, te = _flat(student_out) / t, _flat(teacher_out) / t
+        s, te = flat(student_out) / t, flat(teacher_out) / t
         target = F.one_hot(labels.reshape(-1).long(), s.shape[-1]).bool()
         tckd = kl_divergence(_binary_log_probs(te, target), _binary_log_probs(s, target))
         # Masking the target with a large negative logit leaves the softmax over the rest.
@@ -204,66 +197,3 @@ def _binary_log_probs(logits: Tensor, target: Tensor) -> Tensor:
     log_target = log_p.masked_fill(~target, float("-inf")).logsumexp(-1)
     log_rest = log_p.masked_fill(target, float("-inf")).logsumexp(-1)
     return torch.stack([log_target, log_rest], -1)
-
-
-class MSELoss(nn.Module):
-    """Mean squared error between student and teacher vectors (embeddings, features).
-
-    Shapes: ``(N, D)`` (or any equal shapes) in, scalar out.
-    """
-
-    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
-        return F.mse_loss(student_out, teacher_out.to(student_out.dtype))
-
-
-class CosineLoss(nn.Module):
-    """``1 - cos(student, teacher)`` averaged over rows: matches direction, ignores scale.
-
-    Shapes: ``(..., D)`` in, scalar out (in [0, 2]).
-    """
-
-    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_pair(student_out, teacher_out)
-        return (1 - F.cosine_similarity(_flat(student_out), _flat(teacher_out), dim=-1)).mean()
-
-
-class SimilarityLoss(nn.Module):
-    """In-batch similarity distillation: the student's pairwise cosine similarities between the
-    examples of a batch should equal the teacher's (a relation-based loss in the spirit of
-    similarity-preserving KD, Tung & Mori 2019, applied to sentence embeddings).
-
-    Because it compares ``N x N`` matrices, student and teacher widths may differ and no
-    projector is needed, so the student's own embedding space is what gets trained.
-
-    Shapes: ``(N, D_s)`` and ``(N, D_t)`` in, scalar out.
-    """
-
-    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        if student_out.shape[0] != teacher_out.shape[0]:
-            raise ValueError(
-                f"student output {tuple(student_out.shape)} and teacher output {tuple(teacher_out.shape)} "
-                "differ in batch size"
-            )
-        s = F.normalize(_flat(student_out), dim=-1)
-        t = F.normalize(_flat(teacher_out), dim=-1).to(s.dtype)
-        return F.mse_loss(s @ s.T, t @ t.T)
-
-
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
-for _name, _cls in (
-    ("kd", KDLoss),
-    ("reverse_kl", ReverseKLLoss),
-    ("jsd", JSDLoss),
-    ("tvd", TVDLoss),
-    ("dkd", DKDLoss),
-    ("mse", MSELoss),
-    ("cosine", CosineLoss),
-    ("similarity", SimilarityLoss),
-):
-    LOSSES.add(_name, _cls)
-
-#: Which named model output each loss compares when the recipe does not say.
-LOGIT_LOSSES = frozenset({"kd", "reverse_kl", "jsd", "tvd", "dkd"})
-#: Losses that compare relations between examples, so student and teacher widths may differ.
-RELATION_LOSSES = frozenset({"similarity"})

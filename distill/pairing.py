@@ -1,0 +1,225 @@
+"""From a recipe's loss list to runnable loss terms: outputs and layers paired, projectors built.
+
+The recipe, the :class:`~distill.Distiller` and the bench scripts all go through
+:func:`prepare_pair`: it instantiates the losses, taps the layers that feature losses name
+(forward hooks, see :mod:`distill.features`), adds a learned projector wherever a loss needs
+equal widths and the models differ, and runs every term once on a sample batch so that a
+mismatch is reported before training, with the loss and layer it concerns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.config import LossSpec
+from distill.engine import LossTerm, projector_key
+from distill.errors import ModelError, RecipeError
+from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
+from distill.losses import LOSSES
+from distill.registry import suggest
+
+__all__ = ["Pairing", "build_loss_terms", "make_projector", "pair_outputs", "prepare_pair", "tap_models"]
+
+
+def _config_of(adapter: Any) -> Any:
+    module = adapter.module
+    module = getattr(module, "module", module)
+    return getattr(module, "config", None)
+
+
+def _attention_params(name: str, cls: type, params: dict[str, Any], student: Any, teacher: Any) -> dict[str, Any]:
+    """Fill ``heads`` (and ``student_heads``) of attention losses from the models' configs."""
+    accepted = inspect.signature(cls).parameters
+    if "heads" not in accepted or "heads" in params:
+        return params
+    if student is None or teacher is None:
+        return {**params, "heads": 1}  # validation only: the models are not loaded
+    s_cfg, t_cfg = _config_of(student), _config_of(teacher)
+    if s_cfg is None or t_cfg is None or not hasattr(t_cfg, "num_attention_heads"):
+        raise RecipeError(f"loss '{name}': give params.heads (the models carry no attention-head count)")
+    t_heads, s_heads = t_cfg.num_attention_heads, s_cfg.num_attention_heads
+    if "student_heads" in accepted:
+        return {**params, "heads": t_heads, "student_heads": s_heads}
+    widths = (t_cfg.hidden_size, s_cfg.hidden_size)
+    for heads in (t_heads, s_heads, math.gcd(*widths)):
+        if all(w % heads == 0 for w in widths):
+            return {**params, "heads": heads}
+    raise RecipeError(f"loss '{name}': give params.heads")  # unreachable: gcd divides both
+
+
+def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None, teacher: Any = None
+                     ) -> list[LossTerm]:
+    """Instantiate the recipe's loss terms, with errors that name the bad parameter.
+
+    Without models (``distill validate``) the terms are built to check their parameters;
+    layer pairs are filled in later by :func:`tap_models`.
+    """
+    terms = []
+    for i, spec in enumerate(specs):
+        cls = LOSSES.get(spec.name)
+        if getattr(cls, "tap", "output") == "qkv" and spec.layers is None:
+            raise RecipeError(f"losses.{i}: loss '{spec.name}' compares attention inside transformer blocks; "
+                              "name them with layers (for example layers: {student: [-1], teacher: [-1]})")
+        params = _attention_params(spec.name, cls, dict(spec.params), student, teacher)
+        try:
+            loss = cls(**params)
+        except TypeError:
+            allowed = [p for p in inspect.signature(cls).parameters]
+            bad = [k for k in spec.params if k not in allowed]
+            missing = [p for p, v in inspect.signature(cls).parameters.items()
+                       if v.default is inspect.Parameter.empty and p not in params]
+            if not bad and missing:
+                raise RecipeError(f"losses.{i}.params: loss '{spec.name}' needs {missing}") from None
+            hint = suggest(bad[0], allowed) if bad else ""
+            raise RecipeError(
+                f"losses.{i}.params: loss '{spec.name}' has no parameter {bad};{hint} "
+                f"allowed: {', '.join(allowed) or 'none'}"
+            ) from None
+        except ValueError as exc:
+            raise RecipeError(f"losses.{i}.params: {exc}") from None
+        on = spec.on or getattr(cls, "output", None) or default_on
+        terms.append(LossTerm(spec.name, spec.weight, on, loss, start_step=spec.start_step,
+                              ramp_steps=spec.ramp_steps, layers=spec.layers))
+    return terms
+
+
+def _tap(module: nn.Module, layer: str | int, kind: str, taps: dict[str, Any]) -> str:
+    path = resolve_layer(module, layer)
+    if kind == "qkv":
+        key = f"qkv:{path}"
+        taps[key] = qkv_paths(module, path)
+    else:
+        key = f"layer:{path}"
+        taps[key] = path
+    return key
+
+
+def tap_models(terms: list[LossTerm], student: Any, teacher: Any) -> tuple[Any, Any]:
+    """Fill the layer pairs of feature terms and hook those layers.
+
+    Returns the student and teacher, wrapped in :class:`TappedAdapter` when any layer is
+    tapped (unchanged otherwise). The caller removes the teacher's hooks when done with it.
+    """
+    s_taps: dict[str, Any] = {}
+    t_taps: dict[str, Any] = {}
+    for i, term in enumerate(terms):
+        spec = term.layers
+        if spec is None:
+            continue
+        kind = getattr(term.loss, "tap", "output")
+        teacher_layers = spec.teacher if spec.teacher is not None else (spec.student if spec.map == "pairs" else None)
+        try:
+            pairs = map_layers(spec.student, teacher_layers, spec.map, len(block_paths(teacher.module)))
+            term.pairs = [(_tap(student.module, s, kind, s_taps), _tap(teacher.module, t, kind, t_taps))
+                          for s, t in pairs]
+        except ModelError as exc:
+            raise ModelError(f"losses.{i} ({term.name}) layers: {exc}") from None
+    if not s_taps:
+        return student, teacher
+    return TappedAdapter(student, s_taps), TappedAdapter(teacher, t_taps)
+
+
+def make_projector(student: Tensor, teacher: Tensor) -> nn.Module:
+    """A learned map from the student's width to the teacher's: 1x1 convolution for ``(N, C, H, W)``
+    feature maps, linear on the last axis otherwise."""
+    if student.dim() == 4:
+        return nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False)
+    return nn.Linear(student.shape[-1], teacher.shape[-1])
+
+
+def _width_axis(x: Tensor) -> int:
+    return 1 if x.dim() == 4 else -1
+
+
+def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor], task: Any
+                 ) -> nn.ModuleDict:
+    """Check that each term can compare its outputs on a sample batch; build projectors where needed."""
+    task.check_outputs(t_out, "teacher")
+    task.check_outputs(s_out, "student")
+    projectors = nn.ModuleDict()
+    for i, term in enumerate(terms):
+        mode = getattr(term.loss, "projector", "if_needed")
+        for j, (s_key, t_key) in enumerate(term.pairs):
+            for role, key, out in (("student", s_key, s_out), ("teacher", t_key, t_out)):
+                if key not in out:
+                    raise ModelError(f"loss '{term.name}' compares '{key}', which the {role} does not produce "
+                                     f"(it produces {sorted(out)})")
+            s, t = s_out[s_key], t_out[t_key]
+            where = f"loss '{term.name}' ({s_key} vs {t_key})"
+            if mode == "never":
+                continue
+            axis = _width_axis(s)
+            s_rest = [d for k, d in enumerate(s.shape) if k != axis % s.dim()]
+            t_rest = [d for k, d in enumerate(t.shape) if k != axis % t.dim()] if t.dim() == s.dim() else None
+            if s_rest != t_rest:
+                raise ModelError(f"{where}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in more "
+                                 "than width; pick layers of matching resolution or a relation loss")
+            if mode == "always" or s.shape[axis] != t.shape[axis]:
+                if getattr(term.loss, "output", None) == "logits":
+                    raise ModelError(f"{where}: student has {s.shape[-1]} classes, teacher {t.shape[-1]}")
+                projectors[projector_key(i, j)] = make_projector(s, t).to(s.device)
+    return projectors
+
+
+def _dry_run(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor], projectors: nn.ModuleDict,
+             labels: Tensor | None) -> None:
+    """Run each term once so that shape errors surface now, named, rather than at step one."""
+    with torch.no_grad():
+        for i, term in enumerate(terms):
+            for j, (s_key, t_key) in enumerate(term.pairs):
+                s = s_out[s_key]
+                key = projector_key(i, j)
+                if key in projectors:
+                    s = projectors[key](s)
+                extra = {"mask": s_out["token_mask"]} if getattr(term.loss, "uses_mask", False) \
+                    and "token_mask" in s_out else {}
+                try:
+                    term.loss(s, t_out[t_key].to(s.dtype), labels, **extra)
+                except ValueError as exc:
+                    raise ModelError(f"loss '{term.name}' ({s_key} vs {t_key}): {exc}") from None
+
+
+@dataclass
+class Pairing:
+    """A student and teacher ready to train together."""
+
+    student: Any
+    """The student adapter (with hooks on the layers feature losses read)."""
+    teacher: Any
+    """The teacher adapter as the loop should call it (with hooks where needed)."""
+    terms: list[LossTerm]
+    projectors: nn.ModuleDict
+
+    @property
+    def reads_layers(self) -> bool:
+        """Whether a loss reads the teacher's intermediate layers (which the cache does not hold)."""
+        return isinstance(self.teacher, TappedAdapter)
+
+    def release(self) -> None:
+        """Remove the hooks on the teacher (the student's go away with it)."""
+        if isinstance(self.teacher, TappedAdapter):
+            self.teacher.remove()
+
+
+def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: Any, sample: dict[str, Any],
+                 task: Any) -> Pairing:
+    """Build the loss terms for ``student`` and ``teacher`` and check them on ``sample`` (a batch)."""
+    terms = build_loss_terms(specs, default_on, student, teacher)
+    student, teacher = tap_models(terms, student, teacher)
+    with torch.no_grad():
+        s_out, t_out = student(sample["inputs"]), teacher(sample["inputs"])
+        try:
+            projectors = pair_outputs(terms, s_out, t_out, task)
+            labels = sample.get("labels")
+            _dry_run(terms, s_out, t_out, projectors, labels if default_on == "logits" and labels is not None else None)
+        except Exception:
+            if isinstance(teacher, TappedAdapter):
+                teacher.remove()
+            raise
+    return Pairing(student, teacher, terms, projectors)
