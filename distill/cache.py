@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +47,11 @@ def _file_sha256(path: Path) -> str:
         while block := handle.read(_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _file_name(output: str) -> str:
+    """A portable file name for an output name (``layer:features.15`` -> ``layer_features.15.npy``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", output) + ".npy"
 
 
 class TeacherCache:
@@ -130,14 +136,14 @@ class TeacherCache:
                     rows = value.reshape(len(idx), -1, *value.shape[1:]).numpy()
                     if name not in arrays:
                         arrays[name] = np.lib.format.open_memmap(
-                            tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(order), *rows.shape[1:])
+                            tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(order), *rows.shape[1:])
                         )
                     arrays[name][idx] = rows
         outputs_meta = {}
         for name, array in arrays.items():
             array.flush()
             del array
-            path = tmp / f"{name}.npy"
+            path = tmp / _file_name(name)
             outputs_meta[name] = {"file": path.name, "sha256": _file_sha256(path)}
         arrays.clear()
         meta = {"teacher": teacher_id, "data": data_id, "examples": len(order), "outputs": outputs_meta}
@@ -153,8 +159,13 @@ class TeacherCache:
         if (folder / "meta.json").exists():
             try:
                 cache = cls.load(folder, teacher_id, data_id)
-                log.info("using teacher cache %s", folder)
-                return cache
+                missing = sorted(set(build_args["names"]) - set(cache.arrays))
+                if not missing:
+                    log.info("using teacher cache %s", folder)
+                    return cache
+                log.info("teacher cache %s lacks %s; rebuilding it with them", folder, missing)
+                build_args["names"] = sorted(set(build_args["names"]) | set(cache.arrays))
+                del cache
             except CacheError as exc:
                 log.warning("%s; rebuilding it", exc)
         try:

@@ -190,6 +190,9 @@ class CacheSpec(_Spec):
     online every step (needed when inputs are augmented)."""
     dir: Path = Path(".cache/distill")
     """Cache folder, shared between runs. Relative paths are taken from the working directory."""
+    max_gb: float = Field(4.0, gt=0)
+    """Largest cache to write. Intermediate layers that feature losses read can be large (a
+    feature map per example); when the cache would exceed this, the teacher runs online."""
 
 
 class EvalSpec(_Spec):

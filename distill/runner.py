@@ -39,7 +39,6 @@ __all__ = [
     "load_teacher",
     "open_teacher_cache",
     "pair_outputs",
-    "reads_layers",
     "report_run",
     "run",
 ]
@@ -151,21 +150,45 @@ def load_teacher(recipe: Recipe) -> Adapter:
     return teacher
 
 
-def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any) -> TeacherCache:
-    """The verified teacher-output cache of this teacher on this task's training set (built if needed)."""
+def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[str] | None = None
+                       ) -> TeacherCache:
+    """The verified teacher-output cache of this teacher on this task's training set (built if needed).
+
+    ``names`` are the teacher outputs to hold (default: the outputs the recipe's losses compare);
+    ``teacher`` must produce them (a :class:`~distill.features.TappedAdapter` for layers).
+    """
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"pooling": spec.pooling, "normalize": spec.normalize,
                                                     "max_length": spec.max_length})
-    names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output) if t.layers is None})
+    if names is None:
+        names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output) if t.layers is None})
     return TeacherCache.open_or_build(
         recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
         lengths=task.lengths(), names=names, batch_size=recipe.evaluate.batch_size,
     )
 
 
-def reads_layers(recipe: Recipe) -> bool:
-    """Whether a loss of the recipe compares intermediate layers (so the teacher must run online)."""
-    return any(spec.layers is not None for spec in recipe.losses)
+def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | None:
+    """The teacher cache for these loss terms, or ``None`` (teacher online) when off or too large."""
+    if not recipe.cache.enabled or not pair.terms:
+        return None
+    names = sorted({t_key for term in pair.terms for _, t_key in term.pairs})
+    sample = task.train.batch(range(min(4, len(task.train))))
+    with torch.no_grad():
+        out = pair.teacher(sample["inputs"])
+    rows = out[task.output].shape[0]
+    # Token-level tensors vary in length with each batch's padding; only fixed-size rows are cached.
+    uncacheable = [n for n in names if out[n].shape[0] != rows or ("token_mask" in out and out[n].dim() > 2)]
+    if uncacheable:
+        log.info("token-level teacher outputs %s are not cached: the teacher runs online", uncacheable)
+        return None
+    per_example = sum(out[name][0].numel() * 4 for name in names) * rows / len(sample["index"])
+    size_gb = per_example * len(task.train) / 1e9
+    if size_gb > recipe.cache.max_gb:
+        log.info("the teacher outputs %s would take %.1f GB (cache.max_gb %.1f): the teacher runs online",
+                 names, size_gb, recipe.cache.max_gb)
+        return None
+    return open_teacher_cache(recipe, pair.teacher, task, names)
 
 
 def _coerce(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None) -> Recipe:
@@ -187,12 +210,11 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     folder = _prepare_folder(recipe)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
-    _pairing(recipe, teacher, task, True).release()  # fail fast, before the teacher cache
-    cache = None
-    if recipe.cache.enabled and reads_layers(recipe):
-        log.info("feature losses read the teacher's intermediate layers: the teacher runs online, uncached")
-    elif recipe.cache.enabled:
-        cache = open_teacher_cache(recipe, teacher, task)
+    pair = _pairing(recipe, teacher, task, True)  # fail fast, before the teacher cache
+    try:
+        cache = _cache_for(recipe, pair, task)
+    finally:
+        pair.release()
     _train_one(recipe, "student", teacher, task, cache, folder)
     if recipe.baseline:
         _train_one(recipe, "baseline", teacher, task, None, folder)

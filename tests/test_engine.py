@@ -71,3 +71,13 @@ def test_freeze_by_prefix():
     assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
     with pytest.raises(RecipeError, match="no student parameter starts with 'emb'"):
         _freeze(model, ["emb"])
+
+
+def test_loss_term_schedule_starts_and_ramps():
+    from torch import nn
+
+    from distill.engine import LossTerm
+
+    term = LossTerm("kd", 1.0, "logits", nn.Identity(), start_step=2, ramp_steps=4)
+    assert [term.factor(s) for s in range(8)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert LossTerm("kd", 1.0, "logits", nn.Identity()).factor(0) == 1.0

@@ -164,7 +164,7 @@ def test_attention_losses_need_layers_and_get_heads_from_configs(tiny_bert):
     pair.release()
 
 
-def test_feature_recipe_end_to_end_runs_teacher_online(tmp_path, data_dir):
+def test_feature_recipe_end_to_end_cached_equals_online(tmp_path, data_dir):
     torch.manual_seed(0)
     TorchClassifierAdapter(ConvNet(width=4), "convnet", {"width": 4}).save(tmp_path / "teacher")
     spec = {
@@ -185,12 +185,29 @@ def test_feature_recipe_end_to_end_runs_teacher_online(tmp_path, data_dir):
         "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 16},
     }
     distill.run(spec)
-    records = [json.loads(line) for line in (tmp_path / "run/train/student/metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
+
+    def losses(run):
+        lines = (tmp_path / run / "train/student/metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        return [r for r in records if "loss" in r]
+
+    steps = losses("run")
     assert {"kd_loss", "hint_loss", "attention_transfer_loss", "rkd_distance_loss"} <= set(steps[0])
     assert steps[0]["rkd_distance_loss"] == 0.0 and steps[1]["rkd_distance_loss"] == 0.0
     assert steps[2]["rkd_distance_loss"] > 0
-    assert not (tmp_path / "cache").exists()  # feature losses read the teacher online
+    # The teacher's layers were cached next to its logits...
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert {"logits.npy", "layer_features.12.npy", "layer_features.5.npy", "layer_features.15.npy"} <= {
+        p.name for p in cache.iterdir()}
+    # ...and training from them gives what the online teacher gives (a cache too large for
+    # cache.max_gb is not written: the teacher runs online).
+    tiny_cache = {"dir": str(tmp_path / "c2"), "max_gb": 1e-6}
+    distill.run({**spec, "output_dir": str(tmp_path / "online"), "cache": tiny_cache})
+    assert not (tmp_path / "c2").exists()
+    online = losses("online")
+    for a, b in zip(steps, online, strict=True):
+        for key in ("kd_loss", "hint_loss", "attention_transfer_loss", "rkd_distance_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
 
 
 def test_inspect_command_lists_layers(capsys):
