@@ -52,15 +52,20 @@ class DeriveSpec(_Spec):
     """Student feed-forward width; neurons are kept by their activation magnitude."""
     calibration_batches: int = Field(8, ge=1)
     """Training batches run through the teacher to rank channels, heads and neurons."""
+    vocab: Literal["all", "data"] = "all"
+    """``data`` keeps only the tokens the training texts use (plus every one-character piece, so
+    unseen words still split into known pieces): a smaller embedding table and tokenizer."""
 
 
 class ModelSpec(_Spec):
     """A teacher or student model."""
 
-    kind: Literal["torch", "hf-classifier", "hf-embedding"] | None = None
+    kind: Literal["torch", "hf-classifier", "hf-embedding", "static-embedding"] | None = None
     """``torch``: a plain PyTorch classifier from distill's architectures; ``hf-classifier``: a
     ``transformers`` sequence classifier; ``hf-embedding``: a ``transformers`` encoder pooled into
-    a sentence embedding. A student without a kind takes the teacher's."""
+    a sentence embedding; ``static-embedding`` (student): no transformer layers, a sentence is the
+    mean of per-token vectors (derived from an ``hf-embedding`` teacher with ``derive``, width
+    ``derive.hidden_size``). A student without a kind takes the teacher's."""
     source: str | None = None
     """Where the weights are: a local folder or Hub id (Hugging Face), ``pkg://package/subdir``
     for a model shipped inside an installed Python package, or a ``.safetensors`` file (torch)."""
@@ -250,10 +255,17 @@ class Recipe(_Spec):
             raise ValueError("student.derive: only Hugging Face students can be derived")
         if self.student.derive is None and self.student.source is None and self.student.arch is None:
             raise ValueError("student: give derive, source or arch")
-        expected = {"sts": "hf-embedding", "classification": None}[self.task]
+        if self.teacher.kind == "static-embedding":
+            raise ValueError("teacher.kind: 'static-embedding' is a student kind")
+        if kind == "static-embedding" and self.student.derive is not None:
+            d = self.student.derive
+            if d.layers is not None or d.num_attention_heads or d.intermediate_size:
+                raise ValueError("student.derive: a static-embedding student has no layers, heads or feed-forward; "
+                                 "give hidden_size (its width) and optionally vocab")
+        expected = {"sts": {"hf-embedding", "static-embedding"}, "classification": None}[self.task]
         for role, k in (("teacher", self.teacher.kind), ("student", kind)):
-            if expected and k != expected:
-                raise ValueError(f"{role}.kind: task '{self.task}' needs '{expected}', got '{k}'")
+            if expected and k not in expected:
+                raise ValueError(f"{role}.kind: task '{self.task}' needs one of {sorted(expected)}, got '{k}'")
             if self.task == "classification" and k == "hf-embedding":
                 raise ValueError(f"{role}.kind: task 'classification' needs class logits, not embeddings")
         formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"}}[self.task]

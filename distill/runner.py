@@ -22,11 +22,12 @@ from accelerate.utils import set_seed
 from distill.cache import TeacherCache, model_fingerprint
 from distill.config import ModelSpec, Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import ShuffledBatches, make_accelerator, train
-from distill.errors import ModelError, RunFolderError
+from distill.errors import ModelError, RecipeError, RunFolderError
 from distill.evaluate import measure, time_models
 from distill.models.adapters import Adapter, load_hf, load_torch_classifier
 from distill.models.derive import derive_student
 from distill.models.sources import resolve_source
+from distill.models.static import derive_static, load_static, vocabulary_of
 from distill.pairing import Pairing, build_loss_terms, pair_outputs, prepare_pair
 from distill.report import write_report
 from distill.tasks import build_task
@@ -62,6 +63,8 @@ def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter
         return load_torch_classifier(spec.arch, spec.arch_args, resolve_source(source) if source else None)
     if source is None:
         raise ModelError(f"{kind} model: source is required")
+    if kind == "static-embedding":
+        return load_static(resolve_source(source))
     return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
                    max_length=spec.max_length, dtype=spec.dtype)
 
@@ -72,10 +75,17 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
     derive = recipe.student.derive
     if derive is None:
         return load_model(recipe.student, recipe.student_kind)
+    keep = None
+    if derive.vocab == "data":
+        if not hasattr(task, "train_texts"):
+            raise RecipeError("student.derive.vocab: 'data' needs a text task")
+        keep = vocabulary_of(teacher.tokenizer, task.train_texts())  # type: ignore[attr-defined]
+    if recipe.student_kind == "static-embedding":
+        return derive_static(teacher, derive.hidden_size or 256, keep)
     bs = recipe.train.batch_size
     calibration = [task.train.batch(range(i * bs, min((i + 1) * bs, len(task.train))))["inputs"]
                    for i in range(min(derive.calibration_batches, -(-len(task.train) // bs)))]
-    return derive_student(teacher, derive, calibration)  # type: ignore[arg-type]
+    return derive_student(teacher, derive, calibration, keep)  # type: ignore[arg-type]
 
 
 def _prepare_folder(recipe: Recipe) -> Path:

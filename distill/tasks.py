@@ -137,6 +137,10 @@ class STSTask:
         p = self.train.pairs
         return [max(len(a), len(b)) for a, b in zip(p.first, p.second, strict=True)]
 
+    def train_texts(self) -> list[str]:
+        """Every training sentence (for vocabulary pruning)."""
+        return self.train.pairs.first + self.train.pairs.second
+
     def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
         emb = outputs["embedding"]
         return cosent_loss(emb[0::2], emb[1::2], batch["labels"].to(emb.device))

@@ -30,7 +30,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     words = sorted({w.lower().strip(".,!?\"'") for s in pairs.first + pairs.second for w in s.split()} - {""})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words[:600]]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
     import torch

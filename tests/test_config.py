@@ -67,8 +67,12 @@ def test_unknown_loss_parameter():
 
 
 def test_task_and_model_kind_must_fit():
-    with pytest.raises(RecipeError, match="needs 'hf-embedding'"):
+    with pytest.raises(RecipeError, match=r"needs one of \['hf-embedding', 'static-embedding'\]"):
         parse_recipe(with_(task="sts", data={"format": "stsb", "path": "x"}))
+    static = {"kind": "static-embedding", "derive": {"hidden_size": 64, "layers": [0]}}
+    with pytest.raises(RecipeError, match="static-embedding student has no layers"):
+        parse_recipe(with_(task="sts", data={"format": "stsb", "path": "x"}, student=static,
+                           teacher={"kind": "hf-embedding", "source": "x"}))
 
 
 def test_yaml_is_data_only(tmp_path):

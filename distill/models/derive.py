@@ -136,15 +136,18 @@ def _check_spec(spec: DeriveSpec, config: Any) -> tuple[list[int], int, int, int
 
 @torch.no_grad()
 def derive_student(
-    teacher: HFEmbeddingAdapter | HFClassifierAdapter, spec: DeriveSpec, calibration: Iterable[dict[str, Any]]
+    teacher: HFEmbeddingAdapter | HFClassifierAdapter, spec: DeriveSpec, calibration: Iterable[dict[str, Any]],
+    keep_tokens: list[int] | None = None,
 ) -> HFEmbeddingAdapter | HFClassifierAdapter:
-    """Build a student from the teacher by keeping layers, channels, heads and neurons.
+    """Build a student from the teacher by keeping layers, channels, heads, neurons and tokens.
 
     Args:
         teacher: The teacher adapter (its model is not modified).
         spec: What to keep.
         calibration: Input batches used to rank channels, heads and neurons (only needed for
             width reduction).
+        keep_tokens: Token ids to keep (vocabulary pruning, see
+            :func:`distill.models.static.vocabulary_of`); ``None`` keeps all.
 
     Returns:
         An adapter of the same kind as the teacher, sharing its tokenizer and pooling.
@@ -202,8 +205,25 @@ def derive_student(
             raise ModelError(f"student.derive: cannot map teacher weight {source_name} onto {name}")
         new_state[name] = source.clone()
     student_model.load_state_dict(new_state)
+    tokenizer = teacher.tokenizer
+    if keep_tokens is not None:
+        tokenizer = _prune_embeddings(student_model, tokenizer, keep_tokens)
     student_model.to(next(model.parameters()).device)
     if isinstance(teacher, HFEmbeddingAdapter):
-        return HFEmbeddingAdapter(student_model, teacher.tokenizer, teacher.pooling, teacher.normalize,
-                                  teacher.max_length)
-    return HFClassifierAdapter(student_model, teacher.tokenizer, teacher.max_length)
+        return HFEmbeddingAdapter(student_model, tokenizer, teacher.pooling, teacher.normalize, teacher.max_length)
+    return HFClassifierAdapter(student_model, tokenizer, teacher.max_length)
+
+
+def _prune_embeddings(model: nn.Module, tokenizer: Any, keep: list[int]) -> Any:
+    """Keep only the rows of ``keep`` in the word-embedding table; return the matching tokenizer."""
+    from distill.models.static import prune_vocabulary
+
+    old = model.get_input_embeddings()
+    new = nn.Embedding(len(keep), old.embedding_dim)
+    new.weight.data.copy_(old.weight.data[torch.tensor(keep)])
+    pad = model.config.pad_token_id
+    if pad is not None and pad in keep:
+        new.padding_idx = model.config.pad_token_id = keep.index(pad)
+    model.set_input_embeddings(new)
+    model.config.vocab_size = len(keep)
+    return prune_vocabulary(tokenizer, keep)

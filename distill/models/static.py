@@ -1,0 +1,200 @@
+"""Static token-embedding students and vocabulary pruning.
+
+The smallest and fastest student of a sentence encoder has no transformer layers at all: a
+sentence's embedding is the mean of one learned vector per token (as in Model2Vec). distill
+initialises each token's vector from the teacher (the teacher's embedding of that token alone,
+reduced to the student's width by PCA over the vocabulary) and then trains the table to
+reproduce the teacher's sentence embeddings on the user's data.
+
+Vocabulary pruning keeps only the tokens the training data uses (plus every single-character
+piece, so any word still splits into known pieces instead of becoming unknown) and rewrites the
+tokenizer and the embedding table to match; for small students the embedding table is most of
+the file.
+
+The saved folder follows Model2Vec's layout (``model.safetensors`` with one ``embeddings``
+tensor, ``tokenizer.json``, ``config.json``), so it loads without distill.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from distill.errors import ModelError
+
+__all__ = ["StaticEmbedding", "StaticEmbeddingAdapter", "derive_static", "load_static", "prune_vocabulary",
+           "vocabulary_of"]
+
+
+class StaticEmbedding(nn.Module):
+    """Mean of token vectors: ``(ids, offsets)`` of a batch of token-id lists to ``(N, D)``.
+
+    Args:
+        vocab_size: Rows of the table.
+        dim: Width of each vector.
+    """
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.embeddings = nn.EmbeddingBag(vocab_size, dim, mode="mean")
+
+    def forward(self, ids: Tensor, offsets: Tensor) -> Tensor:
+        return self.embeddings(ids, offsets)
+
+
+class StaticEmbeddingAdapter:
+    """``inputs["text"]`` -> ``embedding``, the (normalised) mean of the texts' token vectors.
+
+    Args:
+        module: The :class:`StaticEmbedding`.
+        tokenizer: A ``transformers`` fast tokenizer; special tokens are not added.
+        normalize: L2-normalise the embeddings.
+        max_length: Tokens per text; longer texts are truncated.
+    """
+
+    outputs = ("embedding",)
+
+    def __init__(self, module: StaticEmbedding, tokenizer: Any, normalize: bool = True, max_length: int = 512) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+        self.max_length = max_length
+
+    def token_ids(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Flat token ids and the offset where each text starts."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                             max_length=self.max_length)["input_ids"]
+        offsets = torch.tensor([0] + [len(x) for x in ids[:-1]]).cumsum(0)
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+        return flat, offsets
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        flat, offsets = self.token_ids(inputs["text"])
+        device = self.module.embeddings.weight.device
+        out = self.module(flat.to(device), offsets.to(device))
+        return {"embedding": F.normalize(out, dim=-1) if self.normalize else out}
+
+    def save(self, folder: Path) -> None:
+        """Model2Vec layout: ``model.safetensors`` (``embeddings``), tokenizer files, ``config.json``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        module = getattr(self.module, "module", self.module)
+        weight = module.embeddings.weight.detach().cpu().contiguous()
+        save_file({"embeddings": weight}, str(folder / "model.safetensors"))
+        self.tokenizer.save_pretrained(str(folder))
+        config = {"model_type": "model2vec", "architectures": ["StaticModel"], "hidden_dim": weight.shape[1],
+                  "normalize": self.normalize, "seq_length": self.max_length, "distill_kind": "static-embedding"}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_static(source: str, normalize: bool | None = None, max_length: int | None = None) -> StaticEmbeddingAdapter:
+    """Load a static embedding model saved by distill (or by Model2Vec) from a local folder."""
+    from distill.models.adapters import require_transformers
+
+    folder = Path(source)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"static embedding model: {weights} not found")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    table = load_file(str(weights))
+    key = "embeddings" if "embeddings" in table else next(iter(table))
+    module = StaticEmbedding(*table[key].shape)
+    module.embeddings.weight.data.copy_(table[key])
+    tokenizer = require_transformers().AutoTokenizer.from_pretrained(str(folder))
+    return StaticEmbeddingAdapter(module, tokenizer, config.get("normalize", True) if normalize is None else normalize,
+                                  max_length or config.get("seq_length", 512))
+
+
+def vocabulary_of(tokenizer: Any, texts: Iterable[str]) -> list[int]:
+    """Token ids a tokenizer needs for ``texts``, plus its special tokens and every piece of one
+    character (so unseen words still split into known pieces), sorted."""
+    keep = set(tokenizer.all_special_ids)
+    for token, idx in tokenizer.get_vocab().items():
+        if len(token.removeprefix("##")) == 1:
+            keep.add(idx)
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == 1024:
+            keep.update(t for ids in tokenizer(batch, add_special_tokens=False)["input_ids"] for t in ids)
+            batch = []
+    if batch:
+        keep.update(t for ids in tokenizer(batch, add_special_tokens=False)["input_ids"] for t in ids)
+    return sorted(keep)
+
+
+def prune_vocabulary(tokenizer: Any, keep: list[int]) -> Any:
+    """A copy of a WordPiece fast tokenizer that knows only the tokens ``keep`` (renumbered in order).
+
+    Tokens outside ``keep`` become the unknown token, as words the original vocabulary lacked.
+    """
+    from distill.models.adapters import require_transformers
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    if model.get("type") != "WordPiece":
+        raise ModelError(f"vocabulary pruning supports WordPiece tokenizers (BERT family), not {model.get('type')}")
+    old = {idx: token for token, idx in model["vocab"].items()}
+    model["vocab"] = {old[idx]: new for new, idx in enumerate(keep)}
+    remap = {idx: new for new, idx in enumerate(keep)}
+    for added in state.get("added_tokens", []):
+        added["id"] = remap[added["id"]]
+    post = state.get("post_processor") or {}
+    for spec in post.get("special_tokens", {}).values():
+        spec["ids"] = [remap[i] for i in spec["ids"]]
+    for key in ("sep", "cls"):
+        if key in post:
+            post[key] = [post[key][0], remap[post[key][1]]]
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(json.dumps(state))
+    fast = require_transformers().PreTrainedTokenizerFast(
+        tokenizer_object=backend, **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+        model_max_length=tokenizer.model_max_length)
+    return fast
+
+
+@torch.no_grad()
+def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, batch_size: int = 512
+                  ) -> StaticEmbeddingAdapter:
+    """A static student initialised from the teacher's embedding of each token alone, PCA-reduced to ``dim``.
+
+    Args:
+        teacher: An :class:`~distill.models.adapters.HFEmbeddingAdapter`.
+        dim: Width of the student's vectors (at most the teacher's).
+        keep: Token ids to keep (vocabulary pruning); ``None`` keeps the whole vocabulary.
+        batch_size: Tokens per teacher forward pass.
+    """
+    tokenizer = teacher.tokenizer
+    ids = keep if keep is not None else sorted(tokenizer.get_vocab().values())
+    model = teacher.module
+    device = next(model.parameters()).device
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for start in range(0, len(ids), batch_size):
+        chunk = torch.tensor(ids[start : start + batch_size], device=device)
+        parts = [chunk[:, None]]
+        if cls_id is not None:
+            parts.insert(0, torch.full_like(chunk[:, None], cls_id))
+        if sep_id is not None:
+            parts.append(torch.full_like(chunk[:, None], sep_id))
+        input_ids = torch.cat(parts, 1)
+        hidden = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
+        rows.append((hidden[:, 0] if teacher.pooling == "cls" else hidden.mean(1)).float().cpu())
+    vectors = torch.cat(rows)
+    if not 0 < dim <= vectors.shape[1]:
+        raise ModelError(f"static student width {dim} must be in 1..{vectors.shape[1]} (the teacher's)")
+    centered = vectors - vectors.mean(0)
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    table = centered @ v[:dim].T
+    student_tokenizer = prune_vocabulary(tokenizer, ids) if keep is not None else tokenizer
+    module = StaticEmbedding(len(ids), dim)
+    module.embeddings.weight.copy_(table)
+    return StaticEmbeddingAdapter(module.to(device), student_tokenizer, teacher.normalize, teacher.max_length)
