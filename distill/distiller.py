@@ -138,7 +138,9 @@ class Distiller:
         self.teacher.module.to(accelerator.device)
         task = _LoaderTask(self.output, eval_loader)
         sample = _to_batch(next(iter(train_loader)))
-        pair = prepare_pair(self.specs, self.output, self.student, self.teacher, sample, _NoCheck())
+        dataset = getattr(train_loader, "dataset", None)
+        size = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+        pair = prepare_pair(self.specs, self.output, self.student, self.teacher, sample, _NoCheck(), size)
         try:
             return train(
                 student=pair.student, task=task, batches=_LoaderBatches(train_loader), terms=pair.terms,

@@ -34,6 +34,7 @@ __all__ = [
     "ShuffledBatches",
     "TrainState",
     "distill_step",
+    "loss_extras",
     "projector_key",
     "make_accelerator",
     "total_steps",
@@ -133,6 +134,16 @@ def projector_key(term_index: int, pair_index: int) -> str:
     return f"{term_index}_{pair_index}"
 
 
+def loss_extras(loss: nn.Module, student_out: dict[str, Tensor], index: Tensor | None) -> dict[str, Any]:
+    """Keyword arguments a loss declares it wants: the token mask, the batch's example indices."""
+    extra: dict[str, Any] = {}
+    if getattr(loss, "uses_mask", False) and "token_mask" in student_out:
+        extra["mask"] = student_out["token_mask"]
+    if getattr(loss, "uses_index", False):
+        extra["index"] = index
+    return extra
+
+
 def distill_step(
     student: Adapter,
     batch: Batch,
@@ -158,8 +169,7 @@ def distill_step(
             if key in projectors:
                 s = projectors[key](s)
             t = teacher_out[t_key].to(s.device, s.dtype)
-            masked = getattr(term.loss, "uses_mask", False) and "token_mask" in out
-            extra = {"mask": out["token_mask"]} if masked else {}
+            extra = loss_extras(term.loss, out, batch.get("index"))
             values.append(term.loss(s, t, None if labels is None else labels.to(s.device), **extra))
         value = torch.stack(values).mean() if len(values) > 1 else values[0]
         label = term.label if term.label not in parts else f"{term.name}{i}_loss"

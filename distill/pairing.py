@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import LossSpec
-from distill.engine import LossTerm, projector_key
+from distill.engine import LossTerm, loss_extras, projector_key
 from distill.errors import ModelError, RecipeError
 from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
 from distill.losses import LOSSES
@@ -53,12 +53,17 @@ def _attention_params(name: str, cls: type, params: dict[str, Any], student: Any
     raise RecipeError(f"loss '{name}': give params.heads")  # unreachable: gcd divides both
 
 
-def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None, teacher: Any = None
-                     ) -> list[LossTerm]:
+#: Loss parameters the runner fills in from the data and the models' outputs.
+_SIZED = ("student_dim", "teacher_dim", "num_examples")
+
+
+def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None, teacher: Any = None,
+                     sizes: dict[str, int] | None = None) -> list[LossTerm]:
     """Instantiate the recipe's loss terms, with errors that name the bad parameter.
 
     Without models (``distill validate``) the terms are built to check their parameters;
-    layer pairs are filled in later by :func:`tap_models`.
+    layer pairs are filled in later by :func:`tap_models`, and losses sized by the data
+    (``crd``) get their sizes from ``sizes`` (placeholders until then).
     """
     terms = []
     for i, spec in enumerate(specs):
@@ -67,6 +72,8 @@ def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None
             raise RecipeError(f"losses.{i}: loss '{spec.name}' compares attention inside transformer blocks; "
                               "name them with layers (for example layers: {student: [-1], teacher: [-1]})")
         params = _attention_params(spec.name, cls, dict(spec.params), student, teacher)
+        accepted = inspect.signature(cls).parameters
+        params.update({k: (sizes or {}).get(k, 2) for k in _SIZED if k in accepted and k not in params})
         try:
             loss = cls(**params)
         except TypeError:
@@ -168,21 +175,22 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[st
 
 
 def _dry_run(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor], projectors: nn.ModuleDict,
-             labels: Tensor | None) -> None:
+             labels: Tensor | None, index: Tensor | None) -> None:
     """Run each term once so that shape errors surface now, named, rather than at step one."""
     with torch.no_grad():
         for i, term in enumerate(terms):
+            term.loss.eval()  # no state update (memory banks) from the check
             for j, (s_key, t_key) in enumerate(term.pairs):
                 s = s_out[s_key]
                 key = projector_key(i, j)
                 if key in projectors:
                     s = projectors[key](s)
-                extra = {"mask": s_out["token_mask"]} if getattr(term.loss, "uses_mask", False) \
-                    and "token_mask" in s_out else {}
+                extra = loss_extras(term.loss, s_out, index)
                 try:
                     term.loss(s, t_out[t_key].to(s.dtype), labels, **extra)
                 except ValueError as exc:
                     raise ModelError(f"loss '{term.name}' ({s_key} vs {t_key}): {exc}") from None
+            term.loss.train()
 
 
 @dataclass
@@ -208,18 +216,48 @@ class Pairing:
 
 
 def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: Any, sample: dict[str, Any],
-                 task: Any) -> Pairing:
-    """Build the loss terms for ``student`` and ``teacher`` and check them on ``sample`` (a batch)."""
+                 task: Any, num_examples: int | None = None) -> Pairing:
+    """Build the loss terms for ``student`` and ``teacher`` and check them on ``sample`` (a batch).
+
+    ``num_examples`` (the training-set size) sizes the memory banks of losses that keep one.
+    """
     terms = build_loss_terms(specs, default_on, student, teacher)
     student, teacher = tap_models(terms, student, teacher)
     with torch.no_grad():
         s_out, t_out = student(sample["inputs"]), teacher(sample["inputs"])
         try:
+            _size_losses(specs, terms, s_out, t_out, num_examples)
             projectors = pair_outputs(terms, s_out, t_out, task)
             labels = sample.get("labels")
-            _dry_run(terms, s_out, t_out, projectors, labels if default_on == "logits" and labels is not None else None)
+            _dry_run(terms, s_out, t_out, projectors, labels if default_on == "logits" and labels is not None else None,
+                     sample.get("index"))
         except Exception:
             if isinstance(teacher, TappedAdapter):
                 teacher.remove()
             raise
+    for i, term in enumerate(terms):
+        if getattr(term.loss, "trainable", False):
+            projectors[f"loss{i}"] = term.loss  # trained and checkpointed with the student, never saved with it
     return Pairing(student, teacher, terms, projectors)
+
+
+def _size_losses(specs: list[LossSpec], terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor],
+                 num_examples: int | None) -> None:
+    """Rebuild losses sized by the data (``crd``) now that widths and the training-set size are known."""
+    for spec, term in zip(specs, terms, strict=True):
+        accepted = inspect.signature(type(term.loss)).parameters
+        if not any(k in accepted for k in _SIZED):
+            continue
+        if len(term.pairs) != 1:
+            raise ModelError(f"loss '{term.name}' compares one pair of outputs, got {len(term.pairs)} layer pairs")
+        s_key, t_key = term.pairs[0]
+        sizes = {"student_dim": s_out[s_key][0].numel(), "teacher_dim": t_out[t_key][0].numel()}
+        if num_examples is not None:
+            sizes["num_examples"] = num_examples
+        elif "num_examples" in accepted and "num_examples" not in spec.params:
+            raise ModelError(f"loss '{term.name}' needs the training-set size (a dataset with len())")
+        params = {**spec.params, **{k: v for k, v in sizes.items() if k not in spec.params}}
+        try:
+            term.loss = type(term.loss)(**params)
+        except ValueError as exc:
+            raise RecipeError(f"loss '{term.name}': {exc}") from None

@@ -121,7 +121,7 @@ def _pairing(recipe: Recipe, teacher: Adapter, task: Any, distilled: bool) -> Pa
     student = build_student(recipe, teacher, task)
     sample = task.train.batch(range(min(4, len(task.train))))
     specs = recipe.losses if distilled else []
-    return prepare_pair(specs, task.output, student, teacher, sample, task)
+    return prepare_pair(specs, task.output, student, teacher, sample, task, len(task.train))
 
 
 def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: TeacherCache | None,

@@ -8,6 +8,7 @@ from distill.losses import (
     AttentionKLLoss,
     AttentionRelationLoss,
     AttentionTransferLoss,
+    CRDLoss,
     RKDAngleLoss,
     RKDDistanceLoss,
     SimilarityPreservingLoss,
@@ -123,3 +124,42 @@ def test_attention_kl_compares_attention_maps_head_by_head():
     assert float(AttentionKLLoss(heads=2)(s, t)) > 0
     with pytest.raises(ValueError, match="attention_relation"):
         AttentionKLLoss(heads=12, student_heads=8)
+
+
+def test_crd_prefers_the_matching_teacher_and_updates_its_memory_only_in_training():
+    torch.manual_seed(0)
+    loss = CRDLoss(student_dim=6, teacher_dim=6, num_examples=50, dim=6, negatives=20).double()
+    loss.embed_t.load_state_dict(loss.embed_s.state_dict())  # one shared map: aligned inputs align
+    index = torch.arange(8)
+    before = loss.memory_t.clone()
+    loss.eval()
+    with torch.no_grad():
+        aligned = float(loss(X, X, index=index))
+        shuffled = float(loss(X[torch.randperm(8)], X, index=index))
+    assert torch.equal(loss.memory_t, before)  # eval: no memory update
+    assert aligned < shuffled
+    loss.train()
+    loss(X, Y, index=index)
+    changed = (loss.memory_t != before).any(1)
+    assert changed[:8].all() and not changed[8:].any()
+    assert torch.allclose(loss.memory_t.norm(dim=1), torch.ones(50, dtype=torch.float64))
+
+
+def test_crd_gradients_and_errors():
+    torch.manual_seed(0)
+    loss = CRDLoss(student_dim=6, teacher_dim=4, num_examples=30, dim=5, negatives=7).double().eval()
+    s = X.clone().requires_grad_(True)
+
+    def fn(x):
+        torch.manual_seed(1)  # same negatives on every call
+        return loss(x, Y[:, :4], index=torch.arange(8))
+
+    assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-5)
+    loss.zero_grad()
+    torch.manual_seed(1)
+    loss(X, Y[:, :4], index=torch.arange(8)).backward()
+    assert loss.embed_s.weight.grad.abs().sum() > 0 and loss.embed_t.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="index"):
+        loss(X, Y[:, :4])
+    with pytest.raises(ValueError, match="negatives"):
+        CRDLoss(6, 6, num_examples=1)

@@ -178,7 +178,8 @@ def test_feature_recipe_end_to_end_cached_equals_online(tmp_path, data_dir):
                     "ramp_steps": 4},
                    {"name": "attention_transfer", "weight": 100.0,
                     "layers": {"student": ["features.5", "features.12"], "teacher": ["features.5", "features.12"]}},
-                   {"name": "rkd_distance", "weight": 1.0, "layers": {"student": ["features.15"]}, "start_step": 2}],
+                   {"name": "rkd_distance", "weight": 1.0, "layers": {"student": ["features.15"]}, "start_step": 2},
+                   {"name": "crd", "weight": 0.1, "layers": {"student": ["features.15"]}, "params": {"negatives": 16}}],
         "task_loss_weight": 0.5, "output_dir": str(tmp_path / "run"), "baseline": False,
         "train": {"max_steps": 6, "batch_size": 32, "eval_every": 6, "checkpoint_every": 6},
         "cache": {"dir": str(tmp_path / "cache")},
@@ -192,7 +193,10 @@ def test_feature_recipe_end_to_end_cached_equals_online(tmp_path, data_dir):
         return [r for r in records if "loss" in r]
 
     steps = losses("run")
-    assert {"kd_loss", "hint_loss", "attention_transfer_loss", "rkd_distance_loss"} <= set(steps[0])
+    assert {"kd_loss", "hint_loss", "attention_transfer_loss", "rkd_distance_loss", "crd_loss"} <= set(steps[0])
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "run/student/model.safetensors"))) == set(ConvNet(2).state_dict())
     assert steps[0]["rkd_distance_loss"] == 0.0 and steps[1]["rkd_distance_loss"] == 0.0
     assert steps[2]["rkd_distance_loss"] > 0
     # The teacher's layers were cached next to its logits...
@@ -206,7 +210,7 @@ def test_feature_recipe_end_to_end_cached_equals_online(tmp_path, data_dir):
     assert not (tmp_path / "c2").exists()
     online = losses("online")
     for a, b in zip(steps, online, strict=True):
-        for key in ("kd_loss", "hint_loss", "attention_transfer_loss", "rkd_distance_loss"):
+        for key in ("kd_loss", "hint_loss", "attention_transfer_loss", "rkd_distance_loss", "crd_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
 
 

@@ -22,6 +22,8 @@ MAPS_S, MAPS_T = torch.randn(2, 6, 3, 8, 8, dtype=torch.float64)
 QKV_S, QKV_T = torch.randn(2, 3, 4, 5, 8, dtype=torch.float64)
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
 LABELS = torch.randint(0, 10, (6,))
+#: Contrastive: never zero, needs example indices; tested in test_feature_losses.
+STATEFUL = {"crd"}
 KWARGS = {"attention_kl": {"heads": 2}, "attention_relation": {"heads": 2}}
 
 
@@ -50,18 +52,18 @@ def test_every_loss_has_a_family():
     assert set(FAMILIES.values()) == {"response", "feature", "relation"}
 
 
-@pytest.mark.parametrize("name", LOSSES.names())
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - STATEFUL))
 def test_zero_for_identical_inputs(name):
     s, _ = inputs(name)
     assert float(call(name, s, s.clone())) == pytest.approx(0.0, abs=1e-10)
 
 
-@pytest.mark.parametrize("name", LOSSES.names())
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - STATEFUL))
 def test_positive_for_different_inputs(name):
     assert float(call(name, *inputs(name))) > 0
 
 
-@pytest.mark.parametrize("name", LOSSES.names())
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - STATEFUL))
 def test_gradients_match_finite_differences(name):
     s, t = inputs(name)
     s = s[..., :4, :].clone() if s.dim() > 2 else s.clone()

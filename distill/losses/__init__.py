@@ -16,6 +16,11 @@ attributes, what the runner should give it:
     keys and values) for losses on named layers.
 ``uses_mask``
     ``True`` to receive ``mask=`` (``(N, T)``, 1 for real tokens) on text models.
+``uses_index``
+    ``True`` to receive ``index=`` (the batch's example indices in the training set).
+``trainable``
+    ``True`` when the loss has parameters or state (heads, memory banks) that train and are
+    checkpointed with the student, and are never saved with it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from distill.losses.attention import AttentionKLLoss, AttentionRelationLoss
 from distill.losses.feature import AttentionTransferLoss, CosineLoss, HintLoss, MSELoss
-from distill.losses.relation import RKDAngleLoss, RKDDistanceLoss, SimilarityLoss, SimilarityPreservingLoss
+from distill.losses.relation import CRDLoss, RKDAngleLoss, RKDDistanceLoss, SimilarityLoss, SimilarityPreservingLoss
 from distill.losses.response import DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, TVDLoss, kl_divergence
 from distill.registry import Registry
 
@@ -36,6 +41,7 @@ __all__ = [
     "AttentionKLLoss",
     "AttentionRelationLoss",
     "AttentionTransferLoss",
+    "CRDLoss",
     "CosineLoss",
     "DKDLoss",
     "HintLoss",
@@ -61,7 +67,7 @@ for _family, _entries in (
                  ("attention_transfer", AttentionTransferLoss), ("attention_kl", AttentionKLLoss),
                  ("attention_relation", AttentionRelationLoss))),
     ("relation", (("similarity", SimilarityLoss), ("sp", SimilarityPreservingLoss),
-                  ("rkd_distance", RKDDistanceLoss), ("rkd_angle", RKDAngleLoss))),
+                  ("rkd_distance", RKDDistanceLoss), ("rkd_angle", RKDAngleLoss), ("crd", CRDLoss))),
 ):
     for _name, _cls in _entries:
         LOSSES.add(_name, _cls)

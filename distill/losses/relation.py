@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from distill.losses.response import flat
 
-__all__ = ["RKDAngleLoss", "RKDDistanceLoss", "SimilarityLoss", "SimilarityPreservingLoss"]
+__all__ = ["CRDLoss", "RKDAngleLoss", "RKDDistanceLoss", "SimilarityLoss", "SimilarityPreservingLoss"]
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -111,3 +111,73 @@ class RKDAngleLoss(nn.Module):
 def _angles(x: Tensor) -> Tensor:
     e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(x_i - x_j)
     return (e @ e.transpose(1, 2)).flatten()  # [j, i, k] = cos of the angle at j
+
+
+class CRDLoss(nn.Module):
+    """Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020).
+
+    Student and teacher representations are embedded by two learned heads into a shared
+    ``dim``-wide unit sphere; each student embedding must pick out the teacher embedding of the
+    same example among ``negatives`` teacher embeddings of other examples drawn from a memory
+    bank (and symmetrically). The memory banks hold one slowly updated embedding per training
+    example (momentum ``momentum``), so many negatives cost no extra forward passes. The
+    objective is the softmax (InfoNCE) form of the paper's contrastive bound.
+
+    The heads and memory banks are trained and checkpointed with the student and left out of the
+    saved model. The runner fills ``num_examples`` (the training-set size) and the two widths.
+
+    Args:
+        student_dim: Width of the student representation (after flattening).
+        teacher_dim: Width of the teacher representation.
+        num_examples: Training examples (rows of each memory bank).
+        dim: Width of the shared embedding.
+        negatives: Negatives per example.
+        temperature: Softmax temperature.
+        momentum: Memory-bank update rate (share of the old value kept).
+
+    Shapes: ``(N, ...)`` and ``(N, ...)`` in, with ``index`` (``(N,)`` example indices); scalar out.
+    """
+
+    projector = "never"
+    uses_index = True
+    trainable = True
+
+    def __init__(self, student_dim: int, teacher_dim: int, num_examples: int, dim: int = 128,
+                 negatives: int = 4096, temperature: float = 0.07, momentum: float = 0.5) -> None:
+        super().__init__()
+        if negatives < 1 or num_examples < 2:
+            raise ValueError(f"crd needs negatives >= 1 and at least 2 examples, got {negatives}, {num_examples}")
+        if temperature <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"crd needs temperature > 0 and momentum in [0, 1), got {temperature}, {momentum}")
+        self.embed_s = nn.Linear(student_dim, dim)
+        self.embed_t = nn.Linear(teacher_dim, dim)
+        self.negatives, self.temperature, self.momentum = negatives, temperature, momentum
+        bank = F.normalize(torch.randn(2, num_examples, dim), dim=-1)
+        self.register_buffer("memory_s", bank[0].clone())
+        self.register_buffer("memory_t", bank[1].clone())
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None,
+                index: Tensor | None = None) -> Tensor:
+        _same_batch(student_out, teacher_out)
+        if index is None:
+            raise ValueError("crd needs the example indices of the batch (index=)")
+        s = F.normalize(self.embed_s(_rows(student_out)), dim=-1)
+        t = F.normalize(self.embed_t(_rows(teacher_out).to(s.dtype)), dim=-1)
+        index = index.to(s.device)
+        k = min(self.negatives, self.memory_s.shape[0] - 1)
+        # Negatives: random other examples (an index equal to the anchor is shifted by one).
+        neg = torch.randint(0, self.memory_s.shape[0] - 1, (s.shape[0], k), device=s.device)
+        neg = neg + (neg >= index[:, None]).long()
+        loss = self._nce(s, t, self.memory_t[neg]) + self._nce(t, s, self.memory_s[neg])
+        if self.training:
+            with torch.no_grad():
+                for bank, new in ((self.memory_s, s), (self.memory_t, t)):
+                    bank[index] = F.normalize(self.momentum * bank[index] + (1 - self.momentum) * new.detach(),
+                                              dim=-1)
+        return loss / 2
+
+    def _nce(self, anchor: Tensor, positive: Tensor, negatives: Tensor) -> Tensor:
+        pos = (anchor * positive).sum(-1, keepdim=True)
+        neg = torch.einsum("nd,nkd->nk", anchor, negatives.to(anchor.dtype))
+        logits = torch.cat([pos, neg], 1) / self.temperature
+        return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long, device=anchor.device))

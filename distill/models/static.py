@@ -173,6 +173,31 @@ def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, batch_s
     """
     tokenizer = teacher.tokenizer
     ids = keep if keep is not None else sorted(tokenizer.get_vocab().values())
+    vectors = _token_vectors(teacher, ids, batch_size)
+    if not 0 < dim <= vectors.shape[1]:
+        raise ModelError(f"static student width {dim} must be in 1..{vectors.shape[1]} (the teacher's)")
+    centered = vectors - vectors.mean(0)
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    table = centered @ v[:dim].T
+    student_tokenizer = prune_vocabulary(tokenizer, ids) if keep is not None else tokenizer
+    module = StaticEmbedding(len(ids), dim)
+    module.embeddings.weight.copy_(table)
+    device = next(teacher.module.parameters()).device
+    return StaticEmbeddingAdapter(module.to(device), student_tokenizer, teacher.normalize, teacher.max_length)
+
+
+#: The last teacher token vectors computed, by (model identity, token ids): a run derives its
+#: student several times (checks, student, baseline) from the same teacher.
+_LAST: dict[tuple[int, float, int], Tensor] = {}
+
+
+def _token_vectors(teacher: Any, ids: list[int], batch_size: int) -> Tensor:
+    """The teacher's pooled embedding of each token alone (between its start and end tokens)."""
+    weights = teacher.module.get_input_embeddings().weight
+    key = (id(teacher.module), float(weights.detach().float().sum()), hash(tuple(ids)))
+    if key in _LAST:
+        return _LAST[key]
+    tokenizer = teacher.tokenizer
     model = teacher.module
     device = next(model.parameters()).device
     cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
@@ -188,13 +213,6 @@ def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, batch_s
         input_ids = torch.cat(parts, 1)
         hidden = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
         rows.append((hidden[:, 0] if teacher.pooling == "cls" else hidden.mean(1)).float().cpu())
-    vectors = torch.cat(rows)
-    if not 0 < dim <= vectors.shape[1]:
-        raise ModelError(f"static student width {dim} must be in 1..{vectors.shape[1]} (the teacher's)")
-    centered = vectors - vectors.mean(0)
-    _, _, v = torch.linalg.svd(centered, full_matrices=False)
-    table = centered @ v[:dim].T
-    student_tokenizer = prune_vocabulary(tokenizer, ids) if keep is not None else tokenizer
-    module = StaticEmbedding(len(ids), dim)
-    module.embeddings.weight.copy_(table)
-    return StaticEmbeddingAdapter(module.to(device), student_tokenizer, teacher.normalize, teacher.max_length)
+    _LAST.clear()
+    _LAST[key] = torch.cat(rows)
+    return _LAST[key]
