@@ -52,6 +52,9 @@ class DeriveSpec(_Spec):
     """Student feed-forward width; neurons are kept by their activation magnitude."""
     calibration_batches: int = Field(8, ge=1)
     """Training batches run through the teacher to rank channels, heads and neurons."""
+    sif: float | None = Field(1e-3, gt=0)
+    """Static students: scale each token's vector by ``sif / (sif + p)``, ``p`` its frequency in
+    the training texts (smooth inverse frequency); ``null`` leaves the vectors unweighted."""
     vocab: Literal["all", "data"] = "all"
     """``data`` keeps only the tokens the training texts use (plus every one-character piece, so
     unseen words still split into known pieces): a smaller embedding table and tokenizer."""

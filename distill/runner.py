@@ -81,7 +81,8 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
             raise RecipeError("student.derive.vocab: 'data' needs a text task")
         keep = vocabulary_of(teacher.tokenizer, task.train_texts())  # type: ignore[attr-defined]
     if recipe.student_kind == "static-embedding":
-        return derive_static(teacher, derive.hidden_size or 256, keep)
+        texts = task.train_texts() if hasattr(task, "train_texts") else None
+        return derive_static(teacher, derive.hidden_size or 256, keep, texts, derive.sif)
     bs = recipe.train.batch_size
     calibration = [task.train.batch(range(i * bs, min((i + 1) * bs, len(task.train))))["inputs"]
                    for i in range(min(derive.calibration_batches, -(-len(task.train) // bs)))]

@@ -17,11 +17,13 @@ tensor, ``tokenizer.json``, ``config.json``), so it loads without distill.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -66,14 +68,20 @@ class StaticEmbeddingAdapter:
         self.tokenizer = tokenizer
         self.normalize = normalize
         self.max_length = max_length
+        # The Rust tokenizer called directly, without padding or truncation state: for a model
+        # this cheap, tokenisation is most of the time, and the Python wrapper doubles it.
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.no_padding()
+        self._backend.no_truncation()
 
     def token_ids(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Flat token ids and the offset where each text starts."""
-        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                             max_length=self.max_length)["input_ids"]
-        offsets = torch.tensor([0] + [len(x) for x in ids[:-1]]).cumsum(0)
-        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
-        return flat, offsets
+        ids = [enc.ids[: self.max_length] for enc in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(flat), torch.from_numpy(np.cumsum(lengths) - lengths)
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         flat, offsets = self.token_ids(inputs["text"])
@@ -161,14 +169,20 @@ def prune_vocabulary(tokenizer: Any, keep: list[int]) -> Any:
 
 
 @torch.no_grad()
-def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, batch_size: int = 512
-                  ) -> StaticEmbeddingAdapter:
+def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, texts: Iterable[str] | None = None,
+                  sif: float | None = 1e-3, batch_size: int = 512) -> StaticEmbeddingAdapter:
     """A static student initialised from the teacher's embedding of each token alone, PCA-reduced to ``dim``.
+
+    With ``texts``, each token's vector is scaled by its smooth-inverse-frequency weight
+    ``sif / (sif + p(token))`` (Arora et al., 2017), ``p`` its frequency in the texts: in a mean of
+    token vectors, frequent tokens ("the", "a") then count for little.
 
     Args:
         teacher: An :class:`~distill.models.adapters.HFEmbeddingAdapter`.
         dim: Width of the student's vectors (at most the teacher's).
         keep: Token ids to keep (vocabulary pruning); ``None`` keeps the whole vocabulary.
+        texts: Texts whose token frequencies weight the vectors (the training texts).
+        sif: The SIF constant; ``None`` leaves the vectors unweighted.
         batch_size: Tokens per teacher forward pass.
     """
     tokenizer = teacher.tokenizer
@@ -179,6 +193,12 @@ def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, batch_s
     centered = vectors - vectors.mean(0)
     _, _, v = torch.linalg.svd(centered, full_matrices=False)
     table = centered @ v[:dim].T
+    if texts is not None and sif is not None:
+        counts = torch.zeros(max(ids) + 1)
+        for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            counts += torch.bincount(torch.tensor(row, dtype=torch.long), minlength=len(counts))[: len(counts)]
+        freq = counts[torch.tensor(ids)] / counts.sum().clamp(min=1)
+        table = table * (sif / (sif + freq))[:, None]
     student_tokenizer = prune_vocabulary(tokenizer, ids) if keep is not None else tokenizer
     module = StaticEmbedding(len(ids), dim)
     module.embeddings.weight.copy_(table)

@@ -97,3 +97,17 @@ def test_derived_transformer_student_with_pruned_vocabulary(tiny_bert, texts, tm
     reloaded = load_hf("hf-embedding", str(tmp_path / "s"))
     assert torch.allclose(reloaded({"text": texts[:6]})["embedding"], unpruned({"text": texts[:6]})["embedding"],
                           atol=1e-6)
+
+
+def test_sif_weighting_shrinks_frequent_tokens(tiny_bert, texts):
+    teacher = load_hf("hf-embedding", str(tiny_bert))
+    plain = derive_static(teacher, dim=8, sif=None).module.embeddings.weight.detach()
+    weighted = derive_static(teacher, dim=8, texts=texts, sif=1e-3).module.embeddings.weight.detach()
+    ratio = weighted.norm(dim=1) / plain.norm(dim=1)
+    counts = torch.zeros(len(ratio))
+    for row in teacher.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for t in row:
+            counts[t] += 1
+    p = counts / counts.sum()
+    assert torch.allclose(ratio, 1e-3 / (1e-3 + p), atol=1e-5)
+    assert ratio[counts.argmax()] < 0.1 and ratio[counts == 0].eq(1).all()
