@@ -28,7 +28,7 @@ POOLED = {"student": ["features.15"], "teacher": ["features.15"]}  # pooled penu
 
 #: name -> (family, losses, task-loss weight). Each adds its distillation loss to the task loss.
 METHODS: dict[str, tuple[str, list[dict[str, Any]], float]] = {
-    "kd": ("response", [{"name": "kd", "weight": 0.5, "params": {"temperature": 4.0}}], 0.5),
+    "kd": ("response", [{"name": "kd", "weight": 0.5, "params": {"temperature": 1.0}}], 0.5),
     "dkd": ("response", [{"name": "dkd", "weight": 1.0, "params": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}}],
             1.0),
     "hint": ("feature", [{"name": "hint", "weight": 1.0, "layers": FEATURES}], 1.0),
@@ -36,6 +36,7 @@ METHODS: dict[str, tuple[str, list[dict[str, Any]], float]] = {
     "rkd": ("relation", [{"name": "rkd_distance", "weight": 25.0, "layers": POOLED},
                          {"name": "rkd_angle", "weight": 50.0, "layers": POOLED}], 1.0),
     "sp": ("relation", [{"name": "sp", "weight": 3000.0, "layers": FEATURES}], 1.0),
+    "crd": ("relation", [{"name": "crd", "weight": 0.8, "layers": POOLED}], 1.0),
 }
 
 

@@ -4,6 +4,7 @@ One process trains the same student twice per method, once with each tool, and p
 (tool, method) the wall-clock seconds of a training epoch (median over epochs) and the top-1
 accuracy on the 10,000 Fashion-MNIST test images after the last epoch:
 
+    .venv/bin/pip install --no-deps torchdistill   # once; keeps the CPU build of torch
     .venv/bin/python bench/torchdistill_compare.py [--epochs 2] [--seed 0] [--methods kd hint] [--limit N]
 
 Methods (each with the task's cross-entropy):
