@@ -77,9 +77,14 @@ class TeacherCache:
         return out
 
     @staticmethod
-    def folder_for(root: Path, teacher_id: str, data_id: str) -> Path:
-        """Where the cache of this teacher on this data lives."""
-        return root / f"teacher-{teacher_id[:16]}-data-{data_id[:16]}"
+    def folder_for(root: Path, teacher_id: str, data_id: str, names: Sequence[str] = ()) -> Path:
+        """Where the cache of this teacher's outputs ``names`` on this data lives.
+
+        Each set of outputs has its own folder, so runs that read different teacher layers
+        never rebuild each other's cache.
+        """
+        outputs = hashlib.sha256(json.dumps(sorted(names)).encode()).hexdigest()[:8]
+        return root / f"teacher-{teacher_id[:16]}-data-{data_id[:16]}-out-{outputs}"
 
     @classmethod
     def load(cls, folder: Path, teacher_id: str, data_id: str) -> TeacherCache:
@@ -155,7 +160,7 @@ class TeacherCache:
     @classmethod
     def open_or_build(cls, root: Path, teacher_id: str, data_id: str, **build_args: Any) -> TeacherCache:
         """Use a valid cache, or report why the existing one cannot be used and rebuild it."""
-        folder = cls.folder_for(root, teacher_id, data_id)
+        folder = cls.folder_for(root, teacher_id, data_id, build_args["names"])
         if (folder / "meta.json").exists():
             try:
                 cache = cls.load(folder, teacher_id, data_id)
@@ -163,8 +168,7 @@ class TeacherCache:
                 if not missing:
                     log.info("using teacher cache %s", folder)
                     return cache
-                log.info("teacher cache %s lacks %s; rebuilding it with them", folder, missing)
-                build_args["names"] = sorted(set(build_args["names"]) | set(cache.arrays))
+                log.warning("teacher cache %s lacks %s; rebuilding it", folder, missing)
                 del cache
             except CacheError as exc:
                 log.warning("%s; rebuilding it", exc)

@@ -75,3 +75,17 @@ def test_meta_records_identity_and_checksum(tmp_path):
     meta = json.loads((cache.folder / "meta.json").read_text())
     assert meta["teacher"] == "t1" and meta["data"] == "d1" and len(meta["outputs"]["logits"]["sha256"]) == 64
     assert isinstance(cache.arrays["logits"], np.memmap)
+
+
+def test_each_set_of_outputs_has_its_own_cache(tmp_path):
+    data, w = Data(), torch.randn(3, 5)
+    first = build(tmp_path, data, w)
+
+    def layers_only(inputs):  # a teacher tapped at another layer, without the logits
+        return {"layer:h": inputs["x"] * 2}
+
+    other = TeacherCache.open_or_build(tmp_path, "t1", "d1", teacher=layers_only, batches=data.batch,
+                                       lengths=list(range(10)), names=["layer:h"], batch_size=4)
+    assert other.folder != first.folder and set(other.arrays) == {"layer:h"}
+    assert (other.folder / "layer_h.npy").is_file()
+    torch.testing.assert_close(build(tmp_path, data, w).lookup(torch.arange(3))["logits"], data.x[:3] @ w)
