@@ -223,7 +223,8 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     teacher = load_teacher(recipe)
     pair = _pairing(recipe, teacher, task, True)  # fail fast, before the teacher cache
     try:
-        cache = _cache_for(recipe, pair, task)
+        trained = (folder / "student" / "distill.json").is_file()
+        cache = None if trained else _cache_for(recipe, pair, task)
     finally:
         pair.release()
     _train_one(recipe, "student", teacher, task, cache, folder)
