@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/mypy distill
 
 fashion-mnist: $(STAMP)
-	$(BIN)/python bench/fashion_mnist_seeds.py
+	$(BIN)/python bench/fashion_mnist_methods.py
 
 clean:
 	rm -rf runs .cache
