@@ -3,7 +3,7 @@
 Side by side in one process, on the Fashion-MNIST recipe's teacher and student, in alternating
 repeats; prints the median ratio and its spread, and the online-teacher ratio for contrast.
 
-    python bench/cache_overhead.py [--recipe recipes/fashion-mnist.yaml] [--repeats 3]
+    python bench/cache_overhead.py [--recipe recipes/fashion-mnist.yaml] [--repeats 3] [--batches N]
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from distill.runner import build_loss_terms, build_student, load_teacher, open_t
 from distill.tasks import build_task
 
 
-def epoch_seconds(mode: str, recipe, task, teacher, cache, terms) -> float:
+def epoch_seconds(mode: str, recipe, task, teacher, cache, terms, limit: int | None = None) -> float:
     student = build_student(recipe, teacher, task)
     student.module.train()
     optimizer = torch.optim.AdamW(student.module.parameters(), lr=recipe.train.lr)
     batches = ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed)
     start = time.perf_counter()
-    for batch in batches.epoch(0):
+    for i, batch in enumerate(batches.epoch(0)):
+        if limit is not None and i == limit:
+            break
         if mode == "plain":
             t_out, use_terms = None, []
         elif mode == "cached":
@@ -46,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/fashion-mnist.yaml")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, help="time only the first N batches of each epoch")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     task = build_task(recipe.task, recipe.data)
@@ -55,7 +58,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"plain": [], "cached": [], "online": []}
     for _ in range(args.repeats):
         for mode in times:
-            times[mode].append(epoch_seconds(mode, recipe, task, teacher, cache, terms))
+            times[mode].append(epoch_seconds(mode, recipe, task, teacher, cache, terms, args.batches))
     ratios = [c / p for c, p in zip(times["cached"], times["plain"], strict=True)]
     online = [o / p for o, p in zip(times["online"], times["plain"], strict=True)]
     print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")

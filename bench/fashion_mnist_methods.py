@@ -6,6 +6,7 @@ same data order) and the same student without a teacher. Prints test accuracy pe
 and spread, and the gain over the baseline; --write puts the table into docs/results.md.
 
     python bench/fashion_mnist_methods.py [--seeds 0 1 2] [--methods kd hint] [--write docs/results.md]
+    python bench/fashion_mnist_methods.py --collect --write docs/results.md   # tabulate finished runs
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def run_method(name: str, seed: int, root: Path, extra: list[str]) -> dict[str, 
     return row
 
 
+def collect(name: str, seed: int, root: Path) -> dict[str, Any] | None:
+    """The row of a run that already finished (its ``eval.json``), or ``None``."""
+    folder = root / f"{name}-s{seed}"
+    if not (folder / "eval.json").is_file():
+        return None
+    row = {"method": name, "family": METHODS[name][0], "seed": seed, "accuracy": _accuracy(folder, "student"),
+           "teacher": _accuracy(folder, "teacher")}
+    if name == "kd":
+        row["baseline"] = _accuracy(folder, "baseline")
+    return row
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: accuracy per seed, mean +- std, gain over the baseline of the same seeds."""
     seeds = sorted({r["seed"] for r in rows})
@@ -74,8 +87,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         cells = " | ".join(f"{acc[s]:.2f}" if s in acc else "-" for s in seeds)
         gains = [acc[s] - baseline[s] for s in seeds if s in acc and s in baseline]
-        gain = f"{statistics.mean(gains):+.2f}" if gains and name != "baseline" else ""
-        wins = f"{sum(g > 0 for g in gains)}/{len(gains)}" if gains and name != "baseline" else ""
+        gain = f"{statistics.mean(gains):+.2f}" if gains and name not in ("baseline", "teacher") else ""
+        wins = f"{sum(g > 0 for g in gains)}/{len(gains)}" if gains and name not in ("baseline", "teacher") else ""
         return f"| {name} | {family} | {cells} | {statistics.mean(values):.2f} ± {std:.2f} | {gain} | {wins} |"
 
     teacher = {r["seed"]: r["teacher"] for r in rows}
@@ -104,6 +117,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/fm-methods"))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override")
     parser.add_argument("--write", type=Path, help="update this markdown file between the markers")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the runs already finished under --root")
     args = parser.parse_args()
     if not (TEACHER / "distill.json").is_file():
         distill.run("recipes/fashion-mnist-teacher.yaml")
@@ -111,12 +126,19 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for name in methods:
-            rows.append(run_method(name, seed, args.root, args.extra))
+            if args.collect:
+                row = collect(name, seed, args.root)
+                if row is None:
+                    continue
+                rows.append(row)
+            else:
+                rows.append(run_method(name, seed, args.root, args.extra))
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
-    seconds = {m: statistics.median(r["seconds"] for r in rows if r["method"] == m) for m in methods}
-    text += "\n\nMedian wall time per run (student training + evaluation; kd's includes the baseline): " + \
-        ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
+    if not args.collect:
+        seconds = {m: statistics.median(r["seconds"] for r in rows if r["method"] == m) for m in methods}
+        text += "\n\nMedian wall time per run (student training + evaluation; kd's includes the baseline): " + \
+            ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
     print(text)
     if args.write:
         write_section(args.write, text)
