@@ -35,7 +35,25 @@ def check_pair(student: Tensor, teacher: Tensor) -> None:
         )
 
 
-class KDLoss(nn.Module):
+class _TemperedLoss(nn.Module):
+    """Base of the logit losses that soften both distributions with one temperature."""
+
+    output = "logits"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def log_probs(self, student_out: Tensor, teacher_out: Tensor) -> tuple[Tensor, Tensor]:
+        """Tempered log-probabilities of student and teacher, ``(N, C)`` each."""
+        check_pair(student_out, teacher_out)
+        t = self.temperature
+        return F.log_softmax(flat(student_out) / t, -1), F.log_softmax(flat(teacher_out) / t, -1)
+
+
+class KDLoss(_TemperedLoss):
     """Hinton knowledge distillation: ``T^2 * KL(p_teacher^T || p_student^T)``.
 
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015. The ``T^2``
@@ -47,23 +65,12 @@ class KDLoss(nn.Module):
     Shapes: ``student_out`` and ``teacher_out`` are ``(..., C)`` logits; returns a scalar.
     """
 
-    output = "logits"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        check_pair(student_out, teacher_out)
-        t = self.temperature
-        log_s = F.log_softmax(flat(student_out) / t, -1)
-        log_t = F.log_softmax(flat(teacher_out) / t, -1)
-        return kl_divergence(log_t, log_s) * t * t
+        log_s, log_t = self.log_probs(student_out, teacher_out)
+        return kl_divergence(log_t, log_s) * self.temperature**2
 
 
-class ReverseKLLoss(nn.Module):
+class ReverseKLLoss(_TemperedLoss):
     """Reverse KL ``T^2 * KL(p_student || p_teacher)``: mode-seeking (Gu et al., MiniLLM, 2023).
 
     Args:
@@ -72,20 +79,9 @@ class ReverseKLLoss(nn.Module):
     Shapes: ``(..., C)`` logits in, scalar out.
     """
 
-    output = "logits"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        check_pair(student_out, teacher_out)
-        t = self.temperature
-        log_s = F.log_softmax(flat(student_out) / t, -1)
-        log_t = F.log_softmax(flat(teacher_out) / t, -1)
-        return kl_divergence(log_s, log_t) * t * t
+        log_s, log_t = self.log_probs(student_out, teacher_out)
+        return kl_divergence(log_s, log_t) * self.temperature**2
 
 
 class JSDLoss(nn.Module):
