@@ -125,7 +125,7 @@ class JSDLoss(nn.Module):
         return jsd * t * t
 
 
-class TVDLoss(nn.Module):
+class TVDLoss(_TemperedLoss):
     """Total variation distance ``0.5 * sum |p_teacher - p_student|`` (Wen et al., f-divergence KD, 2023).
 
     Args:
@@ -134,19 +134,9 @@ class TVDLoss(nn.Module):
     Shapes: ``(..., C)`` logits in, scalar out (in [0, 1]).
     """
 
-    output = "logits"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        check_pair(student_out, teacher_out)
-        p_s = F.softmax(flat(student_out) / self.temperature, -1)
-        p_t = F.softmax(flat(teacher_out) / self.temperature, -1)
-        return 0.5 * (p_s - p_t).abs().sum(-1).mean()
+        log_s, log_t = self.log_probs(student_out, teacher_out)
+        return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1).mean()
 
 
 class DKDLoss(nn.Module):
