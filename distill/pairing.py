@@ -203,10 +203,14 @@ class Pairing:
     """The teacher adapter as the loop should call it (with hooks where needed)."""
     terms: list[LossTerm]
     projectors: nn.ModuleDict
+    teacher_sample: dict[str, Tensor]
+    """The teacher's outputs on the sample batch the pairing was checked on."""
+    sample_size: int
+    """Examples in that sample batch."""
 
     @property
     def reads_layers(self) -> bool:
-        """Whether a loss reads the teacher's intermediate layers (which the cache does not hold)."""
+        """Whether a loss reads the teacher's intermediate layers."""
         return isinstance(self.teacher, TappedAdapter)
 
     def release(self) -> None:
@@ -238,7 +242,9 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     for i, term in enumerate(terms):
         if getattr(term.loss, "trainable", False):
             projectors[f"loss{i}"] = term.loss  # trained and checkpointed with the student, never saved with it
-    return Pairing(student, teacher, terms, projectors)
+    index = sample.get("index")
+    size = len(index) if index is not None else len(next(iter(sample["inputs"].values())))
+    return Pairing(student, teacher, terms, projectors, t_out, size)
 
 
 def _size_losses(specs: list[LossSpec], terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor],

@@ -184,16 +184,14 @@ def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | None:
     if not recipe.cache.enabled or not pair.terms:
         return None
     names = sorted({t_key for term in pair.terms for _, t_key in term.pairs})
-    sample = task.train.batch(range(min(4, len(task.train))))
-    with torch.no_grad():
-        out = pair.teacher(sample["inputs"])
+    out = pair.teacher_sample
     rows = out[task.output].shape[0]
     # Token-level tensors vary in length with each batch's padding; only fixed-size rows are cached.
     uncacheable = [n for n in names if out[n].shape[0] != rows or ("token_mask" in out and out[n].dim() > 2)]
     if uncacheable:
         log.info("token-level teacher outputs %s are not cached: the teacher runs online", uncacheable)
         return None
-    per_example = sum(out[name][0].numel() * 4 for name in names) * rows / len(sample["index"])
+    per_example = sum(out[name][0].numel() * 4 for name in names) * rows / pair.sample_size
     size_gb = per_example * len(task.train) / 1e9
     if size_gb > recipe.cache.max_gb:
         log.info("the teacher outputs %s would take %.1f GB (cache.max_gb %.1f): the teacher runs online",
