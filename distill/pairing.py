@@ -208,11 +208,6 @@ class Pairing:
     sample_size: int
     """Examples in that sample batch."""
 
-    @property
-    def reads_layers(self) -> bool:
-        """Whether a loss reads the teacher's intermediate layers."""
-        return isinstance(self.teacher, TappedAdapter)
-
     def release(self) -> None:
         """Remove the hooks on the teacher (the student's go away with it)."""
         if isinstance(self.teacher, TappedAdapter):

@@ -127,7 +127,7 @@ def test_hint_gets_a_1x1_conv_projector_kept_out_of_the_saved_student(tmp_path):
     assert pair.terms[0].pairs == [("layer:features.12", "layer:features.12")]
     (proj,) = pair.projectors.values()
     assert isinstance(proj, nn.Conv2d) and proj.in_channels == 4 and proj.out_channels == 8
-    assert pair.reads_layers
+    assert isinstance(pair.teacher, TappedAdapter)
     pair.student.save(tmp_path / "s")
     from safetensors.torch import load_file
 
