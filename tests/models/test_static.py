@@ -53,12 +53,15 @@ def test_static_student_starts_from_pca_of_teacher_token_embeddings(tiny_bert, t
     assert torch.corrcoef(torch.stack([cos_t.flatten(), cos_s.flatten()]))[0, 1] > 0.5
     out = student({"text": texts[:4]})["embedding"]
     assert out.shape == (4, 8) and torch.allclose(out.norm(dim=-1), torch.ones(4))
-    # Saved in Model2Vec's layout and loaded back with the same outputs.
+    # Saved in Model2Vec's layout, the table in float16, and loaded back with the same outputs
+    # up to float16 rounding.
     student.save(tmp_path / "s")
-    assert set(load_file(str(tmp_path / "s/model.safetensors"))) == {"embeddings"}
+    stored = load_file(str(tmp_path / "s/model.safetensors"))
+    assert set(stored) == {"embeddings"} and stored["embeddings"].dtype == torch.float16
     assert json.loads((tmp_path / "s/config.json").read_text())["model_type"] == "model2vec"
     again = load_static(str(tmp_path / "s"))
-    assert torch.allclose(again({"text": texts[:4]})["embedding"], out)
+    assert again.module.embeddings.weight.dtype == torch.float32
+    assert torch.allclose(again({"text": texts[:4]})["embedding"], out, atol=2e-3)
 
 
 def test_static_student_with_pruned_vocabulary(tiny_bert, texts):
