@@ -230,8 +230,9 @@ class Recipe(_Spec):
     """The model to train: loaded, built from an architecture, or derived from the teacher."""
     data: DataSpec
     """Training, validation and test data."""
-    losses: list[LossSpec] = Field(min_length=1)
-    """Distillation loss terms, summed with their weights."""
+    losses: list[LossSpec] = []
+    """Distillation loss terms, summed with their weights. Empty trains on the task loss alone
+    (as a teacher of one's own is trained), and then the teacher is never run."""
     task_loss_weight: float = Field(0.0, ge=0)
     """Weight of the task's own loss on labels (cross-entropy for classification) in the sum."""
     seed: int = 0
@@ -249,6 +250,9 @@ class Recipe(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        if not self.losses and not self.task_loss_weight:
+            raise ValueError("losses: empty and task_loss_weight is 0, so there is nothing to train on; "
+                             "give a distillation loss or a task_loss_weight above 0")
         if self.teacher.derive is not None:
             raise ValueError("teacher.derive: only the student can be derived")
         if self.teacher.kind is None:

@@ -60,6 +60,12 @@ def test_unknown_loss_suggests_at_validation():
         parse_recipe(with_(losses=[{"name": "kld"}]))
 
 
+def test_losses_may_be_empty_only_with_a_task_loss():
+    with pytest.raises(RecipeError, match="nothing to train on"):
+        parse_recipe(with_(losses=[]))
+    assert parse_recipe(with_(losses=[], task_loss_weight=1.0)).losses == []
+
+
 def test_unknown_loss_parameter():
     recipe = parse_recipe(with_(losses=[{"name": "kd", "params": {"temprature": 2}}]))
     with pytest.raises(RecipeError, match="did you mean 'temperature'"):

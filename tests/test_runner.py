@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 import distill
@@ -15,7 +16,6 @@ from distill.models.zoo import ConvNet
 
 @pytest.fixture()
 def tiny_teacher(tmp_path):
-    import torch
 
     from distill.models.adapters import TorchClassifierAdapter
 
@@ -103,6 +103,19 @@ def test_online_teacher_equals_cached_teacher(tmp_path, data_dir, tiny_teacher):
     assert cached.models["student"]["accuracy"] == online.models["student"]["accuracy"]
 
 
+def test_recipe_without_losses_trains_as_the_baseline_does(tmp_path, data_dir, tiny_teacher):
+    # No distillation losses: the student learns from the task loss alone (how a teacher of one's
+    # own is trained), exactly as the no-teacher baseline of the same recipe does.
+    distill.run(recipe(tmp_path, data_dir, tiny_teacher, losses=[], task_loss_weight=1.0, cache={"enabled": False}))
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    student, baseline = (load_file(str(run / role / "model.safetensors")) for role in ("student", "baseline"))
+    assert all(torch.equal(student[k], baseline[k]) for k in student)
+    first = json.loads((run / "train/student/metrics.jsonl").read_text().splitlines()[0])
+    assert "task_loss" in first and not any(k.endswith("_loss") and k != "task_loss" for k in first)
+
+
 def test_run_folder_of_another_recipe_is_refused(tmp_path, data_dir, tiny_teacher):
     distill.run(recipe(tmp_path, data_dir, tiny_teacher, baseline=False))
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
@@ -145,7 +158,6 @@ def test_cli_help_shows_an_example():
 
 
 def test_distiller_api_with_plain_modules(tmp_path, data_dir):
-    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from distill.data import read_idx_images
