@@ -41,6 +41,22 @@ def model_fingerprint(module: nn.Module, extra: dict[str, Any] | None = None) ->
     return digest.hexdigest()
 
 
+def _remove_abandoned(folder: Path) -> None:
+    """Delete the half-written ``<folder>.tmp-<pid>`` builds of processes that no longer run
+    (a build killed before its final rename). Builds of live processes are left alone."""
+    for tmp in folder.parent.glob(folder.name + ".tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing the abandoned teacher-cache build %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by another user
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -128,6 +144,7 @@ class TeacherCache:
         Examples are visited in order of ``lengths`` so that each batch pads little.
         """
         order = np.argsort(np.asarray(lengths), kind="stable")
+        _remove_abandoned(folder)
         tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -1,5 +1,8 @@
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +92,18 @@ def test_each_set_of_outputs_has_its_own_cache(tmp_path):
     assert other.folder != first.folder and set(other.arrays) == {"layer:h"}
     assert (other.folder / "layer_h.npy").is_file()
     torch.testing.assert_close(build(tmp_path, data, w).lookup(torch.arange(3))["logits"], data.x[:3] @ w)
+
+
+def test_builds_abandoned_by_dead_processes_are_removed(tmp_path):
+    data, w = Data(), torch.randn(3, 5)
+    folder = build(tmp_path, data, w).folder
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = folder.with_name(f"{folder.name}.tmp-{dead.pid}")
+    running = folder.with_name(f"{folder.name}.tmp-{os.getppid()}")
+    for tmp in (abandoned, running):
+        tmp.mkdir()
+        (tmp / "logits.npy").write_bytes(b"half written")
+    (folder / "meta.json").unlink()  # force a rebuild
+    build(tmp_path, data, w)
+    assert not abandoned.exists() and running.exists()
