@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from _markdown import write_section
 
 import distill
 
@@ -100,16 +101,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Replace the text between the fashion-mnist-methods markers of ``doc``."""
-    start, end = "<!-- fashion-mnist-methods:start -->", "<!-- fashion-mnist-methods:end -->"
-    content = doc.read_text()
-    if start not in content:
-        raise SystemExit(f"{doc} has no '{start}' marker")
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    doc.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -141,7 +132,7 @@ def main() -> None:
             ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "fashion-mnist-methods", text)
 
 
 if __name__ == "__main__":
