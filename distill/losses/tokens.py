@@ -1,0 +1,276 @@
+"""Token-level divergences for language models, and their chunked computation.
+
+A language model's distillation loss compares, at every token, the student's next-token
+distribution with the teacher's. Written naively it materialises both models' ``(tokens,
+vocab)`` logits for the whole batch, and autograd keeps them for the backward pass: at a
+128k vocabulary and 2,048 tokens that is 1 GiB per copy in float32. :func:`chunked_token_loss`
+never holds more than one chunk of rows: it takes the final hidden states and the output
+heads, computes each chunk's logits, loss and gradients at once, and keeps only the gradients
+with respect to the (much narrower) hidden states and the head.
+
+Divergences (``kind``), with P the teacher's and Q the student's distribution:
+
+``forward_kl``       KL(P || Q), mean-seeking (Hinton KD per token).
+``reverse_kl``       KL(Q || P), mode-seeking (MiniLLM, Gu et al. 2023).
+``jsd``              generalized JSD with ``beta`` (GKD, Agarwal et al. 2024): 0 and 1 are forward and reverse KL.
+``skew_kl``          KL(P || alpha P + (1 - alpha) Q) (DistiLLM, Ko et al. 2024).
+``skew_reverse_kl``  KL(Q || alpha Q + (1 - alpha) P) (DistiLLM).
+``tvd``              total variation, 0.5 * sum |P - Q|.
+
+``top_k`` / ``top_p`` restrict the comparison to the teacher's most likely tokens: both
+distributions keep their probabilities on those tokens and pool the rest into one "other"
+bucket, so the mass outside the kept tokens is accounted for, not dropped or renormalised
+away. The same form serves a cache of the teacher's top-k logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DIVERGENCES", "chunked_token_loss", "token_divergence", "token_loss"]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Row-wise KL(p || q); entries where p is 0 add nothing (also where q is 0 there)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def _mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), stably."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _restrict(log_s: Tensor, log_t: Tensor, top_k: int | None, top_p: float | None) -> tuple[Tensor, Tensor]:
+    """Keep the teacher's top-k / top-p tokens and pool every other token into one last column."""
+    keep = torch.ones_like(log_t, dtype=torch.bool)
+    if top_k is not None and top_k < log_t.shape[-1]:
+        keep = torch.zeros_like(keep).scatter_(-1, log_t.topk(top_k, dim=-1).indices, True)
+    if top_p is not None:
+        sorted_log, order = log_t.sort(-1, descending=True)
+        before = sorted_log.exp().cumsum(-1) - sorted_log.exp()  # mass of the tokens ranked above
+        keep &= torch.zeros_like(keep).scatter_(-1, order, before < top_p)
+    neg = torch.finfo(log_t.dtype).min
+
+    def pooled(log: Tensor) -> Tensor:
+        rest = log.masked_fill(keep, float("-inf")).logsumexp(-1, keepdim=True)
+        return torch.cat([log.masked_fill(~keep, neg), rest], -1)
+
+    return pooled(log_s), pooled(log_t)
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Divergence between student and teacher next-token distributions, one value per row.
+
+    Args:
+        student_logits: ``(N, V)`` logits.
+        teacher_logits: ``(N, V)`` logits.
+        kind: One of :data:`DIVERGENCES`.
+        temperature: Softens both distributions; the result is scaled by ``T^2``.
+        beta: ``jsd`` mixture weight in [0, 1].
+        alpha: ``skew_*`` skew in [0, 1).
+        top_k: Compare on the teacher's ``top_k`` tokens plus one bucket for the rest.
+        top_p: Compare on the teacher's smallest token set holding ``top_p`` of its mass, plus the rest.
+
+    Returns:
+        ``(N,)`` divergences (float32 or wider).
+    """
+    s = student_logits.float() if student_logits.dtype not in (torch.float32, torch.float64) else student_logits
+    t = teacher_logits.to(s.dtype)
+    log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    if top_k is not None or top_p is not None:
+        log_s, log_t = _restrict(log_s, log_t, top_k, top_p)
+    if kind == "forward_kl":
+        out = _kl(log_t, log_s)
+    elif kind == "reverse_kl":
+        out = _kl(log_s, log_t)
+    elif kind == "jsd":
+        if beta == 0.0:
+            out = _kl(log_t, log_s)
+        elif beta == 1.0:
+            out = _kl(log_s, log_t)
+        else:
+            log_m = _mix(log_t, log_s, beta)
+            out = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    elif kind == "skew_kl":
+        out = _kl(log_t, _mix(log_t, log_s, alpha)) if alpha > 0 else _kl(log_t, log_s)
+    elif kind == "skew_reverse_kl":
+        out = _kl(log_s, _mix(log_s, log_t, alpha)) if alpha > 0 else _kl(log_s, log_t)
+    elif kind == "tvd":
+        return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
+    else:
+        raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+    return out * temperature**2
+
+
+def _check(kind: str, beta: float, alpha: float, temperature: float) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out = hidden.float() @ weight.float().T
+    return out + bias.float() if bias is not None else out
+
+
+def token_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Tensor | None = None,
+    kind: str = "forward_kl",
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """The naive loss: full logits of both models, mean divergence over the masked tokens.
+
+    The reference that :func:`chunked_token_loss` must equal; it holds ``(N, V)`` logits.
+    """
+    _check(kind, beta, alpha, temperature)
+    s = _logits(student_hidden, student_weight, student_bias)
+    with torch.no_grad():
+        t = _logits(teacher_hidden, teacher_weight, teacher_bias)
+    per_token = token_divergence(s, t, kind, temperature=temperature, beta=beta, alpha=alpha, top_k=top_k,
+                                 top_p=top_p)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.reshape(-1).to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+class _Chunked(torch.autograd.Function):
+    """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        s_hidden: Tensor,
+        s_weight: Tensor,
+        s_bias: Tensor | None,
+        t_hidden: Tensor,
+        t_weight: Tensor,
+        t_bias: Tensor | None,
+        mask: Tensor,
+        chunk: int,
+        divergence: dict[str, object],
+    ) -> Tensor:
+        rows = s_hidden.shape[0]
+        count = mask.sum().clamp_min(1).float()
+        grad_h = torch.zeros_like(s_hidden, dtype=torch.float32)
+        grad_w = torch.zeros_like(s_weight, dtype=torch.float32) if s_weight.requires_grad else None
+        grad_b = torch.zeros_like(s_bias, dtype=torch.float32) if s_bias is not None and s_bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+        weight = s_weight.detach().requires_grad_(grad_w is not None)
+        bias = s_bias.detach().requires_grad_(grad_b is not None) if s_bias is not None else None
+        for start in range(0, rows, chunk):
+            part = slice(start, min(start + chunk, rows))
+            keep = mask[part].float()
+            if not keep.any():
+                continue
+            with torch.no_grad():
+                t = _logits(t_hidden[part], t_weight, t_bias)
+            with torch.enable_grad():
+                h = s_hidden[part].detach().requires_grad_(True)
+                per_token = token_divergence(_logits(h, weight, bias), t, **divergence)  # type: ignore[arg-type]
+                loss = (per_token * keep).sum() / count
+                wanted = [h] + [x for x in (weight, bias) if x is not None and x.requires_grad]
+                grads = torch.autograd.grad(loss, wanted)
+            total += loss.detach()
+            grad_h[part] = grads[0]
+            rest = iter(grads[1:])
+            if grad_w is not None:
+                grad_w += next(rest)
+            if grad_b is not None:
+                grad_b += next(rest)
+        ctx.grads = (grad_h.to(s_hidden.dtype), None if grad_w is None else grad_w.to(s_weight.dtype),
+                     None if grad_b is None else grad_b.to(s_bias.dtype))  # type: ignore[union-attr]
+        return total
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.grads  # type: ignore[attr-defined]
+        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+
+
+def chunked_token_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Tensor | None = None,
+    kind: str = "forward_kl",
+    chunk_size: int = 1024,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Mean token divergence over the masked tokens, never holding more than one chunk of logits.
+
+    Equal to :func:`token_loss` (up to float rounding), gradients included. Gradients flow to
+    ``student_hidden``, and to ``student_weight`` / ``student_bias`` when they require grad
+    (a tied or frozen head works); the teacher's side is never differentiated.
+
+    Args:
+        student_hidden: ``(N, H_s)`` the student's final hidden states (after its last norm),
+            one row per token; flatten ``(B, T, H)`` first.
+        student_weight: ``(V, H_s)`` the student's output head.
+        teacher_hidden: ``(N, H_t)`` the teacher's final hidden states for the same tokens.
+        teacher_weight: ``(V, H_t)`` the teacher's output head (same vocabulary).
+        mask: ``(N,)``, nonzero for the tokens that count (completion tokens, not padding).
+        kind: One of :data:`DIVERGENCES`.
+        chunk_size: Rows per chunk; peak memory grows with ``chunk_size * V``, not with ``N``.
+        temperature, beta, alpha, top_k, top_p: As in :func:`token_divergence`.
+
+    Returns:
+        A scalar.
+    """
+    _check(kind, beta, alpha, temperature)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student vocabulary {student_weight.shape[0]} and teacher vocabulary "
+                         f"{teacher_weight.shape[0]} differ; token-level distillation needs one vocabulary")
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"{student_hidden.shape[0]} student rows and {teacher_hidden.shape[0]} teacher rows")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if mask is None:
+        mask = torch.ones(student_hidden.shape[0], device=student_hidden.device)
+    divergence = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha, "top_k": top_k,
+                  "top_p": top_p}
+    return _Chunked.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                          teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                          mask.reshape(-1), chunk_size, divergence)
