@@ -125,3 +125,12 @@ def test_bad_arguments_are_named():
         chunked_token_loss(s_h, s_w, t_h, t_w[:-1])
     with pytest.raises(ValueError, match="beta"):
         chunked_token_loss(s_h, s_w, t_h, t_w, kind="jsd", beta=2.0)
+
+
+def test_banned_teacher_tokens_do_not_make_nan():
+    s, t = torch.randn(4, V, requires_grad=True), torch.randn(4, V)
+    t[:, :3] = float("-inf")  # a teacher that masks some tokens out entirely
+    for kind in DIVERGENCES:
+        value = token_divergence(s, t, kind, top_k=4 if kind == "jsd" else None).mean()
+        (grad,) = torch.autograd.grad(value, s)
+        assert torch.isfinite(value) and torch.isfinite(grad).all(), kind

@@ -37,9 +37,16 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", 
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Row-wise KL(p || q); entries where p is 0 add nothing (also where q is 0 there)."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    """Row-wise KL(p || q) of log-probabilities that are finite (see :func:`_log_probs`): where
+    p underflows to 0 the term is 0, with no masking tensor to hold."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """Tempered log-softmax, with ``-inf`` (a model's banned tokens) raised to the lowest finite
+    value so that ``0 * log 0`` terms stay 0 rather than NaN."""
+    log = F.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+    return log.clamp_min(torch.finfo(log.dtype).min)
 
 
 def _mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -59,7 +66,7 @@ def _restrict(log_s: Tensor, log_t: Tensor, top_k: int | None, top_p: float | No
     neg = torch.finfo(log_t.dtype).min
 
     def pooled(log: Tensor) -> Tensor:
-        rest = log.masked_fill(keep, float("-inf")).logsumexp(-1, keepdim=True)
+        rest = log.masked_fill(keep, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(neg)
         return torch.cat([log.masked_fill(~keep, neg), rest], -1)
 
     return pooled(log_s), pooled(log_t)
@@ -93,7 +100,7 @@ def token_divergence(
     """
     s = student_logits.float() if student_logits.dtype not in (torch.float32, torch.float64) else student_logits
     t = teacher_logits.to(s.dtype)
-    log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    log_s, log_t = _log_probs(s, temperature), _log_probs(t, temperature)
     if top_k is not None or top_p is not None:
         log_s, log_t = _restrict(log_s, log_t, top_k, top_p)
     if kind == "forward_kl":
@@ -168,7 +175,12 @@ def token_loss(
 
 
 class _Chunked(torch.autograd.Function):
-    """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them."""
+    """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them.
+
+    Per chunk only the logits are differentiated by autograd; the gradients of the hidden
+    states, head and bias follow from the logits' gradient by two matrix products, the head's
+    accumulated in place, so no head-sized temporary is made per chunk.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -185,41 +197,40 @@ class _Chunked(torch.autograd.Function):
     ) -> Tensor:
         rows = s_hidden.shape[0]
         count = mask.sum().clamp_min(1).float()
-        grad_h = torch.zeros_like(s_hidden, dtype=torch.float32)
-        grad_w = torch.zeros_like(s_weight, dtype=torch.float32) if s_weight.requires_grad else None
-        grad_b = torch.zeros_like(s_bias, dtype=torch.float32) if s_bias is not None and s_bias.requires_grad else None
+        weight = s_weight.detach().float()
+        bias = s_bias.detach().float() if s_bias is not None else None
+        grad_h = torch.zeros(s_hidden.shape, dtype=torch.float32, device=s_hidden.device)
+        grad_w = torch.zeros_like(weight) if s_weight.requires_grad else None
+        grad_b = torch.zeros_like(bias) if bias is not None and s_bias.requires_grad else None  # type: ignore[union-attr]
         total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
-        weight = s_weight.detach().requires_grad_(grad_w is not None)
-        bias = s_bias.detach().requires_grad_(grad_b is not None) if s_bias is not None else None
         for start in range(0, rows, chunk):
             part = slice(start, min(start + chunk, rows))
             keep = mask[part].float()
             if not keep.any():
                 continue
-            with torch.no_grad():
-                t = _logits(t_hidden[part], t_weight, t_bias)
+            h = s_hidden[part].detach().float()
+            t = _logits(t_hidden[part], t_weight, t_bias)
+            logits = _logits(h, weight, bias).requires_grad_(True)
             with torch.enable_grad():
-                h = s_hidden[part].detach().requires_grad_(True)
-                per_token = token_divergence(_logits(h, weight, bias), t, **divergence)  # type: ignore[arg-type]
+                per_token = token_divergence(logits, t, **divergence)  # type: ignore[arg-type]
                 loss = (per_token * keep).sum() / count
-                wanted = [h] + [x for x in (weight, bias) if x is not None and x.requires_grad]
-                grads = torch.autograd.grad(loss, wanted)
+                (grad_logits,) = torch.autograd.grad(loss, logits)
             total += loss.detach()
-            grad_h[part] = grads[0]
-            rest = iter(grads[1:])
+            grad_h[part] = grad_logits @ weight
             if grad_w is not None:
-                grad_w += next(rest)
+                grad_w.addmm_(grad_logits.T, h)
             if grad_b is not None:
-                grad_b += next(rest)
+                grad_b += grad_logits.sum(0)
         ctx.grads = (grad_h.to(s_hidden.dtype), None if grad_w is None else grad_w.to(s_weight.dtype),
                      None if grad_b is None else grad_b.to(s_bias.dtype))  # type: ignore[union-attr]
         return total
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.grads  # type: ignore[attr-defined]
-        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+        # The buffers are this call's own: scale them in place rather than copying head-sized tensors.
+        grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads]  # type: ignore[attr-defined]
+        ctx.grads = None  # type: ignore[attr-defined]
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def chunked_token_loss(

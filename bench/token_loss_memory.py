@@ -1,0 +1,91 @@
+"""Peak memory and step time of the chunked token loss against the naive one, on CPU.
+
+Each measurement runs in a fresh child process: it builds the inputs (final hidden states of a
+student and a teacher for one sequence, and their output heads), records its peak resident
+memory, runs loss + backward, and reports how far the peak rose above that: the memory the
+loss itself needed, logits, softmaxes and gradients included. Time is the median over repeats
+of loss + backward in that process. For each vocabulary the naive loss runs first, then the
+chunked one.
+
+    python bench/token_loss_memory.py [--vocab 32000 128000] [--tokens 2048] [--hidden 576] [--chunk 256] \\
+        [--kind forward_kl] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, kind: str, repeats: int) -> None:
+    import torch
+
+    from distill.losses.tokens import chunked_token_loss, token_loss
+
+    torch.manual_seed(0)
+    s_h = torch.randn(tokens, hidden, requires_grad=True)
+    s_w = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_()
+    t_h = torch.randn(tokens, hidden)
+    t_w = torch.randn(vocab, hidden) / hidden**0.5
+    # The weight gradient is as large as the weight itself in both variants; allocate it first
+    # so that the peak rise counts what differs, the loss's own working memory.
+    s_w.grad = torch.zeros_like(s_w)
+    s_h.grad = torch.zeros_like(s_h)
+    before = _peak_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if variant == "naive":
+            loss = token_loss(s_h, s_w, t_h, t_w, kind=kind)
+        else:
+            loss = chunked_token_loss(s_h, s_w, t_h, t_w, kind=kind, chunk_size=chunk)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"variant": variant, "vocab": vocab, "peak_rise": _peak_bytes() - before,
+                      "seconds": statistics.median(times), "loss": loss.item()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--kind", default="forward_kl")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.tokens, args.hidden, args.chunk, args.kind, args.repeats)
+        return
+    import torch
+
+    print(f"{args.tokens} tokens, hidden {args.hidden}, chunk {args.chunk}, {args.kind}, "
+          f"{torch.get_num_threads()} torch threads, float32, CPU")
+    for vocab in args.vocab:
+        results = {}
+        for variant in ("naive", "chunked"):
+            out = subprocess.run([sys.executable, __file__, "--child", variant, str(vocab), "--tokens",
+                                  str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
+                                  "--kind", args.kind, "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, check=True)
+            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        naive, chunked = results["naive"], results["chunked"]
+        print(f"vocab {vocab:,}: peak rise naive {naive['peak_rise'] / 2**20:,.0f} MiB, chunked "
+              f"{chunked['peak_rise'] / 2**20:,.0f} MiB (ratio {chunked['peak_rise'] / naive['peak_rise']:.3f}); "
+              f"step naive {naive['seconds']:.2f} s, chunked {chunked['seconds']:.2f} s "
+              f"(ratio {chunked['seconds'] / naive['seconds']:.2f}); "
+              f"loss {naive['loss']:.6f} vs {chunked['loss']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
