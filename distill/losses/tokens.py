@@ -26,12 +26,20 @@ away. The same form serves a cache of the teacher's top-k logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["DIVERGENCES", "chunked_token_loss", "token_divergence", "token_loss"]
+__all__ = [
+    "DIVERGENCES",
+    "TokenKDLoss",
+    "chunked_cross_entropy",
+    "chunked_token_loss",
+    "token_divergence",
+    "token_loss",
+]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
@@ -137,9 +145,14 @@ def _check(kind: str, beta: float, alpha: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _wide(x: Tensor) -> Tensor:
+    """At least float32: half-precision states are upcast, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    out = hidden.float() @ weight.float().T
-    return out + bias.float() if bias is not None else out
+    out = _wide(hidden) @ _wide(weight).to(_wide(hidden).dtype).T
+    return out + bias.to(out.dtype) if bias is not None else out
 
 
 def token_loss(
@@ -188,31 +201,28 @@ class _Chunked(torch.autograd.Function):
         s_hidden: Tensor,
         s_weight: Tensor,
         s_bias: Tensor | None,
-        t_hidden: Tensor,
-        t_weight: Tensor,
-        t_bias: Tensor | None,
         mask: Tensor,
         chunk: int,
-        divergence: dict[str, object],
+        row_loss: Callable[[Tensor, slice], Tensor],
     ) -> Tensor:
         rows = s_hidden.shape[0]
-        count = mask.sum().clamp_min(1).float()
-        weight = s_weight.detach().float()
-        bias = s_bias.detach().float() if s_bias is not None else None
-        grad_h = torch.zeros(s_hidden.shape, dtype=torch.float32, device=s_hidden.device)
+        acc = _wide(s_hidden).dtype
+        count = mask.sum().clamp_min(1).to(acc)
+        weight = s_weight.detach().to(acc)
+        bias = s_bias.detach().to(acc) if s_bias is not None else None
+        grad_h = torch.zeros(s_hidden.shape, dtype=acc, device=s_hidden.device)
         grad_w = torch.zeros_like(weight) if s_weight.requires_grad else None
         grad_b = torch.zeros_like(bias) if bias is not None and s_bias.requires_grad else None  # type: ignore[union-attr]
-        total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+        total = torch.zeros((), dtype=acc, device=s_hidden.device)
         for start in range(0, rows, chunk):
             part = slice(start, min(start + chunk, rows))
-            keep = mask[part].float()
+            keep = mask[part].to(acc)
             if not keep.any():
                 continue
-            h = s_hidden[part].detach().float()
-            t = _logits(t_hidden[part], t_weight, t_bias)
+            h = s_hidden[part].detach().to(acc)
             logits = _logits(h, weight, bias).requires_grad_(True)
             with torch.enable_grad():
-                per_token = token_divergence(logits, t, **divergence)  # type: ignore[arg-type]
+                per_token = row_loss(logits, part)
                 loss = (per_token * keep).sum() / count
                 (grad_logits,) = torch.autograd.grad(loss, logits)
             total += loss.detach()
@@ -227,10 +237,24 @@ class _Chunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # type: ignore[override]
-        # The buffers are this call's own: scale them in place rather than copying head-sized tensors.
-        grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads]  # type: ignore[attr-defined]
-        ctx.grads = None  # type: ignore[attr-defined]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+        # Scaled copies, not in place: a graph kept with retain_graph may be differentiated again.
+        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]  # type: ignore[attr-defined]
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def _apply_chunked(hidden: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, chunk: int,
+                   row_loss: Callable[[Tensor, slice], Tensor]) -> Tensor:
+    """The chunked loss; without autograd (evaluation, inference mode) the same sum, no gradients."""
+    wants_grad = any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if torch.is_grad_enabled() and wants_grad:
+        return _Chunked.apply(hidden, weight, bias, mask, chunk, row_loss)
+    acc = _wide(hidden).dtype
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    count = mask.sum().clamp_min(1).to(acc)
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, min(start + chunk, hidden.shape[0]))
+        total += (row_loss(_logits(hidden[part], weight, bias), part) * mask[part].to(acc)).sum() / count
+    return total
 
 
 def chunked_token_loss(
@@ -280,8 +304,88 @@ def chunked_token_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if mask is None:
         mask = torch.ones(student_hidden.shape[0], device=student_hidden.device)
-    divergence = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha, "top_k": top_k,
-                  "top_p": top_p}
-    return _Chunked.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                          teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-                          mask.reshape(-1), chunk_size, divergence)
+    t_hidden, t_weight = teacher_hidden.detach(), teacher_weight.detach()
+    t_bias = None if teacher_bias is None else teacher_bias.detach()
+
+    def row_loss(logits: Tensor, part: slice) -> Tensor:
+        with torch.no_grad():
+            teacher = _logits(t_hidden[part], t_weight, t_bias)
+        return token_divergence(logits, teacher, kind, temperature=temperature, beta=beta, alpha=alpha,
+                                top_k=top_k, top_p=top_p)
+
+    return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss)
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Mean next-token cross-entropy over the masked tokens, one chunk of logits at a time.
+
+    The language-model task loss (and the sequence-level distillation loss on teacher
+    generations), with the memory profile of :func:`chunked_token_loss`.
+
+    Args:
+        hidden: ``(N, H)`` final hidden states, one row per predicting position.
+        weight: ``(V, H)`` output head.
+        targets: ``(N,)`` the token each row must predict.
+        mask: ``(N,)``, nonzero for the rows that count.
+        chunk_size: Rows per chunk.
+        bias: Optional ``(V,)`` head bias.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    targets = targets.reshape(-1)
+    if mask is None:
+        mask = torch.ones(hidden.shape[0], device=hidden.device)
+
+    def row_loss(logits: Tensor, part: slice) -> Tensor:
+        return F.cross_entropy(logits, targets[part].to(logits.device), reduction="none")
+
+    return _apply_chunked(hidden, weight, bias, mask.reshape(-1), chunk_size, row_loss)
+
+
+class TokenKDLoss(nn.Module):
+    """Token-level distillation of a causal LM: a divergence between next-token distributions.
+
+    Reads the models' final hidden states and output heads (see
+    :class:`~distill.models.causal_lm.HFCausalLMAdapter`) and computes the logits in chunks of
+    tokens (:func:`chunked_token_loss`), so memory does not grow with the batch's token count
+    beyond one chunk. Student and teacher must share one vocabulary; their widths may differ.
+
+    Args:
+        kind: One of :data:`DIVERGENCES` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``,
+            ``skew_reverse_kl``, ``tvd``).
+        temperature, beta, alpha, top_k, top_p: As in :func:`token_divergence`.
+        chunk_size: Tokens per chunk.
+
+    Shapes: ``(B, T, H_s)`` and ``(B, T, H_t)`` hidden states, ``(B, T)`` mask, ``(V, H)`` heads;
+    returns a scalar, the mean over unmasked tokens.
+    """
+
+    output = "hidden"
+    projector = "never"
+    uses_mask = True
+    uses_head = True
+
+    def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                 top_k: int | None = None, top_p: float | None = None, chunk_size: int = 1024) -> None:
+        super().__init__()
+        _check(kind, beta, alpha, temperature)
+        self.options = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha, "top_k": top_k,
+                        "top_p": top_p, "chunk_size": chunk_size}
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None, *,
+                mask: Tensor | None = None, student_head: Tensor, teacher_head: Tensor,
+                student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None) -> Tensor:
+        if student_out.shape[:-1] != teacher_out.shape[:-1]:
+            raise ValueError(f"student tokens {tuple(student_out.shape[:-1])} and teacher tokens "
+                             f"{tuple(teacher_out.shape[:-1])} differ: do the models share one tokenizer?")
+        s = student_out.reshape(-1, student_out.shape[-1])
+        t = teacher_out.reshape(-1, teacher_out.shape[-1])
+        return chunked_token_loss(s, student_head, t, teacher_head, None if mask is None else mask.reshape(-1),
+                                  student_bias=student_head_bias, teacher_bias=teacher_head_bias, **self.options)
