@@ -63,12 +63,13 @@ class DeriveSpec(_Spec):
 class ModelSpec(_Spec):
     """A teacher or student model."""
 
-    kind: Literal["torch", "hf-classifier", "hf-embedding", "static-embedding"] | None = None
+    kind: Literal["torch", "hf-classifier", "hf-embedding", "hf-causal-lm", "static-embedding"] | None = None
     """``torch``: a plain PyTorch classifier from distill's architectures; ``hf-classifier``: a
     ``transformers`` sequence classifier; ``hf-embedding``: a ``transformers`` encoder pooled into
     a sentence embedding; ``static-embedding`` (student): no transformer layers, a sentence is the
     mean of per-token vectors (derived from an ``hf-embedding`` teacher with ``derive``, width
-    ``derive.hidden_size``). A student without a kind takes the teacher's."""
+    ``derive.hidden_size``); ``hf-causal-lm``: a ``transformers`` causal language model
+    (``AutoModelForCausalLM``). A student without a kind takes the teacher's."""
     source: str | None = None
     """Where the weights are: a local folder or Hub id (Hugging Face), ``pkg://package/subdir``
     for a model shipped inside an installed Python package, or a ``.safetensors`` file (torch)."""
@@ -84,6 +85,9 @@ class ModelSpec(_Spec):
     """Tokens per text; longer texts are truncated."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision the model is loaded in (the teacher may run in half precision on a GPU)."""
+    trust_remote_code: bool = False
+    """Let ``transformers`` run model code shipped with the weights (Hugging Face models whose
+    architecture is not part of ``transformers``). Off unless the recipe opts in."""
     derive: DeriveSpec | None = None
     """Student only: derive the student from the teacher instead of loading one."""
 
@@ -91,9 +95,10 @@ class ModelSpec(_Spec):
 class DataSpec(_Spec):
     """The data the student learns from and is evaluated on."""
 
-    format: Literal["stsb", "fashion-mnist"]
+    format: Literal["stsb", "fashion-mnist", "text"]
     """``stsb``: STS Benchmark TSV files (sts-train.csv, sts-dev.csv, sts-test.csv);
-    ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not."""
+    ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not; ``text``: one
+    plain-text file (or a folder with ``input.txt``), the last ``eval_fraction`` held out."""
     path: Path
     """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand)."""
     train_limit: int | None = Field(None, ge=1)
@@ -104,6 +109,9 @@ class DataSpec(_Spec):
     """Use only the first N test examples."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of the training set held out for validation when the data has no dev split."""
+    block_chars: int = Field(512, ge=16)
+    """``text``: characters per training example; the corpus is cut into blocks this long
+    (each is then tokenised and truncated at the model's ``max_length``)."""
 
 
 class LayerSpec(_Spec):
@@ -221,9 +229,10 @@ class Recipe(_Spec):
 
     name: str
     """Run name; the default output folder is ``runs/<name>``."""
-    task: Literal["sts", "classification"]
+    task: Literal["sts", "classification", "lm"]
     """``sts``: sentence embeddings scored by Spearman correlation on sentence pairs;
-    ``classification``: class logits scored by accuracy."""
+    ``classification``: class logits scored by accuracy; ``lm``: causal language modelling
+    scored by perplexity on held-out text (lower is better)."""
     teacher: ModelSpec
     """The model to imitate. It is frozen and kept in eval mode."""
     student: ModelSpec
@@ -258,6 +267,9 @@ class Recipe(_Spec):
         if self.teacher.kind is None:
             raise ValueError("teacher.kind: required (torch, hf-classifier or hf-embedding)")
         kind = self.student.kind or self.teacher.kind
+        if self.student.derive is not None and kind == "hf-causal-lm":
+            raise ValueError("student.derive: deriving a causal-LM student is not supported yet; "
+                             "give student.source (a saved transformers model)")
         if self.student.derive is not None and kind == "torch":
             raise ValueError("student.derive: only Hugging Face students can be derived")
         if self.student.derive is None and self.student.source is None and self.student.arch is None:
@@ -269,13 +281,14 @@ class Recipe(_Spec):
             if d.layers is not None or d.num_attention_heads or d.intermediate_size:
                 raise ValueError("student.derive: a static-embedding student has no layers, heads or feed-forward; "
                                  "give hidden_size (its width) and optionally vocab")
-        expected = {"sts": {"hf-embedding", "static-embedding"}, "classification": None}[self.task]
+        expected = {"sts": {"hf-embedding", "static-embedding"}, "classification": None,
+                    "lm": {"hf-causal-lm"}}[self.task]
         for role, k in (("teacher", self.teacher.kind), ("student", kind)):
             if expected and k not in expected:
                 raise ValueError(f"{role}.kind: task '{self.task}' needs one of {sorted(expected)}, got '{k}'")
-            if self.task == "classification" and k == "hf-embedding":
-                raise ValueError(f"{role}.kind: task 'classification' needs class logits, not embeddings")
-        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"}}[self.task]
+            if self.task == "classification" and k in ("hf-embedding", "hf-causal-lm"):
+                raise ValueError(f"{role}.kind: task 'classification' needs class logits, not '{k}' outputs")
+        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"}, "lm": {"text"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
         return self

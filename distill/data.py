@@ -12,7 +12,7 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["SentencePairs", "read_idx_images", "read_stsb"]
+__all__ = ["SentencePairs", "read_idx_images", "read_stsb", "read_text"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,24 @@ def read_idx_images(folder: Path, split: str, limit: int | None = None) -> tuple
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels
+
+
+def read_text(path: Path) -> str:
+    """A plain-text corpus: ``path`` is a ``.txt`` file, or a folder holding ``input.txt`` or a
+    single ``.txt`` file (Tiny Shakespeare's layout)."""
+    path = _expand(path)
+    if path.is_dir():
+        candidates = [path / "input.txt"] if (path / "input.txt").is_file() else sorted(path.glob("*.txt"))
+        if len(candidates) != 1:
+            found = ", ".join(p.name for p in candidates) or "none"
+            raise DataError(f"{path}: expected input.txt or exactly one .txt file (found: {found})")
+        path = candidates[0]
+    if not path.is_file():
+        raise DataError(f"text data not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text

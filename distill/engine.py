@@ -134,9 +134,20 @@ def projector_key(term_index: int, pair_index: int) -> str:
     return f"{term_index}_{pair_index}"
 
 
-def loss_extras(loss: nn.Module, student_out: dict[str, Tensor], index: Tensor | None) -> dict[str, Any]:
-    """Keyword arguments a loss declares it wants: the token mask, the batch's example indices."""
+def loss_extras(loss: nn.Module, student_out: dict[str, Tensor], index: Tensor | None,
+                teacher_out: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """Keyword arguments a loss declares it wants: the token mask, the batch's example indices,
+    the output heads."""
     extra: dict[str, Any] = {}
+    if getattr(loss, "uses_head", False):
+        if "head" not in student_out or not teacher_out or "head" not in teacher_out:
+            raise ValueError(f"loss '{type(loss).__name__}' needs both models' output heads: "
+                             "use it with causal language models (kind: hf-causal-lm)")
+        extra["student_head"] = student_out["head"]
+        extra["teacher_head"] = teacher_out["head"].to(student_out["head"].device)
+        for role, out in (("student", student_out), ("teacher", teacher_out)):
+            if "head_bias" in out:
+                extra[f"{role}_head_bias"] = out["head_bias"]
     if getattr(loss, "uses_mask", False) and "token_mask" in student_out:
         extra["mask"] = student_out["token_mask"]
     if getattr(loss, "uses_index", False):
@@ -169,7 +180,7 @@ def distill_step(
             if key in projectors:
                 s = projectors[key](s)
             t = teacher_out[t_key].to(s.device, s.dtype)
-            extra = loss_extras(term.loss, out, batch.get("index"))
+            extra = loss_extras(term.loss, out, batch.get("index"), teacher_out)
             values.append(term.loss(s, t, None if labels is None else labels.to(s.device), **extra))
         value = torch.stack(values).mean() if len(values) > 1 else values[0]
         label = term.label if term.label not in parts else f"{term.name}{i}_loss"

@@ -185,8 +185,8 @@ def _dry_run(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, T
                 key = projector_key(i, j)
                 if key in projectors:
                     s = projectors[key](s)
-                extra = loss_extras(term.loss, s_out, index)
                 try:
+                    extra = loss_extras(term.loss, s_out, index, t_out)
                     term.loss(s, t_out[t_key].to(s.dtype), labels, **extra)
                 except ValueError as exc:
                     raise ModelError(f"loss '{term.name}' ({s_key} vs {t_key}): {exc}") from None

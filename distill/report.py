@@ -18,8 +18,12 @@ __all__ = ["summarize", "write_report"]
 ROLES = ("teacher", "student", "baseline")
 
 
-def summarize(models: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """One row per model with ratios against the teacher (retention, speed-up, size)."""
+def summarize(models: dict[str, dict[str, Any]], metric: str, higher_is_better: bool = True) -> list[dict[str, Any]]:
+    """One row per model with ratios against the teacher (retention, speed-up, size).
+
+    Retention is the student's quality as a share of the teacher's: ``student / teacher`` for a
+    metric where higher is better, ``teacher / student`` where lower is (perplexity).
+    """
     teacher = models["teacher"]
     rows = []
     for role in ROLES:
@@ -29,7 +33,7 @@ def summarize(models: dict[str, dict[str, Any]], metric: str) -> list[dict[str, 
         rows.append({
             "model": role,
             metric: m[metric],
-            "retention_pct": 100.0 * m[metric] / teacher[metric],
+            "retention_pct": 100.0 * (m[metric] / teacher[metric] if higher_is_better else teacher[metric] / m[metric]),
             "parameters": m["parameters"],
             "size_mb": m["size_bytes"] / 1e6,
             "smaller_x": teacher["size_bytes"] / m["size_bytes"],
@@ -92,7 +96,8 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
         histories: Metrics records per trained model (``student``, ``baseline``).
     """
     metric = summary["metric"]
-    rows = summarize(summary["models"], metric)
+    higher = summary.get("higher_is_better", True)
+    rows = summarize(summary["models"], metric, higher)
     report = {**summary, "table": rows}
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_curves(histories, metric, folder / "curves.png")
@@ -101,7 +106,7 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
     md = [f"# Distillation report: {summary['recipe']}", "", _facts(summary), "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(line) + " |" for line in body]
-    md += ["", _verdict(rows, metric), "", "![training curves](curves.png)", "",
+    md += ["", _verdict(rows, metric, higher), "", "![training curves](curves.png)", "",
            "![quality vs latency](tradeoff.png)", ""]
     (folder / "report.md").write_text("\n".join(md))
     (folder / "report.html").write_text(_html(summary, head, body, rows, metric, folder))
@@ -115,7 +120,7 @@ def _facts(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _verdict(rows: list[dict[str, Any]], metric: str) -> str:
+def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True) -> str:
     by = {r["model"]: r for r in rows}
     s = by["student"]
     text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is "
@@ -123,7 +128,11 @@ def _verdict(rows: list[dict[str, Any]], metric: str) -> str:
             f"({s['speedup_throughput_x']:.2f}x at batch 64).")
     if "baseline" in by:
         gain = s[metric] - by["baseline"][metric]
-        text += f" Distillation adds {gain:+.2f} {metric} over the same student trained without the teacher."
+        if higher_is_better:
+            text += f" Distillation adds {gain:+.2f} {metric} over the same student trained without the teacher."
+        else:
+            text += (f" Distillation changes {metric} by {gain:+.2f} against the same student trained without the "
+                     f"teacher ({by['baseline'][metric]:.2f}; lower is better).")
     return text
 
 
@@ -145,6 +154,6 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "</style></head><body>"
         f"<h1>Distillation report: {esc(summary['recipe'])}</h1><ul>{facts}</ul>"
-        f"<table>{table}</table><p>{esc(_verdict(rows, metric))}</p>"
+        f"<table>{table}</table><p>{esc(_verdict(rows, metric, summary.get('higher_is_better', True)))}</p>"
         f"{_img(folder / 'curves.png')}<br>{_img(folder / 'tradeoff.png')}</body></html>\n"
     )

@@ -66,7 +66,7 @@ def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter
     if kind == "static-embedding":
         return load_static(resolve_source(source))
     return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
-                   max_length=spec.max_length, dtype=spec.dtype)
+                   max_length=spec.max_length, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
 
 
 def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
@@ -262,7 +262,8 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         recipe.student.arch or recipe.student.source)
     steps = json.loads((folder / "student" / "distill.json").read_text())["steps"]
     summary = {
-        "recipe": recipe.name, "metric": task.metric, "teacher": recipe.teacher.source or recipe.teacher.arch,
+        "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
+        "teacher": recipe.teacher.source or recipe.teacher.arch,
         "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses, "steps": steps,
         "machine": _machine(), "models": models,
     }

@@ -7,6 +7,7 @@ is a new task class, not a change to the loop.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -16,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import DataSpec
-from distill.data import SentencePairs, read_idx_images, read_stsb
+from distill.data import SentencePairs, read_idx_images, read_stsb, read_text
 from distill.errors import DataError
+from distill.losses.tokens import chunked_cross_entropy
 
-__all__ = ["Batch", "ClassificationTask", "STSTask", "Task", "build_task", "spearman"]
+__all__ = ["Batch", "ClassificationTask", "LanguageModelingTask", "STSTask", "Task", "build_task", "spearman"]
 
 #: A batch: ``index`` (positions in the training set, for the cache), ``inputs`` for the
 #: adapters, ``labels`` for the task loss (or ``None``).
@@ -259,8 +261,96 @@ class ClassificationTask:
         return self.splits["test"].batch(range(min(n, len(self.splits["test"]))))["inputs"]
 
 
-def build_task(task: str, spec: DataSpec) -> STSTask | ClassificationTask:
+class TextBlocks:
+    """Blocks of a text corpus as a data set: a batch is ``{"text": [...]}``, no labels (the
+    targets are the texts' own next tokens)."""
+
+    def __init__(self, blocks: list[str]) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        return {"index": torch.as_tensor(list(indices), dtype=torch.long),
+                "inputs": {"text": [self.blocks[i] for i in indices]}, "labels": None}
+
+
+def _blocks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text) - size // 4, size)]  # no stub of a last block
+
+
+class LanguageModelingTask:
+    """Causal language modelling on a plain-text corpus, scored by perplexity (lower is better).
+
+    The corpus is split at ``1 - eval_fraction`` of its length: the head is cut into training
+    blocks of ``block_chars`` characters, the tail is the held-out text (both the ``eval`` and
+    the ``test`` split: a single corpus has no separate test part).
+
+    Args:
+        spec: Where the text is, the block size and the held-out share.
+    """
+
+    output = "hidden"
+    metric = "perplexity"
+    higher_is_better = False
+
+    def __init__(self, spec: DataSpec) -> None:
+        text = read_text(spec.path)
+        cut = int(len(text) * (1 - spec.eval_fraction))
+        train = _blocks(text[:cut], spec.block_chars)
+        held = _blocks(text[cut:], spec.block_chars)
+        if not train or not held:
+            raise DataError(f"{spec.path}: {len(text)} characters are too few for blocks of {spec.block_chars}")
+        self.block_chars = spec.block_chars
+        self.train = TextBlocks(train[: spec.train_limit])
+        self.splits = {"eval": TextBlocks(held[: spec.eval_limit]), "test": TextBlocks(held[: spec.test_limit])}
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(str(self.block_chars).encode())
+        for block in self.train.blocks:
+            digest.update(block.encode())
+        return digest.hexdigest()
+
+    def lengths(self) -> list[int]:
+        return [len(b) for b in self.train.blocks]
+
+    def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
+        """Next-token cross-entropy over the real tokens, computed in chunks of tokens."""
+        hidden = outputs["hidden"]
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), outputs["head"], outputs["targets"],
+                                     outputs["token_mask"], bias=outputs.get("head_bias"))
+
+    def check_outputs(self, outputs: dict[str, Tensor], role: str) -> None:
+        missing = {"hidden", "head", "targets", "token_mask"} - set(outputs)
+        if missing:
+            raise DataError(f"task 'lm' needs a causal language model as the {role} (kind: hf-causal-lm); "
+                            f"its outputs lack {sorted(missing)}")
+
+    @torch.inference_mode()
+    def evaluate(self, model: Any, split: str, batch_size: int = 16) -> float:
+        """Perplexity: exp of the mean next-token negative log-likelihood over every real token."""
+        data = self.splits[split]
+        was_training = model.module.training
+        model.module.eval()
+        nll, tokens = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            out = model(data.batch(range(start, min(start + batch_size, len(data))))["inputs"])
+            count = int(out["token_mask"].sum())
+            nll += float(self.task_loss(out, {})) * count
+            tokens += count
+        model.module.train(was_training)
+        return math.exp(nll / max(tokens, 1))
+
+    def sample_inputs(self, n: int) -> dict[str, Any]:
+        test = self.splits["test"]
+        return test.batch(range(min(n, len(test))))["inputs"]
+
+
+def build_task(task: str, spec: DataSpec) -> STSTask | ClassificationTask | LanguageModelingTask:
     """The task object a recipe's ``task`` and ``data`` describe."""
     if task == "sts":
         return STSTask(spec)
+    if task == "lm":
+        return LanguageModelingTask(spec)
     return ClassificationTask(spec)

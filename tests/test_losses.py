@@ -36,9 +36,15 @@ def inputs(name):
     return S, T
 
 
+#: Output heads for token_kd, which reads (tokens, width) hidden states: a 7-token vocabulary.
+HEAD = torch.randn(7, 10, dtype=torch.float64)
+
+
 def call(name, s, t):
     loss = LOSSES.get(name)(**KWARGS.get(name, {}))
     extra = {"mask": MASK} if name.startswith("attention_") and name != "attention_transfer" else {}
+    if name == "token_kd":
+        extra = {"student_head": HEAD, "teacher_head": HEAD}
     return loss(s, t, LABELS, **extra)
 
 

@@ -18,6 +18,9 @@ attributes, what the runner should give it:
     ``True`` to receive ``mask=`` (``(N, T)``, 1 for real tokens) on text models.
 ``uses_index``
     ``True`` to receive ``index=`` (the batch's example indices in the training set).
+``uses_head``
+    ``True`` to receive the models' output heads (``student_head=``, ``teacher_head=`` and
+    their ``*_head_bias``) with their hidden states (token-level losses of causal LMs).
 ``trainable``
     ``True`` when the loss has parameters or state (heads, memory banks) that train and are
     checkpointed with the student, and are never saved with it.
@@ -31,6 +34,7 @@ from distill.losses.attention import AttentionKLLoss, AttentionRelationLoss
 from distill.losses.feature import AttentionTransferLoss, CosineLoss, HintLoss, MSELoss
 from distill.losses.relation import CRDLoss, RKDAngleLoss, RKDDistanceLoss, SimilarityLoss, SimilarityPreservingLoss
 from distill.losses.response import DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, TVDLoss, kl_divergence
+from distill.losses.tokens import TokenKDLoss
 from distill.registry import Registry
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "SimilarityLoss",
     "SimilarityPreservingLoss",
     "TVDLoss",
+    "TokenKDLoss",
     "kl_divergence",
 ]
 
@@ -62,7 +67,7 @@ LOSSES: Registry[type[nn.Module]] = Registry("loss")
 FAMILIES: dict[str, str] = {}
 for _family, _entries in (
     ("response", (("kd", KDLoss), ("reverse_kl", ReverseKLLoss), ("jsd", JSDLoss), ("tvd", TVDLoss),
-                  ("dkd", DKDLoss))),
+                  ("dkd", DKDLoss), ("token_kd", TokenKDLoss))),
     ("feature", (("mse", MSELoss), ("cosine", CosineLoss), ("hint", HintLoss),
                  ("attention_transfer", AttentionTransferLoss), ("attention_kl", AttentionKLLoss),
                  ("attention_relation", AttentionRelationLoss))),

@@ -227,15 +227,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128,
-            dtype: str = "float32") -> HFEmbeddingAdapter | HFClassifierAdapter:
+            dtype: str = "float32", trust_remote_code: bool = False) -> Any:
     """Load a Hugging Face model (local folder or Hub id) and its tokenizer into an adapter."""
     transformers = require_transformers()
-    auto = transformers.AutoModel if kind == "hf-embedding" else transformers.AutoModelForSequenceClassification
+    auto = {"hf-embedding": transformers.AutoModel, "hf-causal-lm": transformers.AutoModelForCausalLM}.get(
+        kind, transformers.AutoModelForSequenceClassification)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        module = auto.from_pretrained(source, dtype=_DTYPES[dtype])
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        module = auto.from_pretrained(source, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
     if kind == "hf-embedding":
         return HFEmbeddingAdapter(module, tokenizer, pooling, normalize, max_length)
+    if kind == "hf-causal-lm":
+        from distill.models.causal_lm import HFCausalLMAdapter
+
+        return HFCausalLMAdapter(module, tokenizer, max_length)
     return HFClassifierAdapter(module, tokenizer, max_length)
