@@ -7,7 +7,7 @@ loss itself needed, logits, softmaxes and gradients included. Time is the median
 of loss + backward in that process. For each vocabulary the naive loss runs first, then the
 chunked one.
 
-    python bench/token_loss_memory.py [--vocab 32000 128000] [--tokens 2048] [--hidden 576] [--chunk 256] \\
+    python bench/token_loss_memory.py [--vocab 32000 128000] [--tokens 2048] [--hidden 576] [--chunk N] \\
         [--kind forward_kl] [--repeats 3]
 """
 
@@ -26,7 +26,7 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, kind: str, repeats: int) -> None:
+def child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int | None, kind: str, repeats: int) -> None:
     import torch
 
     from distill.losses.tokens import chunked_token_loss, token_loss
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--chunk", type=int, help="rows per chunk (default: the loss's own, sized to the vocabulary)")
     parser.add_argument("--kind", default="forward_kl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
@@ -69,15 +69,19 @@ def main() -> None:
         return
     import torch
 
-    print(f"{args.tokens} tokens, hidden {args.hidden}, chunk {args.chunk}, {args.kind}, "
+    from distill.losses.tokens import CHUNK_ELEMENTS
+
+    chunk = args.chunk or f"{CHUNK_ELEMENTS:,} logits (rows: that // vocab)"
+    print(f"{args.tokens} tokens, hidden {args.hidden}, chunk {chunk}, {args.kind}, "
           f"{torch.get_num_threads()} torch threads, float32, CPU")
     for vocab in args.vocab:
         results = {}
         for variant in ("naive", "chunked"):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(vocab), "--tokens",
-                                  str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
-                                  "--kind", args.kind, "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True)
+            command = [sys.executable, __file__, "--child", variant, str(vocab), "--tokens", str(args.tokens),
+                       "--hidden", str(args.hidden), "--kind", args.kind, "--repeats", str(args.repeats)]
+            if args.chunk:
+                command += ["--chunk", str(args.chunk)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         naive, chunked = results["naive"], results["chunked"]
         print(f"vocab {vocab:,}: peak rise naive {naive['peak_rise'] / 2**20:,.0f} MiB, chunked "

@@ -41,7 +41,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("chunk", [1, 8, 64])
+@pytest.mark.parametrize("chunk", [1, 8, 64, None])
 def test_chunked_equals_naive_loss_and_gradients(options, chunk):
     args = problem(bias=chunk == 8)
     naive, naive_grads = loss_and_grads(token_loss, *args, **options)

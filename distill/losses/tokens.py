@@ -242,6 +242,19 @@ class _Chunked(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None
 
 
+#: Logit elements per chunk when no chunk size is given: 8M float32 values, 32 MiB per copy
+#: (the loss holds about a dozen copies of a chunk at its peak), whatever the vocabulary.
+CHUNK_ELEMENTS = 2**23
+
+
+def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None:
+        return max(16, CHUNK_ELEMENTS // vocab)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
 def _apply_chunked(hidden: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, chunk: int,
                    row_loss: Callable[[Tensor, slice], Tensor]) -> Tensor:
     """The chunked loss; without autograd (evaluation, inference mode) the same sum, no gradients."""
@@ -264,7 +277,7 @@ def chunked_token_loss(
     teacher_weight: Tensor,
     mask: Tensor | None = None,
     kind: str = "forward_kl",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     *,
@@ -289,6 +302,7 @@ def chunked_token_loss(
         mask: ``(N,)``, nonzero for the tokens that count (completion tokens, not padding).
         kind: One of :data:`DIVERGENCES`.
         chunk_size: Rows per chunk; peak memory grows with ``chunk_size * V``, not with ``N``.
+            ``None`` picks :data:`CHUNK_ELEMENTS` ``// V`` rows (at least 16).
         temperature, beta, alpha, top_k, top_p: As in :func:`token_divergence`.
 
     Returns:
@@ -300,8 +314,7 @@ def chunked_token_loss(
                          f"{teacher_weight.shape[0]} differ; token-level distillation needs one vocabulary")
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"{student_hidden.shape[0]} student rows and {teacher_hidden.shape[0]} teacher rows")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _chunk_rows(chunk_size, student_weight.shape[0])
     if mask is None:
         mask = torch.ones(student_hidden.shape[0], device=student_hidden.device)
     t_hidden, t_weight = teacher_hidden.detach(), teacher_weight.detach()
@@ -321,7 +334,7 @@ def chunked_cross_entropy(
     weight: Tensor,
     targets: Tensor,
     mask: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
     """Mean next-token cross-entropy over the masked tokens, one chunk of logits at a time.
@@ -334,11 +347,10 @@ def chunked_cross_entropy(
         weight: ``(V, H)`` output head.
         targets: ``(N,)`` the token each row must predict.
         mask: ``(N,)``, nonzero for the rows that count.
-        chunk_size: Rows per chunk.
+        chunk_size: Rows per chunk (``None``: as in :func:`chunked_token_loss`).
         bias: Optional ``(V,)`` head bias.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _chunk_rows(chunk_size, weight.shape[0])
     targets = targets.reshape(-1)
     if mask is None:
         mask = torch.ones(hidden.shape[0], device=hidden.device)
@@ -361,7 +373,7 @@ class TokenKDLoss(nn.Module):
         kind: One of :data:`DIVERGENCES` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``,
             ``skew_reverse_kl``, ``tvd``).
         temperature, beta, alpha, top_k, top_p: As in :func:`token_divergence`.
-        chunk_size: Tokens per chunk.
+        chunk_size: Tokens per chunk; ``None`` sizes chunks to the vocabulary (see :data:`CHUNK_ELEMENTS`).
 
     Shapes: ``(B, T, H_s)`` and ``(B, T, H_t)`` hidden states, ``(B, T)`` mask, ``(V, H)`` heads;
     returns a scalar, the mean over unmasked tokens.
@@ -373,7 +385,7 @@ class TokenKDLoss(nn.Module):
     uses_head = True
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                 top_k: int | None = None, top_p: float | None = None, chunk_size: int = 1024) -> None:
+                 top_k: int | None = None, top_p: float | None = None, chunk_size: int | None = None) -> None:
         super().__init__()
         _check(kind, beta, alpha, temperature)
         self.options = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha, "top_k": top_k,
