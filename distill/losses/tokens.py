@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,23 +165,18 @@ def token_loss(
     kind: str = "forward_kl",
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    **options: Any,
 ) -> Tensor:
     """The naive loss: full logits of both models, mean divergence over the masked tokens.
 
     The reference that :func:`chunked_token_loss` must equal; it holds ``(N, V)`` logits.
+    ``options`` are :func:`token_divergence`'s (``temperature``, ``beta``, ``alpha``, ``top_k``, ``top_p``).
     """
-    _check(kind, beta, alpha, temperature)
+    _check(kind, options.get("beta", 0.5), options.get("alpha", 0.1), options.get("temperature", 1.0))
     s = _logits(student_hidden, student_weight, student_bias)
     with torch.no_grad():
         t = _logits(teacher_hidden, teacher_weight, teacher_bias)
-    per_token = token_divergence(s, t, kind, temperature=temperature, beta=beta, alpha=alpha, top_k=top_k,
-                                 top_p=top_p)
+    per_token = token_divergence(s, t, kind, **options)
     if mask is None:
         return per_token.mean()
     mask = mask.reshape(-1).to(per_token.dtype)
