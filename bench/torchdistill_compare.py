@@ -1,11 +1,13 @@
 """Fashion-MNIST: distill vs torchdistill on the same distillation; time per epoch and test accuracy.
 
-One process trains the same student twice per method, once with each tool, and prints for each
-(tool, method) the wall-clock seconds of a training epoch (median over epochs) and the top-1
-accuracy on the 10,000 Fashion-MNIST test images after the last epoch:
+One process trains the same student twice per method and seed, once with each tool: the two
+tools back to back, the first one alternating with the seed, so load changes hit both alike.
+It prints for each (tool, method) the wall-clock seconds of a training epoch (median over epochs
+and seeds) and the top-1 accuracy on the 10,000 Fashion-MNIST test images after the last epoch,
+per seed and averaged:
 
     .venv/bin/pip install --no-deps torchdistill   # once; keeps the CPU build of torch
-    .venv/bin/python bench/torchdistill_compare.py [--epochs 2] [--seed 0] [--methods kd hint] [--limit N]
+    .venv/bin/python bench/torchdistill_compare.py [--epochs 2] [--seeds 0 1 2] [--methods kd hint] [--limit N]
 
 Methods (each with the task's cross-entropy):
   kd    Hinton KD, 0.5 * T^2 * KL(teacher_T || student_T) at T=4, plus 0.5 * cross-entropy.
@@ -352,17 +354,17 @@ def train_torchdistill(td: types.SimpleNamespace, method: str, loader: SeededLoa
 # ---------------------------------------------------------------- running and reporting
 
 
-def run_one(tool: str, method: str, td: types.SimpleNamespace, task: ClassificationTask, args: argparse.Namespace
-            ) -> dict[str, Any]:
+def run_one(tool: str, method: str, seed: int, td: types.SimpleNamespace, task: ClassificationTask,
+            args: argparse.Namespace) -> dict[str, Any]:
     """Train one (tool, method) pair; returns its timings and test accuracy."""
     with EpochClock() as clock:
-        loader = SeededLoader(task.train, BATCH_SIZE, args.seed, clock)
+        loader = SeededLoader(task.train, BATCH_SIZE, seed, clock)
         if tool == "distill":
-            student = train_distill(method, loader, args.epochs, args.seed)
+            student = train_distill(method, loader, args.epochs, seed)
         else:
-            student = train_torchdistill(td, method, loader, args.epochs, args.seed)
+            student = train_torchdistill(td, method, loader, args.epochs, seed)
     seconds = clock.seconds()
-    return {"tool": tool, "method": method, "seed": args.seed, "epochs": args.epochs,
+    return {"tool": tool, "method": method, "seed": seed, "epochs": args.epochs,
             "train_examples": len(task.train), "steps_per_epoch": len(loader),
             "epoch_seconds": [round(s, 3) for s in seconds],
             "median_epoch_seconds": round(statistics.median(seconds), 3),
@@ -370,22 +372,41 @@ def run_one(tool: str, method: str, td: types.SimpleNamespace, task: Classificat
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table with distill's time over torchdistill's for the same method."""
-    theirs = {r["method"]: r["median_epoch_seconds"] for r in rows if r["tool"] == "torchdistill"}
-    lines = ["| tool | method | time/epoch (s) median | accuracy | our time / their time |", "|---|---|---|---|---|"]
-    for r in rows:
+    """Markdown table per (tool, method): epoch time, accuracy per seed and mean, and distill's
+    time over torchdistill's (median of the per-seed ratios)."""
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["tool"], r["method"], r["seed"]): r for r in rows}
+    lines = ["| tool | method | time/epoch (s) median | " + " | ".join(f"accuracy seed {s}" for s in seeds)
+             + " | accuracy mean ± std | our time / their time |", "|" + "---|" * (len(seeds) + 5)]
+    for tool, method in dict.fromkeys((r["tool"], r["method"]) for r in rows):
+        mine = [by[(tool, method, s)] for s in seeds if (tool, method, s) in by]
+        seconds = statistics.median(t for r in mine for t in r["epoch_seconds"])
+        accs = [r["accuracy"] for r in mine]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         ratio = "-"
-        if r["tool"] == "distill" and r["method"] in theirs:
-            ratio = f"{r['median_epoch_seconds'] / theirs[r['method']]:.2f}"
-        cells = [r["tool"], r["method"], f"{r['median_epoch_seconds']:.2f}", f"{r['accuracy']:.2f}", ratio]
+        if tool == "distill":
+            ratios = [statistics.median(by[("distill", method, s)]["epoch_seconds"])
+                      / statistics.median(by[("torchdistill", method, s)]["epoch_seconds"])
+                      for s in seeds if ("torchdistill", method, s) in by and ("distill", method, s) in by]
+            ratio = f"{statistics.median(ratios):.3f}" if ratios else "-"
+        cells = [tool, method, f"{seconds:.2f}"]
+        cells += [f"{by[(tool, method, s)]['accuracy']:.2f}" if (tool, method, s) in by else "-" for s in seeds]
+        cells += [f"{statistics.mean(accs):.2f} ± {spread:.2f}", ratio]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _rows_from(path: Path) -> list[dict[str, Any]]:
+    """The result lines an earlier run printed (its stdout, saved to a file)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith('{"tool"')]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--add", type=Path, action="append", default=[],
+                        help="an earlier run's saved output: its results join the table (other seeds)")
     parser.add_argument("--methods", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument("--limit", type=int, help="train on only the first N training examples (quick checks)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the Fashion-MNIST IDX files")
@@ -408,11 +429,14 @@ def main() -> None:
     task = ClassificationTask(DataSpec(format="fashion-mnist", path=args.data, train_limit=args.limit))
     print(json.dumps({"torch": torch.__version__, "torchdistill": td.version, "threads": torch.get_num_threads(),
                       "teacher_accuracy": accuracy(load_teacher(), task.splits["test"])}), flush=True)
-    rows = []
-    for method in args.methods:
-        for tool in ("distill", "torchdistill"):
-            rows.append(run_one(tool, method, td, task, args))
-            print(json.dumps(rows[-1]), flush=True)
+    rows = [row for path in args.add for row in _rows_from(path)]
+    for seed in args.seeds:
+        # Odd seeds run torchdistill first, so that neither tool always goes first.
+        tools = ("distill", "torchdistill") if seed % 2 == 0 else ("torchdistill", "distill")
+        for method in args.methods:
+            for tool in tools:
+                rows.append(run_one(tool, method, seed, td, task, args))
+                print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
 
 
