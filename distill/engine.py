@@ -61,6 +61,8 @@ class LossTerm:
     start_step: int = 0
     ramp_steps: int = 0
     layers: Any = None
+    projector: str | None = None
+    """``always`` / ``never`` from the recipe; ``None`` leaves it to the loss's own ``projector``."""
 
     def __post_init__(self) -> None:
         if not self.pairs and self.layers is None:

@@ -92,7 +92,7 @@ def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None
             raise RecipeError(f"losses.{i}.params: {exc}") from None
         on = spec.on or getattr(cls, "output", None) or default_on
         terms.append(LossTerm(spec.name, spec.weight, on, loss, start_step=spec.start_step,
-                              ramp_steps=spec.ramp_steps, layers=spec.layers))
+                              ramp_steps=spec.ramp_steps, layers=spec.layers, projector=spec.projector))
     return terms
 
 
@@ -151,7 +151,7 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[st
     task.check_outputs(s_out, "student")
     projectors = nn.ModuleDict()
     for i, term in enumerate(terms):
-        mode = getattr(term.loss, "projector", "if_needed")
+        mode = term.projector or getattr(term.loss, "projector", "if_needed")
         for j, (s_key, t_key) in enumerate(term.pairs):
             for role, key, out in (("student", s_key, s_out), ("teacher", t_key, t_out)):
                 if key not in out:

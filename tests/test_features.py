@@ -137,6 +137,18 @@ def test_hint_gets_a_1x1_conv_projector_kept_out_of_the_saved_student(tmp_path):
     assert not any(m._forward_hooks for m in pair.teacher.adapter.module.modules())
 
 
+def test_recipe_chooses_the_projector_per_term():
+    pooled = {"student": ["features.15"]}  # 4 against 8 channels
+    default = _pair(2, 4, [{"name": "sp", "layers": pooled}])
+    assert len(default.projectors) == 0  # relation losses compare N x N matrices: none by default
+    forced = _pair(2, 4, [{"name": "sp", "layers": pooled, "projector": "always"}])
+    (proj,) = forced.projectors.values()
+    assert isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (4, 8)
+    # Without one, a loss that needs equal widths says so before training.
+    with pytest.raises(ModelError, match="mse"):
+        _pair(2, 4, [{"name": "mse", "layers": pooled, "projector": "never"}])
+
+
 def test_pairing_reports_mismatched_resolutions():
     with pytest.raises(ModelError, match="matching resolution"):
         _pair(2, 4, [{"name": "mse", "layers": {"student": ["features.5"], "teacher": ["features.12"]}}])
