@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,53 +143,157 @@ class TeacherCache:
 
         Examples are visited in order of ``lengths`` so that each batch pads little.
         """
-        order = np.argsort(np.asarray(lengths), kind="stable")
+        chunks = _chunks(lengths, batch_size)
         _remove_abandoned(folder)
         tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         arrays: dict[str, np.ndarray] = {}
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(order), batch_size), desc="teacher cache", unit="batch"):
-                idx = order[start : start + batch_size]
-                outputs = teacher(batches(idx.tolist())["inputs"])
-                for name in names:
-                    value = outputs[name].float().cpu()
-                    rows = value.reshape(len(idx), -1, *value.shape[1:]).numpy()
-                    if name not in arrays:
-                        arrays[name] = np.lib.format.open_memmap(
-                            tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(order), *rows.shape[1:])
-                        )
-                    arrays[name][idx] = rows
+        for idx, rows in _teacher_rows(teacher, batches, chunks, names, show=True):
+            for name, value in rows.items():
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(lengths), *value.shape[1:]))
+                arrays[name][idx] = value
+        return cls._finish(tmp, folder, arrays, teacher_id, data_id, len(lengths))
+
+    @classmethod
+    def _finish(cls, tmp: Path, folder: Path, arrays: dict[str, np.ndarray], teacher_id: str, data_id: str,
+                examples: int) -> TeacherCache:
+        """Checksum the arrays written in ``tmp``, add ``meta.json`` and rename it to ``folder``."""
         outputs_meta = {}
         for name, array in arrays.items():
             array.flush()
-            del array
             path = tmp / _file_name(name)
             outputs_meta[name] = {"file": path.name, "sha256": _file_sha256(path)}
         arrays.clear()
-        meta = {"teacher": teacher_id, "data": data_id, "examples": len(order), "outputs": outputs_meta}
+        meta = {"teacher": teacher_id, "data": data_id, "examples": examples, "outputs": outputs_meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return cls.load(folder, teacher_id, data_id)
 
+    @staticmethod
+    def _part(folder: Path, rank: int, world: int) -> Path:
+        return folder.with_name(f"{folder.name}.part-{rank}-of-{world}")
+
     @classmethod
-    def open_or_build(cls, root: Path, teacher_id: str, data_id: str, **build_args: Any) -> TeacherCache:
-        """Use a valid cache, or report why the existing one cannot be used and rebuild it."""
+    def build_part(cls, folder: Path, rank: int, world: int, *, teacher: Callable[[dict[str, Any]], dict[str, Tensor]],
+                   batches: Callable[[Sequence[int]], dict[str, Any]], lengths: Sequence[int], names: Sequence[str],
+                   batch_size: int = 64) -> None:
+        """Process ``rank`` of ``world``: run the teacher on every ``world``-th batch of the
+        one-process build (the same batches, so the same numbers) and write the rows and their
+        example indices to this process's part folder, for :meth:`merge_parts`."""
+        chunks = _chunks(lengths, batch_size)[rank::world]
+        part = cls._part(folder, rank, world)
+        tmp = part.with_name(part.name + ".tmp")
+        for old in (tmp, part):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        index = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+        arrays: dict[str, np.ndarray] = {}
+        at = 0
+        for idx, rows in _teacher_rows(teacher, batches, chunks, names, show=rank == 0):
+            for name, value in rows.items():
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(index), *value.shape[1:]))
+                arrays[name][at : at + len(idx)] = value
+            at += len(idx)
+        for array in arrays.values():
+            array.flush()
+        arrays.clear()
+        np.save(tmp / "index.npy", index)
+        os.replace(tmp, part)
+
+    @classmethod
+    def merge_parts(cls, folder: Path, teacher_id: str, data_id: str, world: int, names: Sequence[str],
+                    examples: int) -> TeacherCache:
+        """Assemble the ``world`` part folders into one cache, checksummed like a one-process build
+        (byte for byte the same), and delete the parts."""
+        _remove_abandoned(folder)
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        arrays: dict[str, np.ndarray] = {}
+        for rank in range(world):
+            part = cls._part(folder, rank, world)
+            index = np.load(part / "index.npy")
+            for name in names if len(index) else ():
+                rows = np.load(part / _file_name(name), mmap_mode="r")
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(examples, *rows.shape[1:]))
+                arrays[name][index] = rows
+                del rows
+        cache = cls._finish(tmp, folder, arrays, teacher_id, data_id, examples)
+        for part in folder.parent.glob(folder.name + ".part-*"):
+            shutil.rmtree(part, ignore_errors=True)
+        return cache
+
+    @classmethod
+    def open_or_build(cls, root: Path, teacher_id: str, data_id: str, *, rank: int = 0, world: int = 1,
+                      barrier: Callable[[], None] | None = None, **build_args: Any) -> TeacherCache:
+        """Use a valid cache, or report why the existing one cannot be used and rebuild it.
+
+        With ``world`` processes (each calling this, with its ``rank`` and a ``barrier`` that
+        waits for all of them) each runs the teacher on its share of the batches, the process of
+        rank 0 merges the shares into one cache, and every process opens it.
+        """
         folder = cls.folder_for(root, teacher_id, data_id, build_args["names"])
-        if (folder / "meta.json").exists():
-            try:
-                cache = cls.load(folder, teacher_id, data_id)
-                missing = sorted(set(build_args["names"]) - set(cache.arrays))
-                if not missing:
-                    log.info("using teacher cache %s", folder)
-                    return cache
-                log.warning("teacher cache %s lacks %s; rebuilding it", folder, missing)
-                del cache
-            except CacheError as exc:
-                log.warning("%s; rebuilding it", exc)
+        cache = cls._usable(folder, teacher_id, data_id, build_args["names"])
+        if world > 1:
+            if barrier is None:
+                raise ValueError("a teacher cache built by several processes needs a barrier")
+            barrier()  # every process has looked at the cache before one replaces it
+        if cache is not None:
+            return cache
         try:
-            return cls.build(folder, teacher_id, data_id, **build_args)
+            if world == 1:
+                return cls.build(folder, teacher_id, data_id, **build_args)
+            assert barrier is not None
+            cls.build_part(folder, rank, world, **build_args)
+            barrier()
+            if rank == 0:
+                cls.merge_parts(folder, teacher_id, data_id, world, build_args["names"], len(build_args["lengths"]))
+            barrier()
+            return cls.load(folder, teacher_id, data_id)
         except OSError as exc:
             raise CacheError(f"cannot write teacher cache at {folder}: {exc}") from None
+
+    @classmethod
+    def _usable(cls, folder: Path, teacher_id: str, data_id: str, names: Sequence[str]) -> TeacherCache | None:
+        """The valid cache in ``folder`` holding ``names``, or ``None`` (saying why it cannot be used)."""
+        if not (folder / "meta.json").exists():
+            return None
+        try:
+            cache = cls.load(folder, teacher_id, data_id)
+        except CacheError as exc:
+            log.warning("%s; rebuilding it", exc)
+            return None
+        missing = sorted(set(names) - set(cache.arrays))
+        if missing:
+            log.warning("teacher cache %s lacks %s; rebuilding it", folder, missing)
+            return None
+        log.info("using teacher cache %s", folder)
+        return cache
+
+
+def _chunks(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """The teacher's batches: example indices in order of length, ``batch_size`` at a time."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _teacher_rows(teacher: Callable[[dict[str, Any]], dict[str, Tensor]],
+                  batches: Callable[[Sequence[int]], dict[str, Any]], chunks: list[np.ndarray], names: Sequence[str],
+                  show: bool) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """For each chunk of example indices, the teacher's outputs ``names`` as ``(len(chunk), k, ...)`` rows."""
+    with torch.inference_mode():
+        for idx in tqdm(chunks, desc="teacher cache", unit="batch", disable=not show):
+            outputs = teacher(batches(idx.tolist())["inputs"])
+            rows = {}
+            for name in names:
+                value = outputs[name].float().cpu()
+                rows[name] = value.reshape(len(idx), -1, *value.shape[1:]).numpy()
+            yield idx, rows

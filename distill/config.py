@@ -38,7 +38,7 @@ class _Spec(BaseModel):
 
 
 class DeriveSpec(_Spec):
-    """How to build the student from the teacher (Hugging Face encoders)."""
+    """How to build the student from the teacher (Hugging Face encoders and causal LMs)."""
 
     layers: list[int] | None = None
     """Teacher layer indices the student keeps, in order; each student layer starts as a copy of
@@ -47,7 +47,9 @@ class DeriveSpec(_Spec):
     """Student hidden size; channels are kept by their activation magnitude on calibration data."""
     num_attention_heads: int | None = None
     """Student attention heads; heads are kept by their output magnitude. Head size is unchanged,
-    so ``hidden_size`` must equal heads x the teacher's head size."""
+    so ``hidden_size`` must equal heads x the teacher's head size (except for Llama-style causal
+    LMs, whose attention width is free; with grouped-query attention, heads are kept in whole
+    groups sharing a key/value head, so this is a multiple of the group size)."""
     intermediate_size: int | None = None
     """Student feed-forward width; neurons are kept by their activation magnitude."""
     calibration_batches: int = Field(8, ge=1)
@@ -72,7 +74,8 @@ class ModelSpec(_Spec):
     (``AutoModelForCausalLM``). A student without a kind takes the teacher's."""
     source: str | None = None
     """Where the weights are: a local folder or Hub id (Hugging Face), ``pkg://package/subdir``
-    for a model shipped inside an installed Python package, or a ``.safetensors`` file (torch)."""
+    for a model shipped inside an installed Python package, a ``.safetensors`` file (torch), or a
+    ``.gguf`` file (``hf-causal-lm``, read with ``transformers``; needs ``pip install gguf``)."""
     arch: str | None = None
     """Architecture name for ``torch`` models (``distill models`` lists them)."""
     arch_args: dict[str, Any] = Field(default_factory=dict)
@@ -90,17 +93,31 @@ class ModelSpec(_Spec):
     architecture is not part of ``transformers``). Off unless the recipe opts in."""
     derive: DeriveSpec | None = None
     """Student only: derive the student from the teacher instead of loading one."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """``random``: build the architecture the ``source`` folder's config describes with fresh
+    weights drawn from the recipe's seed (Hugging Face kinds; a model trained from scratch)."""
 
 
 class DataSpec(_Spec):
     """The data the student learns from and is evaluated on."""
 
-    format: Literal["stsb", "fashion-mnist", "text"]
+    format: Literal["stsb", "fashion-mnist", "text", "jsonl", "parquet", "hf-dataset"]
     """``stsb``: STS Benchmark TSV files (sts-train.csv, sts-dev.csv, sts-test.csv);
     ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not; ``text``: one
-    plain-text file (or a folder with ``input.txt``), the last ``eval_fraction`` held out."""
+    plain-text file (or a folder with ``input.txt``), the last ``eval_fraction`` held out;
+    ``jsonl`` / ``parquet`` / ``hf-dataset`` (task ``lm``): records with a ``text`` field, or
+    ``prompt`` and ``completion``, or chat ``messages`` (the loss then counts completion tokens
+    only: the last assistant message of a chat)."""
     path: Path
-    """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand)."""
+    """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand).
+    ``jsonl`` / ``parquet``: a file, or a folder of them; ``hf-dataset``: a folder written by
+    ``datasets.Dataset.save_to_disk`` or a Hub dataset id."""
+    test_path: Path | None = None
+    """A separate test file (``text`` / ``jsonl`` / ``parquet``). Without it the last
+    ``eval_fraction`` of ``path`` is both the validation and the test split; with it, the test
+    split is this file and the validation split stays the tail of ``path``."""
+    split: str = "train"
+    """``hf-dataset``: the split to train on."""
     train_limit: int | None = Field(None, ge=1)
     """Use only the first N training examples (quick runs and tests)."""
     eval_limit: int | None = Field(None, ge=1)
@@ -169,7 +186,9 @@ class TrainSpec(_Spec):
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps, whatever ``epochs`` says."""
     batch_size: int = Field(32, ge=1)
-    """Examples per forward pass (per process)."""
+    """Examples per forward pass, summed over all processes (the global batch): each of N
+    processes takes ``batch_size / N`` of every batch, so a run means the same, step for step,
+    on any number of processes. It must divide evenly by N."""
     grad_accum: int = Field(1, ge=1)
     """Forward passes per optimizer step."""
     lr: float = Field(5e-4, gt=0)
@@ -191,7 +210,7 @@ class TrainSpec(_Spec):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """``auto`` uses a GPU when present."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision on GPU."""
+    """Autocast precision on GPU; a CPU run stays in float32."""
     group_by_length: bool = True
     """Batch texts of similar length together (less padding, faster steps); no effect on images."""
     freeze: list[str] = Field(default_factory=list)
@@ -199,6 +218,9 @@ class TrainSpec(_Spec):
     vocabulary table as derived from the teacher and makes each step cheaper)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for PyTorch; ``null`` keeps PyTorch's default."""
+    compile: bool = False
+    """Compile the student with ``torch.compile`` (in place, so checkpoints and the saved model
+    are unchanged). Faster steps on GPU after a compilation of a minute or more at the start."""
 
 
 class CacheSpec(_Spec):
@@ -209,6 +231,13 @@ class CacheSpec(_Spec):
     online every step (needed when inputs are augmented)."""
     dir: Path = Path(".cache/distill")
     """Cache folder, shared between runs. Relative paths are taken from the working directory."""
+    top_k: int | None = Field(None, ge=0)
+    """Language models (``token_kd``): keep the teacher's ``top_k`` next-token log-probabilities
+    per position on disk (``0``: the whole distribution) and train from them instead of running
+    the teacher; the mass outside the top k is kept as one pooled bucket. ``null``: the teacher
+    runs online. ``distill cache RECIPE`` builds it ahead of training."""
+    shard_size: int = Field(256, ge=1)
+    """Examples per shard of the logit cache (a killed build resumes at the first unfinished shard)."""
     max_gb: float = Field(4.0, gt=0)
     """Largest cache to write. Intermediate layers that feature losses read can be large (a
     feature map per example); when the cache would exceed this, the teacher runs online."""
@@ -270,9 +299,9 @@ class Recipe(_Spec):
         if self.teacher.kind is None:
             raise ValueError("teacher.kind: required (torch, hf-classifier or hf-embedding)")
         kind = self.student.kind or self.teacher.kind
-        if self.student.derive is not None and kind == "hf-causal-lm":
-            raise ValueError("student.derive: deriving a causal-LM student is not supported yet; "
-                             "give student.source (a saved transformers model)")
+        if self.student.derive is not None and kind == "hf-causal-lm" and self.student.derive.vocab == "data":
+            raise ValueError("student.derive.vocab: a causal-LM student keeps the teacher's vocabulary "
+                             "(token-level losses compare whole next-token distributions); use 'all'")
         if self.student.derive is not None and kind == "torch":
             raise ValueError("student.derive: only Hugging Face students can be derived")
         if self.student.derive is None and self.student.source is None and self.student.arch is None:
@@ -291,7 +320,8 @@ class Recipe(_Spec):
                 raise ValueError(f"{role}.kind: task '{self.task}' needs one of {sorted(expected)}, got '{k}'")
             if self.task == "classification" and k in ("hf-embedding", "hf-causal-lm"):
                 raise ValueError(f"{role}.kind: task 'classification' needs class logits, not '{k}' outputs")
-        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"}, "lm": {"text"}}[self.task]
+        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"},
+                   "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
         return self

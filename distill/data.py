@@ -12,7 +12,7 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["SentencePairs", "read_idx_images", "read_stsb", "read_text"]
+__all__ = ["SentencePairs", "read_idx_images", "read_records", "read_stsb", "read_text"]
 
 
 @dataclass(frozen=True)
@@ -139,3 +139,97 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     return text
+
+
+_RECORD_KINDS = (("text",), ("prompt", "completion"), ("messages",))
+
+
+def _record_kind(record: dict, where: str) -> tuple[str, ...]:
+    for fields in _RECORD_KINDS:
+        if all(f in record for f in fields):
+            return fields
+    raise DataError(f"{where}: a record needs 'text', or 'prompt' and 'completion', or 'messages' "
+                    f"(found fields {sorted(record)})")
+
+
+def _check_messages(messages: object, where: str) -> None:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message is from '{messages[-1]['role']}'; the model learns the last "
+                        "message, so it must be the assistant's")
+
+
+def _jsonl_rows(path: Path) -> list[tuple[dict, str]]:
+    import json
+
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object")
+            rows.append((record, f"{path}, line {number}"))
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[tuple[dict, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("data.format 'parquet' needs pyarrow: pip install pyarrow") from None
+    records = pq.read_table(path).to_pylist()
+    return [(r, f"{path}, row {i}") for i, r in enumerate(records)]
+
+
+def _hf_rows(source: str, split: str) -> list[tuple[dict, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data.format 'hf-dataset' needs the datasets package: pip install datasets") from None
+    local = Path(source)
+    data = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(source)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{source}: no split '{split}' (has {sorted(data)}); set data.split")
+        data = data[split]
+    return [(r, f"{source}[{split}], row {i}") for i, r in enumerate(data)]
+
+
+def read_records(path: Path, fmt: str, split: str = "train") -> list[dict]:
+    """Training records for language modelling, each ``{"text"}``, ``{"prompt", "completion"}``
+    or ``{"messages"}`` (a chat whose last message is the assistant's).
+
+    ``fmt`` is ``jsonl`` or ``parquet`` (a file, or a folder whose files of that type are read in
+    name order) or ``hf-dataset``. Every record must be of the same kind; other fields are dropped.
+    """
+    if fmt == "hf-dataset":
+        rows = _hf_rows(str(_expand(path)) if _expand(path).exists() else str(path), split)
+    else:
+        path = _expand(path)
+        suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
+        files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
+        if not files or not files[0].is_file():
+            raise DataError(f"{fmt} data not found: {path}")
+        reader = _jsonl_rows if fmt == "jsonl" else _parquet_rows
+        rows = [row for file in files for row in reader(file)]
+    if not rows:
+        raise DataError(f"{path}: no records")
+    kind = _record_kind(rows[0][0], rows[0][1])
+    records = []
+    for record, where in rows:
+        if _record_kind(record, where) != kind:
+            raise DataError(f"{where}: has fields {'/'.join(_record_kind(record, where))} but earlier records "
+                            f"have {'/'.join(kind)}; a data set holds one kind of record")
+        if kind == ("messages",):
+            _check_messages(record["messages"], where)
+        elif not all(isinstance(record[f], str) for f in kind):
+            raise DataError(f"{where}: {'/'.join(kind)} must be strings")
+        records.append({f: record[f] for f in kind})
+    return records

@@ -33,6 +33,8 @@ def time_models(models: dict[str, Adapter], task: Any, spec: EvalSpec) -> dict[s
     The models take turns pass by pass, so a change in machine load during the measurement
     hits all of them alike and the ratios between them stay fair. Inputs are real test
     examples (tokenisation included: it is part of serving a text model). Medians after warm-up.
+    Throughput counts examples per second, or the task's own unit (tokens for a language model)
+    when the task has a ``count_units(model, inputs)`` method.
     """
     sample = task.sample_inputs(max(spec.batch_size, 16))
     singles = [_split(sample, i) for i in range(16)]
@@ -55,14 +57,16 @@ def time_models(models: dict[str, Adapter], task: Any, spec: EvalSpec) -> dict[s
             start = time.perf_counter()
             model(batch)
             batch_times[role].append(time.perf_counter() - start)
+    count = getattr(task, "count_units", None)
     return {
         role: {
             "latency_ms": 1000 * statistics.median(single_times[role]),
             "latency_ms_iqr": 1000 * _iqr(single_times[role]),
-            "throughput": n / statistics.median(batch_times[role]),
+            "throughput": (count(model, batch) if count else n) / statistics.median(batch_times[role]),
+            "throughput_unit": getattr(task, "throughput_unit", "examples"),
             "threads": torch.get_num_threads(),
         }
-        for role in models
+        for role, model in models.items()
     }
 
 

@@ -214,6 +214,27 @@ class Pairing:
             self.teacher.remove()
 
 
+def check_shared_vocabulary(student: Any, teacher: Any) -> None:
+    """Token-level losses compare next-token distributions position by position: both models
+    must split text into the same tokens with the same ids. Checked up front, by the tokenizers'
+    vocabularies and by tokenising a probe text."""
+    s_tok, t_tok = getattr(student, "tokenizer", None), getattr(teacher, "tokenizer", None)
+    if s_tok is None or t_tok is None:
+        return
+    probe = "Distillation: the teacher's tokens, ids and splits must match the student's. 123 ü ∑"
+    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
+    if s_vocab == t_vocab and s_tok(probe)["input_ids"] == t_tok(probe)["input_ids"]:
+        return
+    differ = sum(1 for token, i in t_vocab.items() if s_vocab.get(token) != i)
+    raise ModelError(
+        f"teacher and student tokenizers differ (teacher {len(t_vocab):,} tokens, student {len(s_vocab):,}, "
+        f"{differ:,} teacher tokens missing or at another id in the student's), so token-level losses "
+        "(token_kd) cannot compare their next-token distributions. Give the student the teacher's tokenizer, "
+        "or distil at the sequence level, which needs no shared vocabulary: `distill generate` the teacher's "
+        "answers, then train the student on them (data.format: jsonl, losses: [], task_loss_weight: 1)."
+    )
+
+
 def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: Any, sample: dict[str, Any],
                  task: Any, num_examples: int | None = None) -> Pairing:
     """Build the loss terms for ``student`` and ``teacher`` and check them on ``sample`` (a batch).
@@ -221,6 +242,8 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     ``num_examples`` (the training-set size) sizes the memory banks of losses that keep one.
     """
     terms = build_loss_terms(specs, default_on, student, teacher)
+    if any(getattr(term.loss, "uses_head", False) for term in terms):
+        check_shared_vocabulary(student, teacher)
     student, teacher = tap_models(terms, student, teacher)
     with torch.no_grad():
         s_out, t_out = student(sample["inputs"]), teacher(sample["inputs"])

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["summarize", "write_report"]
+__all__ = ["deployment_table", "summarize", "write_report"]
 
 ROLES = ("teacher", "student", "baseline")
 
@@ -41,17 +41,38 @@ def summarize(models: dict[str, dict[str, Any]], metric: str, higher_is_better: 
             "speedup_latency_x": teacher["latency_ms"] / m["latency_ms"],
             "throughput": m["throughput"],
             "speedup_throughput_x": m["throughput"] / teacher["throughput"],
+            "throughput_unit": m.get("throughput_unit", "examples"),
         })
     return rows
 
 
 def _table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
+    unit = rows[0].get("throughput_unit", "examples") if rows else "examples"
     head = ["model", metric, "retained", "params", "size (MB)", "smaller", "latency b1 (ms)",
-            "speed-up b1", "throughput b64 (/s)", "speed-up b64"]
+            "speed-up b1", f"throughput b64 ({unit}/s)", "speed-up b64"]
     body = [[
         r["model"], f"{r[metric]:.2f}", f"{r['retention_pct']:.1f}%", f"{r['parameters'] / 1e6:.2f}M",
         f"{r['size_mb']:.1f}", f"{r['smaller_x']:.2f}x", f"{r['latency_ms']:.2f}", f"{r['speedup_latency_x']:.2f}x",
         f"{r['throughput']:.0f}", f"{r['speedup_throughput_x']:.2f}x",
+    ] for r in rows]
+    return head, body
+
+
+def deployment_table(deployment: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Head and rows of the exported models' table (``export/export.json``'s ``deployment``).
+
+    Retention is against the teacher in PyTorch at float32, as in the main table.
+    """
+    metric, higher = deployment["metric"], deployment.get("higher_is_better", True)
+    rows = deployment["rows"]
+    ref = next(r[metric] for r in rows if (r["model"], r["runtime"], r["weights"]) == ("teacher", "pytorch", "float32"))
+    unit = rows[0].get("throughput_unit", "examples")
+    head = ["model", "runtime", "weights", "size (MB)", "latency b1 (ms)", f"throughput b64 ({unit}/s)", metric,
+            "retained"]
+    body = [[
+        r["model"], r["runtime"], r["weights"], f"{r['size_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.2f}",
+        f"{r['throughput']:.0f}", f"{r[metric]:.2f}",
+        f"{100.0 * (r[metric] / ref if higher else ref / r[metric]):.1f}%",
     ] for r in rows]
     return head, body
 
@@ -106,7 +127,12 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
     md = [f"# Distillation report: {summary['recipe']}", "", _facts(summary), "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(line) + " |" for line in body]
-    md += ["", _verdict(rows, metric, higher), "", "![training curves](curves.png)", "",
+    md += ["", _verdict(rows, metric, higher), ""]
+    if "deployment" in summary:  # written by `distill export`
+        dep_head, dep_body = deployment_table(summary["deployment"])
+        md += ["## Deployment (exported models, CPU)", "", "| " + " | ".join(dep_head) + " |",
+               "|" + "---|" * len(dep_head)] + ["| " + " | ".join(line) + " |" for line in dep_body] + [""]
+    md += ["![training curves](curves.png)", "",
            "![quality vs latency](tradeoff.png)", ""]
     (folder / "report.md").write_text("\n".join(md))
     (folder / "report.html").write_text(_html(summary, head, body, rows, metric, folder))
@@ -136,6 +162,15 @@ def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = T
     return text
 
 
+def _html_deployment(summary: dict[str, Any]) -> str:
+    if "deployment" not in summary:
+        return ""
+    head, body = deployment_table(summary["deployment"])
+    rows = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    rows += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in body)
+    return f"<h2>Deployment (exported models, CPU)</h2><table>{rows}</table>"
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
@@ -155,5 +190,6 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
         "</style></head><body>"
         f"<h1>Distillation report: {esc(summary['recipe'])}</h1><ul>{facts}</ul>"
         f"<table>{table}</table><p>{esc(_verdict(rows, metric, summary.get('higher_is_better', True)))}</p>"
+        f"{_html_deployment(summary)}"
         f"{_img(folder / 'curves.png')}<br>{_img(folder / 'tradeoff.png')}</body></html>\n"
     )

@@ -21,9 +21,12 @@ from accelerate.utils import set_seed
 
 from distill.cache import TeacherCache, model_fingerprint
 from distill.config import ModelSpec, Recipe, apply_overrides, load_recipe, parse_recipe
-from distill.engine import ShuffledBatches, make_accelerator, train
+from distill.engine import ShuffledBatches, make_accelerator, per_process_batch, train
 from distill.errors import ModelError, RecipeError, RunFolderError
 from distill.evaluate import measure, time_models
+from distill.export import read_exports, write_model_card
+from distill.launch import process_state, sync_batchnorm
+from distill.logit_cache import TokenLogitCache
 from distill.models.adapters import Adapter, load_hf, load_torch_classifier
 from distill.models.derive import derive_student
 from distill.models.sources import resolve_source
@@ -37,7 +40,9 @@ __all__ = [
     "build_loss_terms",
     "evaluate_run",
     "load_model",
+    "build_logit_cache",
     "load_teacher",
+    "open_logit_cache",
     "open_teacher_cache",
     "pair_outputs",
     "report_run",
@@ -66,7 +71,8 @@ def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter
     if kind == "static-embedding":
         return load_static(resolve_source(source))
     return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
-                   max_length=spec.max_length, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+                   max_length=spec.max_length, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                   init=spec.init if source == spec.source else "pretrained")
 
 
 def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
@@ -90,6 +96,8 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
 
 
 def _prepare_folder(recipe: Recipe) -> Path:
+    """Check the run folder (every process: each raises the same error) and claim it (the main one)."""
+    procs = process_state(recipe.train)
     folder = recipe.run_dir()
     marker = folder / "run.json"
     identity = recipe.identity()
@@ -103,9 +111,12 @@ def _prepare_folder(recipe: Recipe) -> Path:
             )
     elif folder.exists() and any(folder.iterdir()):
         raise RunFolderError(f"{folder} exists and is not a distill run folder; pick another output_dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"name": recipe.name, "identity": identity}) + "\n")
-    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    procs.wait_for_everyone()  # all have looked before the main process writes
+    if procs.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"name": recipe.name, "identity": identity}) + "\n")
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    procs.wait_for_everyone()
     return folder
 
 
@@ -120,12 +131,13 @@ def _save_atomic(model: Adapter, target: Path) -> None:
 def _pairing(recipe: Recipe, teacher: Adapter, task: Any, distilled: bool) -> Pairing:
     """Build the student and check, on a few real examples, that it can be compared with the teacher."""
     student = build_student(recipe, teacher, task)
+    student.module = sync_batchnorm(student.module, process_state(recipe.train))
     sample = task.train.batch(range(min(4, len(task.train))))
     specs = recipe.losses if distilled else []
     return prepare_pair(specs, task.output, student, teacher, sample, task, len(task.train))
 
 
-def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: TeacherCache | None,
+def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: TeacherCache | TokenLogitCache | None,
                folder: Path) -> Adapter:
     """Train the distilled student (``role='student'``) or the no-teacher baseline, or load it if done."""
     saved = folder / role
@@ -133,9 +145,9 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
         log.info("%s already trained: %s", role, saved)
         return load_model(recipe.student, recipe.student_kind, str(saved))
     accelerator = make_accelerator(recipe.train)
-    teacher.module.to(accelerator.device)
     distilled = role == "student"
     pair = _pairing(recipe, teacher, task, distilled)
+    teacher.module.to(accelerator.device)  # after the pairing check, which runs both models on the CPU
     try:
         result = train(
             student=pair.student, task=task, terms=pair.terms, projectors=pair.projectors,
@@ -151,6 +163,7 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
     if accelerator.is_main_process:
         _save_atomic(pair.student, saved)
         (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
+    accelerator.wait_for_everyone()
     return pair.student
 
 
@@ -166,8 +179,10 @@ def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[
     """The verified teacher-output cache of this teacher on this task's training set (built if needed).
 
     ``names`` are the teacher outputs to hold (default: the outputs the recipe's losses compare);
-    ``teacher`` must produce them (a :class:`~distill.features.TappedAdapter` for layers).
+    ``teacher`` must produce them (a :class:`~distill.features.TappedAdapter` for layers). With
+    several processes each runs the teacher on its share of the examples.
     """
+    procs = process_state(recipe.train)
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"pooling": spec.pooling, "normalize": spec.normalize,
                                                     "max_length": spec.max_length})
@@ -176,13 +191,64 @@ def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[
     return TeacherCache.open_or_build(
         recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
         lengths=task.lengths(), names=names, batch_size=recipe.evaluate.batch_size,
+        rank=procs.process_index, world=procs.num_processes, barrier=procs.wait_for_everyone,
     )
 
 
-def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | None:
+def _token_terms(pair: Pairing) -> list[Any]:
+    return [term for term in pair.terms if getattr(term.loss, "uses_head", False)]
+
+
+def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | None = None,
+                     world: int | None = None) -> TokenLogitCache:
+    """The teacher's top-k log-probabilities on the training set (``cache.top_k``), built if needed.
+
+    The temperature is the ``token_kd`` terms' (they must agree: the log-probabilities are
+    stored at it). ``rank`` of ``world`` processes builds every ``world``-th shard (default: this
+    process's place among the run's processes); they then wait for each other, and the cache
+    is opened whole.
+    """
+    procs = process_state(recipe.train)
+    rank = procs.process_index if rank is None else rank
+    world = procs.num_processes if world is None else world
+    terms = [s for s in recipe.losses if s.name == "token_kd"]
+    temperatures = {float(s.params.get("temperature", 1.0)) for s in terms}
+    if len(temperatures) > 1:
+        raise RecipeError(f"cache.top_k: the token_kd terms use different temperatures {sorted(temperatures)}; "
+                          "one logit cache holds one temperature")
+    if recipe.cache.top_k is None:
+        raise RecipeError("cache.top_k: not set; give the number of teacher tokens to keep per position "
+                          "(0 for the whole distribution)")
+    spec = recipe.teacher
+    teacher_id = model_fingerprint(teacher.module, {"kind": spec.kind, "max_length": spec.max_length})
+    return TokenLogitCache.open_or_build(
+        recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
+        examples=len(task.train), k=recipe.cache.top_k, temperature=temperatures.pop() if temperatures else 1.0,
+        batch_size=recipe.evaluate.batch_size, shard_size=recipe.cache.shard_size, rank=rank, world=world,
+        barrier=procs.wait_for_everyone if world > 1 and world == procs.num_processes else None,
+    )
+
+
+def build_logit_cache(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None
+                      ) -> TokenLogitCache:
+    """``distill cache``: build (or finish, or verify) a language-model recipe's logit cache."""
+    recipe = _coerce(recipe, overrides)
+    if recipe.task != "lm":
+        raise RecipeError(f"distill cache: writes language-model logits; this recipe's task is '{recipe.task}'")
+    task = build_task(recipe.task, recipe.data)
+    teacher = load_teacher(recipe)
+    return open_logit_cache(recipe, teacher, task)
+
+
+def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | TokenLogitCache | None:
     """The teacher cache for these loss terms, or ``None`` (teacher online) when off or too large."""
     if not recipe.cache.enabled or not pair.terms:
         return None
+    if recipe.cache.top_k is not None:
+        if len(_token_terms(pair)) != len(pair.terms):
+            raise RecipeError("cache.top_k: a logit cache serves token_kd terms only; this recipe has other "
+                              "distillation losses (set cache.top_k: null to run the teacher online)")
+        return open_logit_cache(recipe, pair.teacher, task)
     names = sorted({t_key for term in pair.terms for _, t_key in term.pairs})
     out = pair.teacher_sample
     rows = out[task.output].shape[0]
@@ -214,20 +280,29 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     """Run a recipe (object, dict or YAML path) to the end and return where the report is.
 
     Running it again on the same folder resumes an interrupted run or reuses finished phases.
+    Started in several processes (``torchrun``, ``distill run --nproc``), they share the
+    teacher cache and the training; the main process alone then evaluates and writes the
+    report, and the others return when training is done, with no measured ``models``.
     """
     recipe = _coerce(recipe, overrides)
+    procs = process_state(recipe.train)
+    per_process_batch(recipe.train.batch_size, procs.num_processes)
     folder = _prepare_folder(recipe)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
     pair = _pairing(recipe, teacher, task, True)  # fail fast, before the teacher cache
     try:
         trained = (folder / "student" / "distill.json").is_file()
+        teacher.module.to(procs.device)
         cache = None if trained else _cache_for(recipe, pair, task)
     finally:
+        teacher.module.to("cpu")
         pair.release()
     _train_one(recipe, "student", teacher, task, cache, folder)
     if recipe.baseline:
         _train_one(recipe, "baseline", teacher, task, None, folder)
+    if not procs.is_main_process:
+        return RunResult(folder, folder / "report.md", {})
     models = evaluate_run(folder, recipe, task, teacher)
     report = report_run(folder)
     return RunResult(folder, report, models)
@@ -272,14 +347,20 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
 
 
 def report_run(folder: Path) -> Path:
-    """(Re)write the report of a run from its ``eval.json`` and metrics."""
+    """(Re)write the report of a run from its ``eval.json``, metrics and exports, and the
+    student's model card (``student/README.md``)."""
     eval_file = folder / "eval.json"
     if not eval_file.is_file():
         raise RunFolderError(f"{folder}: no eval.json; run 'distill eval {folder}' first")
     summary = json.loads(eval_file.read_text())
+    deployment = read_exports(folder).get("deployment")
+    if deployment is not None:
+        summary["deployment"] = deployment
     histories = {}
     for role in ("student", "baseline"):
         path = folder / "train" / role / "metrics.jsonl"
         if path.is_file():
             histories[role] = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return write_report(folder, summary, histories)
+    report = write_report(folder, summary, histories)
+    write_model_card(folder, summary)
+    return report

@@ -39,3 +39,41 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+#: A chat template in the usual ChatML layout, for tokenizers built here (they have none).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _gpt(folder: Path, tokenizer, layers: int, width: int, seed: int) -> Path:  # noqa: ANN001
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=width, n_layer=layers,
+                                     n_head=2, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt_pair(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, Path]:
+    """A 2-layer GPT-2 teacher (width 32) and a 1-layer student (width 16) sharing a byte-level
+    BPE tokenizer of 300 tokens trained on Tiny Shakespeare; the tokenizer has a chat template."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:200_000]
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text], trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    root = tmp_path_factory.mktemp("gpt")
+    return _gpt(root / "teacher", tokenizer, 2, 32, 0), _gpt(root / "student", tokenizer, 1, 16, 1)

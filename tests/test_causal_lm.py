@@ -14,30 +14,6 @@ from distill.models.adapters import load_hf
 from distill.tasks import LanguageModelingTask
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-
-def _gpt(folder, tokenizer, layers, width, seed):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=width, n_layer=layers,
-                                     n_head=2, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def gpt_pair(tmp_path_factory, data_dir):
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:200_000]
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    root = tmp_path_factory.mktemp("gpt")
-    return _gpt(root / "teacher", tokenizer, 2, 32, 0), _gpt(root / "student", tokenizer, 1, 16, 1)
 
 
 def test_adapter_and_task_loss_match_the_models_own_loss(gpt_pair, data_dir):
@@ -115,7 +91,8 @@ def test_lm_recipes_are_checked(tmp_path, data_dir, gpt_pair):
         parse_recipe(lm_recipe(tmp_path, data_dir, teacher, student, teacher={"kind": "hf-embedding",
                                                                               "source": "x"}))
     with pytest.raises(RecipeError, match="causal-LM student"):
-        parse_recipe(lm_recipe(tmp_path, data_dir, teacher, student, student={"derive": {"layers": [0]}}))
+        parse_recipe(lm_recipe(tmp_path, data_dir, teacher, student,
+                               student={"derive": {"layers": [0], "vocab": "data"}}))
     with pytest.raises(RecipeError, match="unknown divergence 'kl'"):
         distill.run(lm_recipe(tmp_path, data_dir, teacher, student,
                               losses=[{"name": "token_kd", "params": {"kind": "kl"}}]))

@@ -38,6 +38,8 @@ __all__ = [
     "TokenKDLoss",
     "chunked_cross_entropy",
     "chunked_token_loss",
+    "chunked_topk_loss",
+    "sparse_token_divergence",
     "token_divergence",
     "token_loss",
 ]
@@ -112,27 +114,67 @@ def token_divergence(
     log_s, log_t = _log_probs(s, temperature), _log_probs(t, temperature)
     if top_k is not None or top_p is not None:
         log_s, log_t = _restrict(log_s, log_t, top_k, top_p)
+    return _divergence(log_s, log_t, kind, beta, alpha) * temperature**2
+
+
+def _divergence(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
+    """Row-wise divergence of two finite log-probability tables over the same columns."""
     if kind == "forward_kl":
-        out = _kl(log_t, log_s)
-    elif kind == "reverse_kl":
-        out = _kl(log_s, log_t)
-    elif kind == "jsd":
+        return _kl(log_t, log_s)
+    if kind == "reverse_kl":
+        return _kl(log_s, log_t)
+    if kind == "jsd":
         if beta == 0.0:
-            out = _kl(log_t, log_s)
-        elif beta == 1.0:
-            out = _kl(log_s, log_t)
-        else:
-            log_m = _mix(log_t, log_s, beta)
-            out = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
-    elif kind == "skew_kl":
-        out = _kl(log_t, _mix(log_t, log_s, alpha)) if alpha > 0 else _kl(log_t, log_s)
-    elif kind == "skew_reverse_kl":
-        out = _kl(log_s, _mix(log_s, log_t, alpha)) if alpha > 0 else _kl(log_s, log_t)
-    elif kind == "tvd":
+            return _kl(log_t, log_s)
+        if beta == 1.0:
+            return _kl(log_s, log_t)
+        log_m = _mix(log_t, log_s, beta)
+        return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    if kind == "skew_kl":
+        return _kl(log_t, _mix(log_t, log_s, alpha)) if alpha > 0 else _kl(log_t, log_s)
+    if kind == "skew_reverse_kl":
+        return _kl(log_s, _mix(log_s, log_t, alpha)) if alpha > 0 else _kl(log_s, log_t)
+    if kind == "tvd":
         return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
-    else:
-        raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
-    return out * temperature**2
+    raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+
+
+def sparse_token_divergence(
+    student_logits: Tensor,
+    teacher_logp: Tensor,
+    teacher_ids: Tensor | None,
+    kind: str = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """:func:`token_divergence` against a teacher given by its top-k log-probabilities.
+
+    The teacher's distribution is its ``k`` kept tokens plus one bucket holding the rest of its
+    mass (``1 - sum(exp(teacher_logp))``); the student's is pooled the same way, so this equals
+    :func:`token_divergence` with ``top_k=k`` on the full teacher logits.
+
+    Args:
+        student_logits: ``(N, V)`` logits.
+        teacher_logp: ``(N, k)`` the teacher's log-probabilities at ``temperature`` (``k = V``
+            and ``teacher_ids=None`` for the full distribution).
+        teacher_ids: ``(N, k)`` the vocabulary ids of those tokens, or ``None``.
+        kind, temperature, beta, alpha: As in :func:`token_divergence`.
+    """
+    s = student_logits.float() if student_logits.dtype not in (torch.float32, torch.float64) else student_logits
+    log_s = _log_probs(s, temperature)
+    log_t = teacher_logp.to(s.dtype).clamp_min(torch.finfo(s.dtype).min)
+    if teacher_ids is not None:
+        # The pooled buckets are floored at e^-100: when the k tokens hold (nearly) all the mass,
+        # rounding leaves the teacher's bucket at ~1e-16 and the student's at exactly 0, and an
+        # unfloored log would turn that rounding into a huge term.
+        ids = teacher_ids.to(log_s.device)
+        kept = log_s.gather(-1, ids)
+        rest_s = log_s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-100.0)
+        rest_t = torch.log((1 - log_t.exp().sum(-1, keepdim=True)).clamp_min(0)).clamp_min(-100.0)
+        log_s, log_t = torch.cat([kept, rest_s], -1), torch.cat([log_t, rest_t], -1)
+    return _divergence(log_s, log_t, kind, beta, alpha) * temperature**2
 
 
 def _check(kind: str, beta: float, alpha: float, temperature: float) -> None:
@@ -325,6 +367,48 @@ def chunked_token_loss(
     return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss)
 
 
+def chunked_topk_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_logp: Tensor,
+    teacher_ids: Tensor | None = None,
+    mask: Tensor | None = None,
+    kind: str = "forward_kl",
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """:func:`chunked_token_loss` against cached teacher log-probabilities (top-k or full).
+
+    Args:
+        student_hidden: ``(N, H)`` the student's final hidden states, one row per token.
+        student_weight: ``(V, H)`` its output head.
+        teacher_logp: ``(N, k)`` the teacher's log-probabilities at ``temperature``.
+        teacher_ids: ``(N, k)`` their token ids; ``None`` when ``k = V`` (full distribution).
+        mask, kind, chunk_size, student_bias, temperature, beta, alpha: As in :func:`chunked_token_loss`.
+    """
+    _check(kind, beta, alpha, temperature)
+    if student_hidden.shape[0] != teacher_logp.shape[0]:
+        raise ValueError(f"{student_hidden.shape[0]} student rows and {teacher_logp.shape[0]} cached teacher rows")
+    if teacher_ids is None and teacher_logp.shape[-1] != student_weight.shape[0]:
+        raise ValueError(f"the cached full distribution has {teacher_logp.shape[-1]} tokens, the student's "
+                         f"vocabulary {student_weight.shape[0]}")
+    chunk_size = _chunk_rows(chunk_size, student_weight.shape[0])
+    if mask is None:
+        mask = torch.ones(student_hidden.shape[0], device=student_hidden.device)
+    logp = teacher_logp.detach()
+
+    def row_loss(logits: Tensor, part: slice) -> Tensor:
+        ids = None if teacher_ids is None else teacher_ids[part]
+        return sparse_token_divergence(logits, logp[part].to(logits.device), ids, kind, temperature=temperature,
+                                       beta=beta, alpha=alpha)
+
+    return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss)
+
+
 def chunked_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -388,8 +472,11 @@ class TokenKDLoss(nn.Module):
                         "top_p": top_p, "chunk_size": chunk_size}
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None, *,
-                mask: Tensor | None = None, student_head: Tensor, teacher_head: Tensor,
-                student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, student_head: Tensor, teacher_head: Tensor | None = None,
+                student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None,
+                teacher_ids: Tensor | None = None) -> Tensor:
+        if teacher_head is None:  # a logit cache: teacher_out holds the teacher's log-probabilities
+            return self._from_cache(student_out, teacher_out, teacher_ids, mask, student_head, student_head_bias)
         if student_out.shape[:-1] != teacher_out.shape[:-1]:
             raise ValueError(f"student tokens {tuple(student_out.shape[:-1])} and teacher tokens "
                              f"{tuple(teacher_out.shape[:-1])} differ: do the models share one tokenizer?")
@@ -397,3 +484,17 @@ class TokenKDLoss(nn.Module):
         t = teacher_out.reshape(-1, teacher_out.shape[-1])
         return chunked_token_loss(s, student_head, t, teacher_head, None if mask is None else mask.reshape(-1),
                                   student_bias=student_head_bias, teacher_bias=teacher_head_bias, **self.options)
+
+    def _from_cache(self, student_out: Tensor, teacher_logp: Tensor, teacher_ids: Tensor | None,
+                    mask: Tensor | None, head: Tensor, bias: Tensor | None) -> Tensor:
+        if self.options["top_p"] is not None:
+            raise ValueError("token_kd: top_p cannot be applied to cached top-k logits; drop top_p or the cache")
+        if student_out.shape[:-1] != teacher_logp.shape[:-1]:
+            raise ValueError(f"student tokens {tuple(student_out.shape[:-1])} and cached teacher tokens "
+                             f"{tuple(teacher_logp.shape[:-1])} differ: was the cache made with this tokenizer?")
+        options = {k: self.options[k] for k in ("kind", "temperature", "beta", "alpha", "chunk_size")}
+        k = teacher_logp.shape[-1]
+        logp = teacher_logp.reshape(-1, k)
+        ids = None if teacher_ids is None else teacher_ids.reshape(-1, k)
+        return chunked_topk_loss(student_out.reshape(-1, student_out.shape[-1]), head, logp, ids,
+                                 None if mask is None else mask.reshape(-1), student_bias=bias, **options)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distill.errors import ModelError
+from distill.models.gguf import from_pretrained_args, plain_config, plain_model
 from distill.models.zoo import ARCHITECTURES
 
 __all__ = [
@@ -146,7 +147,7 @@ class _HFTextAdapter:
 
     def _save_hf(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        _unwrap(self.module).save_pretrained(str(folder), safe_serialization=True)
+        plain_model(_unwrap(self.module)).save_pretrained(str(folder), safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
 
 
@@ -227,14 +228,23 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128,
-            dtype: str = "float32", trust_remote_code: bool = False) -> Any:
-    """Load a Hugging Face model (local folder or Hub id) and its tokenizer into an adapter."""
+            dtype: str = "float32", trust_remote_code: bool = False, init: str = "pretrained") -> Any:
+    """Load a Hugging Face model (local folder, Hub id or ``.gguf`` file) and its tokenizer into an adapter.
+
+    ``init="random"`` builds the architecture of the source's config with fresh weights (drawn
+    from torch's current seed) instead of loading the saved ones.
+    """
     transformers = require_transformers()
     auto = {"hf-embedding": transformers.AutoModel, "hf-causal-lm": transformers.AutoModelForCausalLM}.get(
         kind, transformers.AutoModelForSequenceClassification)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        module = auto.from_pretrained(source, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+        folder, gguf = from_pretrained_args(source)  # a .gguf file is read from its folder by name
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+        if init == "random":
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+            module = auto.from_config(plain_config(config), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+        else:
+            module = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
     if kind == "hf-embedding":

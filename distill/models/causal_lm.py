@@ -11,22 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from distill.models.adapters import _HFTextAdapter, _unwrap
+from distill.errors import DataError
+from distill.models.adapters import _device_of, _HFTextAdapter, _unwrap
 
 __all__ = ["HFCausalLMAdapter"]
 
 
 class HFCausalLMAdapter(_HFTextAdapter):
-    """A ``transformers`` ``AutoModelForCausalLM``: ``inputs["text"]`` -> next-token states.
+    """A ``transformers`` ``AutoModelForCausalLM``: text, prompt/completion or chat -> next-token states.
 
     Outputs, for a batch padded to ``T`` tokens:
 
     ``hidden``      ``(B, T-1, H)`` the final (normalised) hidden state at positions ``0..T-2``,
                     each of which predicts the token after it;
     ``targets``     ``(B, T-1)`` those next tokens;
-    ``token_mask``  ``(B, T-1)`` 1 where the next token is real text (not padding);
+    ``token_mask``  ``(B, T-1)`` 1 where the next token is one to learn: real text, not padding,
+                    and not part of a prompt (see :meth:`encode`);
     ``head``        ``(V, H)`` the output head's weight (``head_bias`` too, when it has one).
 
     Args:
@@ -45,20 +48,70 @@ class HFCausalLMAdapter(_HFTextAdapter):
         super().__init__(module, tokenizer, max_length)
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
-        enc = self.tokenize(inputs["text"])
+        enc = self.encode(inputs)
         model = _unwrap(self.module)
-        # The body alone (embeddings, blocks, final norm): the head is applied by the loss, in chunks.
-        hidden = model.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        # Through the (possibly distributed) wrapper, so that its gradient synchronisation runs,
+        # with logits for the last position only: the loss applies the head itself, in chunks.
+        # The last hidden state is the body's output after its final norm.
+        hidden = self.module(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         head = model.get_output_embeddings()
         out = {
             "hidden": hidden[:, :-1],
             "targets": enc["input_ids"][:, 1:],
-            "token_mask": enc["attention_mask"][:, 1:],
+            "token_mask": enc["loss_mask"][:, 1:],
             "head": head.weight,
         }
         if getattr(head, "bias", None) is not None:
             out["head_bias"] = head.bias
         return out
+
+    def encode(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        """Token ids, attention mask and loss mask of a batch of ``text``, ``prompt`` +
+        ``completion`` or chat ``messages``.
+
+        ``loss_mask`` is 1 on the tokens the model must learn to produce: every real token of a
+        text; only the completion's tokens (and the end-of-text token after it) for a prompt and
+        completion; only the last assistant turn of a chat, as the chat template renders it.
+        """
+        if "text" in inputs:
+            enc = self.tokenize(inputs["text"])
+            return {**enc, "loss_mask": enc["attention_mask"]}
+        if "messages" in inputs:
+            pairs = [self._chat_parts(m) for m in inputs["messages"]]
+            prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+            completions = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in pairs]
+        else:
+            prompts = self.tokenizer(list(inputs["prompt"]))["input_ids"]
+            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+            completions = [ids + eos for ids in
+                           self.tokenizer(list(inputs["completion"]), add_special_tokens=False)["input_ids"]]
+        return self._join(prompts, completions)
+
+    def _chat_parts(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        """A chat rendered by the tokenizer's template, split before the last (assistant) turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError("chat records need a tokenizer with a chat template; this model's tokenizer has none "
+                            "(give prompt/completion records instead)")
+        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        if not full.startswith(prompt):
+            raise DataError("the chat template renders the conversation differently with and without its last turn, "
+                            "so the assistant's answer cannot be told apart from the prompt")
+        return prompt, full[len(prompt):]
+
+    def _join(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, Tensor]:
+        rows = [(p + c)[: self.max_length] for p, c in zip(prompts, completions, strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        loss = torch.zeros_like(ids)
+        for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+            ids[i, : len(row)] = torch.as_tensor(row)
+            attention[i, : len(row)] = 1
+            loss[i, len(prompt) : len(row)] = 1
+        device = _device_of(self.module)
+        return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "loss_mask": loss.to(device)}
 
     def save(self, folder: Path) -> None:
         """Hugging Face folder: config, safetensors weights and tokenizer."""

@@ -3,7 +3,8 @@
 Depth: the student keeps chosen teacher layers, each initialised as a copy (DistilBERT,
 Sanh et al. 2019). Width: hidden channels, attention heads and feed-forward neurons are ranked
 by their activation magnitude on calibration batches and the strongest are kept, slicing the
-teacher's weights (the importance scores of Minitron, Muralidharan et al. 2024).
+teacher's weights (the importance scores of Minitron, Muralidharan et al. 2024). Causal LMs
+are derived the same way by :mod:`distill.models.derive_lm`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import Tensor, nn
 from distill.config import DeriveSpec
 from distill.errors import ModelError, RecipeError
 from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter
+from distill.models.causal_lm import HFCausalLMAdapter
 
-__all__ = ["derive_student", "count_parameters"]
+__all__ = ["check_layers", "count_parameters", "derive_student"]
 
 #: Encoders whose module names follow BERT's layout (``encoder.layer.N.attention.self.query``).
 BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
@@ -109,14 +111,19 @@ def _axes(name: str) -> tuple[str, ...]:
     return ("h",)
 
 
-def _check_spec(spec: DeriveSpec, config: Any) -> tuple[list[int], int, int, int]:
-    n_layers = config.num_hidden_layers
+def check_layers(spec: DeriveSpec, n_layers: int) -> list[int]:
+    """The teacher layers the student keeps (all when ``spec.layers`` is ``None``), checked."""
     layers = list(spec.layers) if spec.layers is not None else list(range(n_layers))
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad or not layers:
         raise RecipeError(f"student.derive.layers: {layers} must be indices in 0..{n_layers - 1}")
     if len(set(layers)) != len(layers):
         raise RecipeError(f"student.derive.layers: {layers} repeats a layer")
+    return layers
+
+
+def _check_spec(spec: DeriveSpec, config: Any) -> tuple[list[int], int, int, int]:
+    layers = check_layers(spec, config.num_hidden_layers)
     head_size = config.hidden_size // config.num_attention_heads
     hidden = spec.hidden_size or config.hidden_size
     heads = spec.num_attention_heads or (hidden // head_size if spec.hidden_size else config.num_attention_heads)
@@ -136,10 +143,12 @@ def _check_spec(spec: DeriveSpec, config: Any) -> tuple[list[int], int, int, int
 
 @torch.no_grad()
 def derive_student(
-    teacher: HFEmbeddingAdapter | HFClassifierAdapter, spec: DeriveSpec, calibration: Iterable[dict[str, Any]],
-    keep_tokens: list[int] | None = None,
-) -> HFEmbeddingAdapter | HFClassifierAdapter:
+    teacher: HFEmbeddingAdapter | HFClassifierAdapter | HFCausalLMAdapter, spec: DeriveSpec,
+    calibration: Iterable[dict[str, Any]], keep_tokens: list[int] | None = None,
+) -> HFEmbeddingAdapter | HFClassifierAdapter | HFCausalLMAdapter:
     """Build a student from the teacher by keeping layers, channels, heads, neurons and tokens.
+
+    Causal LMs go to :func:`distill.models.derive_lm.derive_causal_lm`.
 
     Args:
         teacher: The teacher adapter (its model is not modified).
@@ -152,6 +161,14 @@ def derive_student(
     Returns:
         An adapter of the same kind as the teacher, sharing its tokenizer and pooling.
     """
+    if isinstance(teacher, HFCausalLMAdapter):
+        if keep_tokens is not None:
+            raise RecipeError("student.derive.vocab: a causal-LM student keeps the teacher's vocabulary "
+                              "(token-level losses compare whole next-token distributions)")
+        # Imported here: the causal-LM module builds on this one's helpers.
+        from distill.models.derive_lm import derive_causal_lm
+
+        return derive_causal_lm(teacher, spec, calibration)
     model = teacher.module
     config = model.config
     if config.model_type not in BERT_LIKE:

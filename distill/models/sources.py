@@ -34,7 +34,7 @@ def resolve_source(source: str) -> str:
     path = Path(source).expanduser()
     if path.exists():
         return str(path)
-    looks_local = source.startswith((".", "/", "~")) or source.endswith(".safetensors")
+    looks_local = source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".gguf"))
     if looks_local or source.count("/") > 1:
         raise ModelError(f"model source {source}: no such file or folder")
     return source

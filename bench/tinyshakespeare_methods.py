@@ -1,0 +1,156 @@
+"""Tiny Shakespeare: a GPT student trained on the text alone vs distilled from its GPT teacher.
+
+Needs the teacher of ``examples/tinyshakespeare.py`` (run that first). For each seed, the
+student of ``recipes/tinyshakespeare.yaml`` (fresh weights from the seed, over 5x smaller than
+the teacher) is trained for the same number of steps on the same blocks:
+
+``data``        next-token cross-entropy on the text alone (the recipe's baseline);
+``forward_kl``  0.5 x cross-entropy + 0.5 x forward KL to the teacher, teacher run online;
+``reverse_kl``  the same with reverse KL (MiniLLM), ``jsd`` with JSD beta 0.5 (GKD);
+``cache-k8``, ``cache-k32``, ``cache-full``  forward KL from the logit cache (``distill cache``)
+                holding the teacher's top 8 / top 32 / all next-token log-probabilities;
+``generations`` sequence level: cross-entropy on the teacher's own continuations of the first
+                128 characters of each training block (``distill generate``), completion tokens
+                only, never on the real text.
+
+Validation perplexity on the held-out last 10% of the text (token level, the models' shared
+1,024-token vocabulary). Prints one row per method: perplexity per seed, mean and spread, and
+the change against ``data``; ``--write`` puts the table into docs/results.md.
+
+    python bench/tinyshakespeare_methods.py [--seeds 0 1 2] [--methods forward_kl jsd] [--write docs/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _markdown import write_section
+
+import distill
+from distill.config import load_recipe
+from distill.logit_cache import TokenLogitCache
+from distill.tasks import build_task
+
+RECIPE = "recipes/tinyshakespeare.yaml"
+TEACHER = Path("runs/tinyshakespeare-teacher/student")
+ROOT = Path("runs/tinyshakespeare-study")
+
+
+def _kd(kind: str, **params: Any) -> list[str]:
+    loss = [{"name": "token_kd", "weight": 0.5, "params": {"kind": kind, **params}}]
+    return [f"losses={json.dumps(loss)}", "task_loss_weight=0.5"]
+
+
+#: method -> recipe overrides (on top of seed, output folder and threads).
+METHODS: dict[str, list[str]] = {
+    "forward_kl": [*_kd("forward_kl"), "baseline=true"],
+    "reverse_kl": [*_kd("reverse_kl"), "baseline=false"],
+    "jsd": [*_kd("jsd", beta=0.5), "baseline=false"],
+    "cache-k8": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=8", "baseline=false"],
+    "cache-k32": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=32", "baseline=false"],
+    "cache-full": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=0", "baseline=false"],
+    "generations": ["losses=[]", "task_loss_weight=1.0", "baseline=false", "data.format=jsonl",
+                    f"data.path={ROOT / 'generations' / 'train.jsonl'}", f"data.test_path={ROOT / 'held-out.jsonl'}"],
+}
+
+
+def _perplexity(folder: Path, role: str) -> float:
+    return json.loads((folder / "eval.json").read_text())["models"][role]["perplexity"]
+
+
+def prepare_generations(generations: int) -> None:
+    """Prompts (the first 128 characters of each training block), the teacher's continuations,
+    and the held-out text as records (the sequence-level student is tested on the real text)."""
+    task = build_task("lm", load_recipe(RECIPE).data)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with (ROOT / "held-out.jsonl").open("w") as handle:
+        for block in task.splits["test"].blocks:
+            handle.write(json.dumps({"text": block}) + "\n")
+    prompts = ROOT / "prompts.jsonl"
+    with prompts.open("w") as handle:
+        for i, block in enumerate(task.train.blocks[:generations]):
+            handle.write(json.dumps({"id": i, "prompt": block[:128]}) + "\n")
+    (ROOT / "generations").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "distill.cli", "generate", "--teacher", str(TEACHER), "--input",
+                    str(prompts), "--output", str(ROOT / "generations" / "train.jsonl"), "--max-new-tokens", "128",
+                    "--temperature", "1.0", "--seed", "0"], check=True)
+
+
+def run_method(name: str, seed: int, steps: int | None, threads: int | None) -> dict[str, Any]:
+    """One method on one seed (a finished run folder is reused)."""
+    folder = ROOT / f"{name}-s{seed}"
+    overrides = [f"seed={seed}", f"output_dir={folder}", *METHODS[name]]
+    overrides += [f"train.max_steps={steps}"] if steps else []
+    overrides += [f"train.threads={threads}"] if threads else []
+    start = time.perf_counter()
+    distill.run(RECIPE, overrides)
+    row = {"method": name, "seed": seed, "perplexity": _perplexity(folder, "student"),
+           "teacher": _perplexity(folder, "teacher"), "seconds": time.perf_counter() - start}
+    if name == "forward_kl":
+        row["baseline"] = _perplexity(folder, "baseline")
+    for cache in (Path(".cache/distill").glob("logits-k*") if name.startswith("cache") else []):
+        meta = json.loads((cache / "meta.json").read_text())
+        if meta["k"] == int(dict(o.split("=", 1) for o in METHODS[name])["cache.top_k"]):
+            row["bytes_per_token"] = TokenLogitCache.load(cache).bytes_per_token()
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    data = {r["seed"]: r["baseline"] for r in rows if "baseline" in r}
+    by_method: dict[str, list[dict[str, Any]]] = {"data": [{"seed": s, "perplexity": p} for s, p in data.items()]}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    seeds = sorted({r["seed"] for r in rows})
+    teacher = next((r["teacher"] for r in rows), float("nan"))
+    lines = [f"| method | {' | '.join(f'seed {s}' for s in seeds)} | mean ± sd | vs data | bytes/token |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    base = statistics.mean(data.values()) if data else float("nan")
+    for method, found in by_method.items():
+        per = {r["seed"]: r["perplexity"] for r in found}
+        values = list(per.values())
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        bpt = next((f"{r['bytes_per_token']:,.0f}" for r in found if "bytes_per_token" in r), "")
+        change = "" if method == "data" else f"{statistics.mean(values) - base:+.2f}"
+        cells = " | ".join(f"{per[s]:.2f}" if s in per else "-" for s in seeds)
+        lines.append(f"| {method} | {cells} | {statistics.mean(values):.2f} ± {sd:.2f} | {change} | {bpt} |")
+    lines.append(f"\nTeacher (0.96M parameters): validation perplexity {teacher:.2f}. Student: 0.18M parameters.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: one epoch of the text, "
+                        "for every method, the generations included)")
+    parser.add_argument("--threads", type=int, help="torch threads per run")
+    parser.add_argument("--generations", type=int, default=2000, help="prompts the teacher continues")
+    parser.add_argument("--write", type=Path, help="markdown file whose tinyshakespeare section is replaced")
+    args = parser.parse_args()
+    if not (TEACHER / "config.json").is_file():
+        raise SystemExit(f"no teacher at {TEACHER}: run python examples/tinyshakespeare.py first")
+    if "generations" in args.methods and not (ROOT / "held-out.jsonl").is_file():
+        prepare_generations(args.generations)
+    if args.steps is None:
+        recipe = load_recipe(RECIPE)
+        args.steps = -(-len(build_task("lm", recipe.data).train) // recipe.train.batch_size)
+    rows = []
+    for seed in args.seeds:
+        for method in args.methods:
+            rows.append(run_method(method, seed, args.steps, args.threads))
+            print(json.dumps(rows[-1]), flush=True)
+    text = table(rows)
+    print(text)
+    if args.write:
+        write_section(args.write, "tinyshakespeare", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Several processes: started by torch's own launcher, and what each one knows of the others.
+
+``distill run RECIPE --nproc N`` hands the same command, without ``--nproc``, to
+``torch.distributed.run`` (the launcher behind ``torchrun``), which starts N processes on this
+machine with a rendezvous on a free port. ``torchrun --nproc_per_node N -m distill.cli run
+RECIPE`` and ``accelerate launch -m distill.cli run RECIPE`` start the same processes, on one
+machine or several (then the run folder and ``cache.dir`` must be on a file system they share).
+Each process finds its rank and the process count in the environment the launcher set, through
+Accelerate; on CPU they talk over ``gloo``, on GPU over ``nccl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from accelerate import PartialState
+from torch import nn
+
+from distill.config import TrainSpec
+from distill.engine import use_cpu
+from distill.errors import DistillError
+
+__all__ = ["launch", "launched", "process_state", "sync_batchnorm"]
+
+log = logging.getLogger(__name__)
+
+
+def launched() -> bool:
+    """Whether this process was started by a distributed launcher (``torchrun``, ``accelerate launch``)."""
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Run ``distill ARGV`` in ``nproc`` processes on this machine; return the exit status.
+
+    Each process gets ``cores / nproc`` CPU threads unless ``OMP_NUM_THREADS`` says otherwise.
+    When a process fails, the launcher stops the others; the status is the first failure's
+    (128 + N for a process killed by signal N).
+    """
+    if nproc < 1:
+        raise DistillError(f"--nproc: {nproc}; give 1 or more processes")
+    if launched():
+        raise DistillError(f"--nproc: this process is already one of {os.environ['WORLD_SIZE']} started by a "
+                           "launcher; leave --nproc out under torchrun or accelerate launch")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "distill.cli", *argv])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
+        code = next((c for c in codes if c), 1)
+        return 128 - code if code < 0 else code
+    return 0
+
+
+def process_state(spec: TrainSpec) -> PartialState:
+    """This process's place among the run's processes (``process_index``, ``num_processes``,
+    ``device``, ``wait_for_everyone``): one process unless a launcher started several.
+
+    Made once per process, for the recipe's device (it joins the other processes then); the
+    recipe's ``train.threads`` is applied first.
+    """
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    return PartialState(cpu=use_cpu(spec))
+
+
+def sync_batchnorm(module: nn.Module, state: PartialState) -> nn.Module:
+    """With several GPU processes, batch-norm layers normalise over the global batch (their
+    statistics are reduced across processes), as they would in one process.
+
+    PyTorch's synchronised batch norm runs on GPUs only: on CPU each process normalises its own
+    share of the batch (a warning says so).
+    """
+    if state.num_processes == 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module
+    if state.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if state.is_main_process:
+        log.warning("the student's batch-norm layers see each process's share of the batch, not the global batch: "
+                    "synchronised batch norm needs GPUs, so %d CPU processes train it slightly differently from one",
+                    state.num_processes)
+    return module
