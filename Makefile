@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[hf,dev,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,dev,onnx,data]'
 	touch $(STAMP)
 
 $(VENV)/.demo: $(STAMP)

@@ -83,14 +83,19 @@ def prepare_generations(generations: int) -> None:
                     "--temperature", "1.0", "--seed", "0"], check=True)
 
 
-def run_method(name: str, seed: int, steps: int | None, threads: int | None) -> dict[str, Any]:
-    """One method on one seed (a finished run folder is reused)."""
+def run_method(name: str, seed: int, steps: int | None, threads: int | None, collect: bool = False
+               ) -> dict[str, Any] | None:
+    """One method on one seed (a finished run folder is reused); with ``collect``, only read a
+    finished run's results (``None`` when there is none)."""
     folder = ROOT / f"{name}-s{seed}"
     overrides = [f"seed={seed}", f"output_dir={folder}", *METHODS[name]]
     overrides += [f"train.max_steps={steps}"] if steps else []
     overrides += [f"train.threads={threads}"] if threads else []
     start = time.perf_counter()
-    distill.run(RECIPE, overrides)
+    if collect and not (folder / "eval.json").is_file():
+        return None
+    if not collect:
+        distill.run(RECIPE, overrides)
     row = {"method": name, "seed": seed, "perplexity": _perplexity(folder, "student"),
            "teacher": _perplexity(folder, "teacher"), "seconds": time.perf_counter() - start}
     if name == "forward_kl":
@@ -105,6 +110,8 @@ def run_method(name: str, seed: int, steps: int | None, threads: int | None) -> 
 def table(rows: list[dict[str, Any]]) -> str:
     data = {r["seed"]: r["baseline"] for r in rows if "baseline" in r}
     by_method: dict[str, list[dict[str, Any]]] = {"data": [{"seed": s, "perplexity": p} for s, p in data.items()]}
+    if not data:
+        del by_method["data"]
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
     seeds = sorted({r["seed"] for r in rows})
@@ -132,11 +139,12 @@ def main() -> None:
                         "for every method, the generations included)")
     parser.add_argument("--threads", type=int, help="torch threads per run")
     parser.add_argument("--generations", type=int, default=2000, help="prompts the teacher continues")
+    parser.add_argument("--collect", action="store_true", help="tabulate finished runs, run nothing")
     parser.add_argument("--write", type=Path, help="markdown file whose tinyshakespeare section is replaced")
     args = parser.parse_args()
     if not (TEACHER / "config.json").is_file():
         raise SystemExit(f"no teacher at {TEACHER}: run python examples/tinyshakespeare.py first")
-    if "generations" in args.methods and not (ROOT / "held-out.jsonl").is_file():
+    if "generations" in args.methods and not args.collect and not (ROOT / "held-out.jsonl").is_file():
         prepare_generations(args.generations)
     if args.steps is None:
         recipe = load_recipe(RECIPE)
@@ -144,8 +152,10 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for method in args.methods:
-            rows.append(run_method(method, seed, args.steps, args.threads))
-            print(json.dumps(rows[-1]), flush=True)
+            row = run_method(method, seed, args.steps, args.threads, args.collect)
+            if row is not None:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     text = table(rows)
     print(text)
     if args.write:
