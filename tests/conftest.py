@@ -48,6 +48,20 @@ CHAT_TEMPLATE = (
 )
 
 
+def bpe_tokenizer(text: str, vocab_size: int = 300):  # noqa: ANN201 - a transformers tokenizer
+    """A byte-level BPE tokenizer trained on ``text``, end-of-text token ``<|endoftext|>`` (id 0)."""
+    import tokenizers
+    import transformers
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
 def _gpt(folder: Path, tokenizer, layers: int, width: int, seed: int) -> Path:  # noqa: ANN001
     import torch
     import transformers
@@ -64,16 +78,9 @@ def _gpt(folder: Path, tokenizer, layers: int, width: int, seed: int) -> Path:  
 def gpt_pair(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, Path]:
     """A 2-layer GPT-2 teacher (width 32) and a 1-layer student (width 16) sharing a byte-level
     BPE tokenizer of 300 tokens trained on Tiny Shakespeare; the tokenizer has a chat template."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:200_000]
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    tokenizer = bpe_tokenizer((data_dir / "tinyshakespeare" / "input.txt").read_text()[:200_000])
     tokenizer.chat_template = CHAT_TEMPLATE
     root = tmp_path_factory.mktemp("gpt")
     return _gpt(root / "teacher", tokenizer, 2, 32, 0), _gpt(root / "student", tokenizer, 1, 16, 1)

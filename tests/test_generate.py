@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import bpe_tokenizer
 
 from distill.cli import main
 from distill.errors import DataError
@@ -59,13 +60,7 @@ def one_thread():
 def models(tmp_path_factory, data_dir):
     """A 2-layer GPT-2 (width 32) whose tokenizer has a chat template, and the same without one."""
     text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:50_000]
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer = bpe_tokenizer(text)
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import bpe_tokenizer
 
 import distill
 from distill.config import DeriveSpec, parse_recipe
@@ -24,13 +25,7 @@ TEXTS = ["First Citizen:\nBefore we proceed any further, hear me speak.", "All:\
 @pytest.fixture(scope="module")
 def tokenizer(data_dir):
     text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:100_000]
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    return bpe_tokenizer(text)
 
 
 def _config(family, tokenizer, layers=4):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import bpe_tokenizer
 
 from distill.config import DeriveSpec, ModelSpec
 from distill.errors import ModelError
@@ -32,13 +33,7 @@ def _rope_order(weight, heads):
 def tiny_gguf(tmp_path_factory, data_dir):
     """``(path to a .gguf file, the Llama it holds, that model's tokenizer)``."""
     text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:100_000]
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer = bpe_tokenizer(text)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=48, head_dim=8, bos_token_id=0,
@@ -58,7 +53,7 @@ def tiny_gguf(tmp_path_factory, data_dir):
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(300)
-    bpe_model = json.loads(bpe.to_str())["model"]
+    bpe_model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     vocab = [t for t, _ in sorted(bpe_model["vocab"].items(), key=lambda kv: kv[1])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
