@@ -118,13 +118,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     teacher = next((r["teacher"] for r in rows), float("nan"))
     lines = [f"| method | {' | '.join(f'seed {s}' for s in seeds)} | mean ± sd | vs data | bytes/token |",
              "|---|" + "---|" * (len(seeds) + 3)]
-    base = statistics.mean(data.values()) if data else float("nan")
     for method, found in by_method.items():
         per = {r["seed"]: r["perplexity"] for r in found}
         values = list(per.values())
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         bpt = next((f"{r['bytes_per_token']:,.0f}" for r in found if "bytes_per_token" in r), "")
-        change = "" if method == "data" else f"{statistics.mean(values) - base:+.2f}"
+        # against the data-only runs of the same seeds (a method run on fewer seeds is not
+        # compared with the mean of all of them)
+        paired = [per[s] - data[s] for s in per if s in data]
+        word = "seed" if len(paired) == 1 else "seeds"
+        change = "" if method == "data" or not paired else f"{statistics.mean(paired):+.2f} ({len(paired)} {word})"
         cells = " | ".join(f"{per[s]:.2f}" if s in per else "-" for s in seeds)
         lines.append(f"| {method} | {cells} | {statistics.mean(values):.2f} ± {sd:.2f} | {change} | {bpt} |")
     lines.append(f"\nTeacher (0.96M parameters): validation perplexity {teacher:.2f}. Student: 0.18M parameters.")
