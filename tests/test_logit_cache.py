@@ -187,5 +187,6 @@ def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair):
     log = [json.loads(line) for line in metrics.splitlines()]
     losses = [r["token_kd_loss"] for r in log if "token_kd_loss" in r]
     assert losses and all(np.isfinite(losses)) and losses[-1] < losses[0]
-    with pytest.raises(distill.RecipeError, match="cache.top_k"):
-        distill.run({**recipe, "losses": [{"name": "kd"}, *recipe["losses"]], "output_dir": str(tmp_path / "r2")})
+    two = [*recipe["losses"], {"name": "token_kd", "params": {"kind": "reverse_kl", "temperature": 1.0}}]
+    with pytest.raises(distill.RecipeError, match="different temperatures"):
+        build_logit_cache({**recipe, "losses": two})

@@ -114,7 +114,8 @@ def token_divergence(
     log_s, log_t = _log_probs(s, temperature), _log_probs(t, temperature)
     if top_k is not None or top_p is not None:
         log_s, log_t = _restrict(log_s, log_t, top_k, top_p)
-    return _divergence(log_s, log_t, kind, beta, alpha) * temperature**2
+    # T^2 keeps the gradients' scale across temperatures (Hinton et al.); TVD is bounded, unscaled.
+    return _divergence(log_s, log_t, kind, beta, alpha) * (1.0 if kind == "tvd" else temperature**2)
 
 
 def _divergence(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
@@ -174,7 +175,8 @@ def sparse_token_divergence(
         rest_s = log_s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-100.0)
         rest_t = torch.log((1 - log_t.exp().sum(-1, keepdim=True)).clamp_min(0)).clamp_min(-100.0)
         log_s, log_t = torch.cat([kept, rest_s], -1), torch.cat([log_t, rest_t], -1)
-    return _divergence(log_s, log_t, kind, beta, alpha) * temperature**2
+    # T^2 keeps the gradients' scale across temperatures (Hinton et al.); TVD is bounded, unscaled.
+    return _divergence(log_s, log_t, kind, beta, alpha) * (1.0 if kind == "tvd" else temperature**2)
 
 
 def _check(kind: str, beta: float, alpha: float, temperature: float) -> None:
