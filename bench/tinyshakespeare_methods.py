@@ -7,6 +7,9 @@ the teacher) is trained for the same number of steps on the same blocks:
 ``data``        next-token cross-entropy on the text alone (the recipe's baseline);
 ``forward_kl``  0.5 x cross-entropy + 0.5 x forward KL to the teacher, teacher run online;
 ``reverse_kl``  the same with reverse KL (MiniLLM), ``jsd`` with JSD beta 0.5 (GKD);
+``on-policy``   GKD: JSD beta 0.5, half the batches (lambda 0.5) the student's own continuations
+                (up to 96 tokens) of the first half of each block, scored by the teacher online;
+                ``on-policy-fkl`` the same with forward KL;
 ``cache-k8``, ``cache-k32``, ``cache-full``  forward KL from the logit cache (``distill cache``)
                 holding the teacher's top 8 / top 32 / all next-token log-probabilities;
 ``generations`` sequence level: cross-entropy on the teacher's own continuations of the first
@@ -18,6 +21,8 @@ Validation perplexity on the held-out last 10% of the text (token level, the mod
 the change against ``data``; ``--write`` puts the table into docs/results.md.
 
     python bench/tinyshakespeare_methods.py [--seeds 0 1 2] [--methods forward_kl jsd] [--write docs/results.md]
+    python bench/tinyshakespeare_methods.py --methods forward_kl jsd on-policy on-policy-fkl \
+        --write docs/results.md --section tinyshakespeare-on-policy
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ METHODS: dict[str, list[str]] = {
     "forward_kl": [*_kd("forward_kl"), "baseline=true"],
     "reverse_kl": [*_kd("reverse_kl"), "baseline=false"],
     "jsd": [*_kd("jsd", beta=0.5), "baseline=false"],
+    "on-policy": [*_kd("jsd", beta=0.5), "on_policy={fraction: 0.5, max_new_tokens: 96}", "baseline=false"],
+    "on-policy-fkl": [*_kd("forward_kl"), "on_policy={fraction: 0.5, max_new_tokens: 96}", "baseline=false"],
     "cache-k8": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=8", "baseline=false"],
     "cache-k32": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=32", "baseline=false"],
     "cache-full": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=0", "baseline=false"],
@@ -143,7 +150,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per run")
     parser.add_argument("--generations", type=int, default=2000, help="prompts the teacher continues")
     parser.add_argument("--collect", action="store_true", help="tabulate finished runs, run nothing")
-    parser.add_argument("--write", type=Path, help="markdown file whose tinyshakespeare section is replaced")
+    parser.add_argument("--write", type=Path, help="markdown file whose section --section is replaced")
+    parser.add_argument("--section", default="tinyshakespeare", help="name of the section --write replaces")
     args = parser.parse_args()
     if not (TEACHER / "config.json").is_file():
         raise SystemExit(f"no teacher at {TEACHER}: run python examples/tinyshakespeare.py first")
@@ -162,7 +170,7 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.write:
-        write_section(args.write, "tinyshakespeare", text)
+        write_section(args.write, args.section, text)
 
 
 if __name__ == "__main__":

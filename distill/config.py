@@ -26,6 +26,7 @@ __all__ = [
     "LayerSpec",
     "LossSpec",
     "ModelSpec",
+    "OnPolicySpec",
     "Recipe",
     "TrainSpec",
     "load_recipe",
@@ -243,6 +244,25 @@ class CacheSpec(_Spec):
     feature map per example); when the cache would exceed this, the teacher runs online."""
 
 
+class OnPolicySpec(_Spec):
+    """On-policy distillation (GKD): some batches are continuations the student writes itself,
+    which the teacher then scores token by token (language models, ``token_kd``)."""
+
+    fraction: float = Field(0.5, ge=0, le=1)
+    """Share of batches (lambda in GKD) replaced by the student's own continuations of their
+    prompts; the rest are the data as it is. ``1`` is fully on-policy."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens the student writes per prompt (fewer where the prompt leaves less room within the
+    model's ``max_length``, or when it writes its end-of-text token)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the student's continuations."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: draw from the smallest set of tokens holding this much probability."""
+    prompt_tokens: int | None = Field(None, ge=1)
+    """Plain-text data has no prompts: each block's first ``prompt_tokens`` tokens are its prompt
+    (default: the first half of the block). Prompt/completion and chat data use their prompts."""
+
+
 class EvalSpec(_Spec):
     """Final evaluation of teacher, student and baseline."""
 
@@ -284,6 +304,9 @@ class Recipe(_Spec):
     """Training loop settings."""
     cache: CacheSpec = CacheSpec()
     """Teacher-output cache settings."""
+    on_policy: OnPolicySpec | None = None
+    """Train part of the batches on the student's own continuations, scored by the teacher
+    (language models with a ``token_kd`` loss); ``null``: the data only."""
     baseline: bool = True
     """Also train the same student without the teacher, on the task loss and the same budget."""
     evaluate: EvalSpec = EvalSpec()
@@ -324,6 +347,13 @@ class Recipe(_Spec):
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
+        if self.on_policy is not None:
+            if not any(s.name == "token_kd" for s in self.losses):
+                raise ValueError("on_policy: the teacher scores the student's continuations token by token; "
+                                 "add a token_kd loss")
+            if self.cache.top_k is not None:
+                raise ValueError("on_policy: a logit cache holds the teacher's view of the data, not of text the "
+                                 "student writes during training; set cache.top_k: null (the teacher runs online)")
         return self
 
     @property

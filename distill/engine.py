@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.cache import TeacherCache
-from distill.config import TrainSpec
+from distill.config import OnPolicySpec, TrainSpec
 from distill.errors import RecipeError, RunFolderError
 from distill.logit_cache import TokenLogitCache
 from distill.models.adapters import Adapter
@@ -43,6 +43,7 @@ __all__ = [
     "loss_extras",
     "projector_key",
     "make_accelerator",
+    "on_policy_turn",
     "per_process_batch",
     "total_steps",
     "use_cpu",
@@ -345,6 +346,28 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def on_policy_turn(seed: int, epoch: int, batch: int, fraction: float) -> bool:
+    """Whether batch ``batch`` of ``epoch`` is replaced by the student's own continuations.
+
+    Drawn from the seed and the batch's place alone, so every process agrees and a resumed run
+    makes the same choices as an uninterrupted one.
+    """
+    if fraction <= 0 or fraction >= 1:
+        return fraction >= 1
+    return random.Random(f"on-policy/{seed}/{epoch}/{batch}").random() < fraction
+
+
+def _student_written(student: Adapter, batch: Batch, spec: OnPolicySpec) -> Batch:
+    """The batch with its prompts continued by the student (an on-policy batch)."""
+    write = getattr(student, "continue_prompts", None)
+    if write is None:
+        raise RecipeError(f"on_policy: the student ({type(student).__name__}) cannot write continuations; "
+                          "on-policy batches need a causal language model (kind: hf-causal-lm)")
+    inputs = write(batch["inputs"], max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                   top_p=spec.top_p, prompt_tokens=spec.prompt_tokens)
+    return {**batch, "inputs": inputs, "on_policy": True}
+
+
 class _Step(nn.Module):
     """A distillation step as one module: the student and everything trained with it
     (projectors, learned loss heads), whose ``forward`` returns the step's loss parts.
@@ -364,8 +387,11 @@ class _Step(nn.Module):
         self._task_loss, self._task_weight, self._labels = task_loss, task_weight, labels_for_losses
 
     def forward(self, batch: Batch, teacher_out: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
+        # The task loss on text the student wrote itself would teach it its own samples: an
+        # on-policy batch is scored by the teacher alone (as in GKD).
+        task_weight = 0.0 if batch.get("on_policy") else self._task_weight
         return distill_step(self._adapter, batch, teacher_out, self._terms, self.projectors, self._task_loss,
-                            self._task_weight, self._labels, step)
+                            task_weight, self._labels, step)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -474,6 +500,7 @@ def train(
     folder: Path,
     accelerator: Accelerator,
     desc: str = "train",
+    on_policy: OnPolicySpec | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in ``folder`` (checkpoints, metrics.jsonl), resuming if it holds a checkpoint.
 
@@ -491,6 +518,8 @@ def train(
         folder: Where checkpoints and metrics go.
         accelerator: The Accelerate engine.
         desc: Progress-bar label.
+        on_policy: Replace this share of the batches by the student's own continuations of their
+            prompts, scored by the teacher online (``cache`` must then be ``None``).
 
     With several processes each takes its share of every global batch; the student and the
     projectors are wrapped together for DistributedDataParallel (the teacher never is), the
@@ -500,7 +529,8 @@ def train(
     Returns:
         ``{"steps", "eval": [...], "steps_run", "seconds", "first_step_seconds"}``: the validation
         metric after each evaluation; the steps this call ran, their wall time (evaluations and
-        checkpoints left out) and that of the first of them (which includes any warm-up).
+        checkpoints left out) and that of the first of them (which includes any warm-up). With
+        ``on_policy``, also ``on_policy_batches``: how many of this call's batches the student wrote.
     """
     main = accelerator.is_main_process
     if main:
@@ -525,9 +555,16 @@ def train(
     running: dict[str, float] = {}
     started, first_step = time.perf_counter(), state.step
     first_seconds, aside = 0.0, 0.0  # the first step's time; time spent evaluating and checkpointing
+    if on_policy is not None and cache is not None:
+        raise RecipeError("on_policy: the teacher must score text the student writes during training, so it runs "
+                          "online; set cache.top_k: null")
+    written, written_in_step = 0, 0
     while state.step < steps:
         for batch in batches.epoch(state.epoch, state.batch):
             share = float(batch.get("share", 1.0))
+            if on_policy is not None and on_policy_turn(seed, state.epoch, state.batch, on_policy.fraction):
+                batch = _student_written(student, batch, on_policy)
+                written_in_step += 1
             with accelerator.accumulate(model):
                 teacher_out = _teacher_outputs(batch, teacher, cache, bool(terms))
                 with accelerator.autocast():
@@ -549,6 +586,9 @@ def train(
             if accelerator.num_processes > 1:
                 running = _mean_over_processes(accelerator, running)
             record = {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **running}
+            if on_policy is not None:
+                record["on_policy"] = written_in_step / spec.grad_accum
+                written, written_in_step = written + written_in_step, 0
             metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{running['loss']:.4f}")
@@ -573,8 +613,11 @@ def train(
     bar.close()
     seconds = time.perf_counter() - started - aside
     evals = [r for r in metrics.read() if r.get("split") == "eval"]
-    return {"steps": steps, "eval": evals, "steps_run": state.step - first_step, "seconds": round(seconds, 3),
-            "first_step_seconds": round(first_seconds, 3)}
+    result = {"steps": steps, "eval": evals, "steps_run": state.step - first_step, "seconds": round(seconds, 3),
+              "first_step_seconds": round(first_seconds, 3)}
+    if on_policy is not None:
+        result["on_policy_batches"] = written
+    return result
 
 
 def _freeze(module: nn.Module, prefixes: list[str]) -> None:

@@ -157,6 +157,7 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
             teacher=pair.teacher if distilled else None, cache=cache if distilled else None,
             task_weight=recipe.task_loss_weight if distilled else 1.0, spec=recipe.train, seed=recipe.seed,
             folder=folder / "train" / role, accelerator=accelerator, desc=role,
+            on_policy=recipe.on_policy if distilled else None,
         )
     finally:
         pair.release()
@@ -242,7 +243,7 @@ def build_logit_cache(recipe: Recipe | str | Path | dict[str, Any], overrides: l
 
 def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | TokenLogitCache | None:
     """The teacher cache for these loss terms, or ``None`` (teacher online) when off or too large."""
-    if not recipe.cache.enabled or not pair.terms:
+    if not recipe.cache.enabled or not pair.terms or recipe.on_policy is not None:
         return None
     if recipe.cache.top_k is not None:
         if len(_token_terms(pair)) != len(pair.terms):
@@ -333,6 +334,8 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     losses = ", ".join(f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses)
     if recipe.task_loss_weight:
         losses += f", {recipe.task_loss_weight:g} x task loss"
+    if recipe.on_policy is not None:
+        losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
     student = recipe.student.derive.model_dump(exclude_none=True) if recipe.student.derive else (
         recipe.student.arch or recipe.student.source)
     steps = json.loads((folder / "student" / "distill.json").read_text())["steps"]

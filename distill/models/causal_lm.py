@@ -77,6 +77,13 @@ class HFCausalLMAdapter(_HFTextAdapter):
         if "text" in inputs:
             enc = self.tokenize(inputs["text"])
             return {**enc, "loss_mask": enc["attention_mask"]}
+        if "prompt_ids" in inputs:  # already token ids (continuations written by a model, see continue_prompts)
+            return self._join(inputs["prompt_ids"], inputs["completion_ids"])
+        prompts, completions = self._prompt_parts(inputs)
+        return self._join(prompts, completions)
+
+    def _prompt_parts(self, inputs: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of the prompts and completions of prompt/completion or chat records."""
         if "messages" in inputs:
             pairs = [self._chat_parts(m) for m in inputs["messages"]]
             prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
@@ -86,7 +93,52 @@ class HFCausalLMAdapter(_HFTextAdapter):
             eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
             completions = [ids + eos for ids in
                            self.tokenizer(list(inputs["completion"]), add_special_tokens=False)["input_ids"]]
-        return self._join(prompts, completions)
+        return prompts, completions
+
+    @torch.no_grad()
+    def continue_prompts(self, inputs: dict[str, Any], *, max_new_tokens: int, temperature: float = 1.0,
+                         top_p: float = 1.0, prompt_tokens: int | None = None) -> dict[str, Any]:
+        """This model's own sampled continuations of a batch's prompts, as token ids.
+
+        The prompts are those of prompt/completion or chat records, or for plain text the first
+        ``prompt_tokens`` tokens of each text (default: its first half). Returns inputs that
+        :meth:`encode` (of this model or of another with the same vocabulary) reads:
+        ``prompt_ids`` and ``completion_ids``, a completion ending at the model's end-of-text
+        token if it wrote one. The model is sampled in eval mode, its training mode restored after.
+        """
+        if "text" in inputs:
+            ids = self.tokenizer(list(inputs["text"]), truncation=True, max_length=self.max_length)["input_ids"]
+            prompts = [row[: max(1, min(prompt_tokens or len(row) // 2, len(row) - 1))] for row in ids]
+        elif "prompt_ids" in inputs:
+            prompts = [list(p) for p in inputs["prompt_ids"]]
+        else:
+            prompts = self._prompt_parts(inputs)[0]
+        prompts = [p[: self.max_length - 1] for p in prompts]
+        width = max(len(p) for p in prompts)
+        new_tokens = min(max_new_tokens, self.max_length - min(len(p) for p in prompts))
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        # Left-padded: every row's next token comes right after its prompt.
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.as_tensor(p)
+            attention[i, width - len(p):] = 1
+        model = _unwrap(self.module)
+        device = _device_of(model)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new_tokens,
+                                 pad_token_id=pad, eos_token_id=eos)
+        finally:
+            model.train(was_training)
+        completions = []
+        for prompt, row in zip(prompts, out[:, width:].tolist(), strict=True):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            completions.append(row[: self.max_length - len(prompt)])
+        return {"prompt_ids": prompts, "completion_ids": completions}
 
     def _chat_parts(self, messages: list[dict[str, str]]) -> tuple[str, str]:
         """A chat rendered by the tokenizer's template, split before the last (assistant) turn."""
