@@ -96,9 +96,10 @@ TOOLS = ("distill", "trl")
 
 def build_models(folder: Path) -> dict[str, Path]:
     """The tokenizer, teacher and student folders (built once per settings, then reused)."""
-    import tokenizers
     import torch
     import transformers
+
+    from distill.models.causal_lm import byte_level_bpe
 
     settings = {"vocab": VOCAB, "max_length": MAX_LENGTH, "models": MODELS, "transformers": transformers.__version__}
     paths = {name: folder / name for name in MODELS}
@@ -107,13 +108,7 @@ def build_models(folder: Path) -> dict[str, Path]:
         return paths
     shutil.rmtree(folder, ignore_errors=True)
     text = (DATA / "input.txt").read_text()
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer = byte_level_bpe(text, VOCAB)
     for name, (layers, width, heads, seed) in MODELS.items():
         torch.manual_seed(seed)
         config = transformers.GPT2Config(

@@ -219,6 +219,11 @@ class TrainSpec(_Spec):
     vocabulary table as derived from the teacher and makes each step cheaper)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for PyTorch; ``null`` keeps PyTorch's default."""
+    shard_teacher: bool = False
+    """With several processes, shard the frozen teacher's weights across them (FSDP,
+    ``torch.distributed.fsdp.fully_shard``, one unit per transformer block): each process keeps
+    1/N of them and gathers one block at a time for its forward pass. For a teacher too large for
+    one device; it then runs online (no teacher cache). ``false`` gives every process a full copy."""
     compile: bool = False
     """Compile the student with ``torch.compile`` (in place, so checkpoints and the saved model
     are unchanged). Faster steps on GPU after a compilation of a minute or more at the start."""
@@ -347,6 +352,9 @@ class Recipe(_Spec):
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
+        if self.train.shard_teacher and self.cache.top_k is not None:
+            raise ValueError("train.shard_teacher: a sharded teacher runs online, beside the training; build the "
+                             "logit cache without it (distill cache) or set cache.top_k: null")
         if self.on_policy is not None:
             if not any(s.name == "token_kd" for s in self.losses):
                 raise ValueError("on_policy: the teacher scores the student's continuations token by token; "

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from distill.cache import TeacherCache
@@ -640,4 +641,7 @@ def _teacher_outputs(batch: Batch, teacher: Teacher | None, cache: TeacherCache 
     assert teacher is not None
     # no_grad, not inference_mode: the outputs are targets in an autograd graph.
     with torch.no_grad():
-        return dict(teacher(batch["inputs"]))
+        out = dict(teacher(batch["inputs"]))
+    # A sharded teacher's weights (its output head) come back as shards: gathered, in the same
+    # order on every process.
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in out.items()}

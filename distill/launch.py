@@ -22,7 +22,7 @@ from distill.config import TrainSpec
 from distill.engine import use_cpu
 from distill.errors import DistillError
 
-__all__ = ["launch", "launched", "process_state", "sync_batchnorm"]
+__all__ = ["launch", "launched", "process_state", "shard_frozen", "sync_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +94,31 @@ def sync_batchnorm(module: nn.Module, state: PartialState) -> nn.Module:
                     "synchronised batch norm needs GPUs, so %d CPU processes train it slightly differently from one",
                     state.num_processes)
     return module
+
+
+def shard_frozen(module: nn.Module, device: torch.device, processes: int) -> tuple[int, int]:
+    """Shard a frozen model's weights across the ``processes`` processes with FSDP
+    (``fully_shard``), in place, onto ``device``.
+
+    Each transformer block (the classes a ``transformers`` model lists in ``_no_split_modules``)
+    is one unit and the rest of the model another: a forward pass gathers one unit's weights at
+    a time and frees them after, so a process holds its 1/N share plus one unit. Every process
+    must then call the model together (the same number of forward passes, in the same order).
+    Outputs that are weights (an output head) come back as ``DTensor`` and are gathered by the
+    caller (``DTensor.full_tensor``).
+
+    Returns:
+        The parameters this process keeps and the model's total.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (processes,))
+    blocks = set(getattr(module, "_no_split_modules", None) or ())
+    for sub in list(module.modules()):
+        if sub is not module and type(sub).__name__ in blocks:
+            fully_shard(sub, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    local = sum(p.to_local().numel() for p in module.parameters())
+    total = sum(p.numel() for p in module.parameters())
+    return local, total

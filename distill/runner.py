@@ -25,7 +25,7 @@ from distill.engine import ShuffledBatches, make_accelerator, per_process_batch,
 from distill.errors import ModelError, RecipeError, RunFolderError
 from distill.evaluate import measure, time_models
 from distill.export import read_exports, write_model_card
-from distill.launch import process_state, sync_batchnorm
+from distill.launch import process_state, shard_frozen, sync_batchnorm
 from distill.logit_cache import TokenLogitCache
 from distill.models.adapters import Adapter, load_hf, load_torch_classifier
 from distill.models.derive import derive_student
@@ -147,7 +147,13 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
     accelerator = make_accelerator(recipe.train)
     distilled = role == "student"
     pair = _pairing(recipe, teacher, task, distilled)
-    teacher.module.to(accelerator.device)  # after the pairing check, which runs both models on the CPU
+    # After the pairing check, which runs both models on the CPU.
+    if distilled and _sharded_teacher(recipe, accelerator.num_processes):
+        local, total = shard_frozen(teacher.module, accelerator.device, accelerator.num_processes)
+        log.info("teacher sharded across %d processes: this one holds %d of its %d parameters",
+                 accelerator.num_processes, local, total)
+    elif not _is_sharded(teacher.module):
+        teacher.module.to(accelerator.device)
     try:
         result = train(
             student=pair.student, task=task, terms=pair.terms, projectors=pair.projectors,
@@ -166,6 +172,17 @@ def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: Te
         (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
     accelerator.wait_for_everyone()
     return pair.student
+
+
+def _sharded_teacher(recipe: Recipe, processes: int) -> bool:
+    """Whether this run shards its teacher (``train.shard_teacher`` with more than one process)."""
+    return recipe.train.shard_teacher and processes > 1
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def load_teacher(recipe: Recipe) -> Adapter:
@@ -292,10 +309,14 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
     pair = _pairing(recipe, teacher, task, True)  # fail fast, before the teacher cache
+    sharded = _sharded_teacher(recipe, procs.num_processes)
+    if recipe.train.shard_teacher and not sharded:
+        log.info("train.shard_teacher: one process, so the teacher stays whole")
     try:
         trained = (folder / "student" / "distill.json").is_file()
-        teacher.module.to(procs.device)
-        cache = None if trained else _cache_for(recipe, pair, task)
+        if not sharded:  # a teacher too large for one device runs online, sharded
+            teacher.module.to(procs.device)
+        cache = None if trained or sharded else _cache_for(recipe, pair, task)
     finally:
         teacher.module.to("cpu")
         pair.release()
@@ -304,7 +325,8 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
         _train_one(recipe, "baseline", teacher, task, None, folder)
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
-    models = evaluate_run(folder, recipe, task, teacher)
+    # A sharded teacher is whole nowhere: the main process loads it again, on the CPU, to measure it.
+    models = evaluate_run(folder, recipe, task, None if sharded else teacher)
     report = report_run(folder)
     return RunResult(folder, report, models)
 

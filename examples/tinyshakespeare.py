@@ -24,6 +24,7 @@ import torch
 
 import distill
 from distill.data import read_text
+from distill.models.causal_lm import byte_level_bpe
 
 ROOT = Path("runs/tinyshakespeare-models")
 ARCHITECTURES = {
@@ -34,19 +35,6 @@ ARCHITECTURES = {
 }
 
 
-def train_tokenizer(text: str, vocab_size: int):  # noqa: ANN201 - transformers is imported lazily
-    import tokenizers
-    import transformers
-
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-
-
 def write_models(data: Path, vocab_size: int, context: int, seed: int = 0) -> None:
     """Tokenizer and the two model folders (skipped when they exist)."""
     import transformers
@@ -54,7 +42,7 @@ def write_models(data: Path, vocab_size: int, context: int, seed: int = 0) -> No
     if all((ROOT / name / "config.json").is_file() for name in ARCHITECTURES):
         return
     text = read_text(data)
-    tokenizer = train_tokenizer(text[: int(len(text) * 0.9)], vocab_size)
+    tokenizer = byte_level_bpe(text[: int(len(text) * 0.9)], vocab_size)
     for name, arch in ARCHITECTURES.items():
         torch.manual_seed(seed)
         config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=context,

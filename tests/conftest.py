@@ -50,16 +50,9 @@ CHAT_TEMPLATE = (
 
 def bpe_tokenizer(text: str, vocab_size: int = 300):  # noqa: ANN201 - a transformers tokenizer
     """A byte-level BPE tokenizer trained on ``text``, end-of-text token ``<|endoftext|>`` (id 0)."""
-    import tokenizers
-    import transformers
+    from distill.models.causal_lm import byte_level_bpe
 
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    return byte_level_bpe(text, vocab_size)
 
 
 def _gpt(folder: Path, tokenizer, layers: int, width: int, seed: int) -> Path:  # noqa: ANN001

@@ -12,6 +12,7 @@ to the last digit.)
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -231,3 +232,46 @@ def test_logit_cache_of_two_processes_equals_one(tmp_path, data_dir, gpt_pair):
     # Rank 0 wrote shards 0 and 2, rank 1 shard 1; the merged list is the one-process cache's.
     assert len(two["shards"]) == 3 and two["shards"] == one.meta["shards"]
     assert two["vocab"] == one.vocab and not list(folder.glob("meta.rank-*"))
+
+
+def test_sharded_teacher_gives_the_replicated_teachers_run(tmp_path, data_dir, gpt_pair):
+    # FSDP splits the frozen teacher's weights between the processes and gathers one block at a
+    # time: its outputs, hence the whole run, are those of a full copy in every process.
+    teacher, student = gpt_pair
+    recipe = {
+        "name": "tiny-lm-fsdp", "task": "lm",
+        "teacher": {"kind": "hf-causal-lm", "source": str(teacher), "max_length": 64},
+        "student": {"source": str(student), "max_length": 64},
+        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
+                 "train_limit": 24, "eval_limit": 4, "test_limit": 4},
+        "losses": [{"name": "token_kd", "params": {"kind": "forward_kl"}}], "task_loss_weight": 0.5,
+        "train": {"max_steps": 4, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4},
+        "cache": {"dir": str(tmp_path / "cache")}, "baseline": False,
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
+    }
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runs = {}
+    for name, shard in (("whole", "false"), ("sharded", "true")):
+        runs[name] = _cli(["-m", "distill.cli", "run", str(path), "--nproc", "2", "--set",
+                           f"output_dir={tmp_path / name}", "--set", f"train.shard_teacher={shard}"])
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    log = runs["sharded"].stdout + runs["sharded"].stderr
+    # GPT-2 blocks split in two; the tied embedding and head too: each process keeps half.
+    held = [int(x) for x in re.findall(r"this one holds (\d+) of its (\d+) parameters", log)[0]]
+    assert held[0] * 2 == pytest.approx(held[1], abs=64)
+    _same_training(tmp_path / "whole", tmp_path / "sharded")
+    perplexities = [json.loads((tmp_path / n / "eval.json").read_text())["models"] for n in ("whole", "sharded")]
+    assert perplexities[0]["teacher"]["perplexity"] == perplexities[1]["teacher"]["perplexity"]
+    assert perplexities[0]["student"]["perplexity"] == pytest.approx(perplexities[1]["student"]["perplexity"],
+                                                                     rel=1e-5)
+
+
+def test_sharded_teacher_and_logit_cache_are_refused():
+    from distill.config import parse_recipe
+
+    recipe = {"name": "x", "task": "lm", "teacher": {"kind": "hf-causal-lm", "source": "t"},
+              "student": {"source": "s"}, "data": {"format": "text", "path": "d"},
+              "losses": [{"name": "token_kd"}], "cache": {"top_k": 8}, "train": {"shard_teacher": True}}
+    with pytest.raises(RecipeError, match="train.shard_teacher: a sharded teacher runs online"):
+        parse_recipe(recipe)

@@ -17,7 +17,25 @@ from torch import Tensor, nn
 from distill.errors import DataError
 from distill.models.adapters import _device_of, _HFTextAdapter, _unwrap
 
-__all__ = ["HFCausalLMAdapter"]
+__all__ = ["HFCausalLMAdapter", "byte_level_bpe"]
+
+
+def byte_level_bpe(text: str, vocab_size: int, eos_token: str = "<|endoftext|>") -> Any:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on ``text``, for a causal LM trained from
+    scratch: any string encodes, and ``eos_token`` is its end-of-text token (id 0).
+
+    Returns a ``transformers`` ``PreTrainedTokenizerFast`` (``save_pretrained`` writes it beside a model).
+    """
+    import tokenizers
+    import transformers
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos_token)
 
 
 class HFCausalLMAdapter(_HFTextAdapter):
