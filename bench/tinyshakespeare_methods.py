@@ -9,7 +9,8 @@ the teacher) is trained for the same number of steps on the same blocks:
 ``reverse_kl``  the same with reverse KL (MiniLLM), ``jsd`` with JSD beta 0.5 (GKD);
 ``on-policy``   GKD: JSD beta 0.5, half the batches (lambda 0.5) the student's own continuations
                 (up to 96 tokens) of the first half of each block, scored by the teacher online;
-                ``on-policy-fkl`` the same with forward KL;
+                ``on-policy-fkl`` the same with forward KL; ``on-policy-late`` JSD with on-policy
+                batches only in the second half of the steps (``on_policy.start: 0.5``);
 ``cache-k8``, ``cache-k32``, ``cache-full``  forward KL from the logit cache (``distill cache``)
                 holding the teacher's top 8 / top 32 / all next-token log-probabilities;
 ``generations`` sequence level: cross-entropy on the teacher's own continuations of the first
@@ -60,6 +61,8 @@ METHODS: dict[str, list[str]] = {
     "jsd": [*_kd("jsd", beta=0.5), "baseline=false"],
     "on-policy": [*_kd("jsd", beta=0.5), "on_policy={fraction: 0.5, max_new_tokens: 96}", "baseline=false"],
     "on-policy-fkl": [*_kd("forward_kl"), "on_policy={fraction: 0.5, max_new_tokens: 96}", "baseline=false"],
+    "on-policy-late": [*_kd("jsd", beta=0.5), "on_policy={fraction: 0.5, max_new_tokens: 96, start: 0.5}",
+                       "baseline=false"],
     "cache-k8": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=8", "baseline=false"],
     "cache-k32": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=32", "baseline=false"],
     "cache-full": [*_kd("forward_kl"), "cache.enabled=true", "cache.top_k=0", "baseline=false"],

@@ -263,6 +263,10 @@ class OnPolicySpec(_Spec):
     """Sampling temperature of the student's continuations."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling: draw from the smallest set of tokens holding this much probability."""
+    start: float = Field(0.0, ge=0, lt=1)
+    """Share of the training steps before the first on-policy batch: the student first learns
+    from the data alone, so that what it writes is worth scoring (GKD starts from a student
+    already fine-tuned on the data)."""
     prompt_tokens: int | None = Field(None, ge=1)
     """Plain-text data has no prompts: each block's first ``prompt_tokens`` tokens are its prompt
     (default: the first half of the block). Prompt/completion and chat data use their prompts."""

@@ -165,7 +165,7 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
     if accelerator.distributed_type in _UNSUPPORTED:
         raise RecipeError(f"this launch asks for {accelerator.distributed_type.value}; distill trains the student "
                           "with DistributedDataParallel: launch with torchrun, or accelerate launch without "
-                          "FSDP or DeepSpeed")
+                          "FSDP or DeepSpeed (a teacher too large for one device: train.shard_teacher: true)")
     return accelerator
 
 
@@ -563,7 +563,8 @@ def train(
     while state.step < steps:
         for batch in batches.epoch(state.epoch, state.batch):
             share = float(batch.get("share", 1.0))
-            if on_policy is not None and on_policy_turn(seed, state.epoch, state.batch, on_policy.fraction):
+            if (on_policy is not None and state.step >= on_policy.start * steps
+                    and on_policy_turn(seed, state.epoch, state.batch, on_policy.fraction)):
                 batch = _student_written(student, batch, on_policy)
                 written_in_step += 1
             with accelerator.accumulate(model):

@@ -127,6 +127,15 @@ def test_on_policy_run_end_to_end(tmp_path, data_dir, gpt_pair):
     assert torch.isfinite(torch.tensor(result.models["student"]["perplexity"]))
 
 
+def test_on_policy_batches_start_after_their_share_of_steps(tmp_path, data_dir, gpt_pair):
+    teacher, student = gpt_pair
+    spec = lm_recipe(tmp_path, data_dir, teacher, student, baseline=False,
+                     on_policy={"fraction": 1.0, "start": 0.5, "max_new_tokens": 4})
+    distill.run(spec)
+    records = [json.loads(x) for x in (tmp_path / "run/train/student/metrics.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in records if "loss" in r] == [0, 0, 0, 1, 1, 1]
+
+
 def test_on_policy_run_resumes_after_sigkill_as_if_never_stopped(tmp_path, data_dir, gpt_pair):
     teacher, student = gpt_pair
     spec = lm_recipe(tmp_path, data_dir, teacher, student, baseline=False, seed=1,
@@ -166,4 +175,4 @@ def test_on_policy_recipes_are_checked(tmp_path, data_dir, gpt_pair, change, mes
 
 def test_on_policy_defaults():
     spec = OnPolicySpec()
-    assert (spec.fraction, spec.max_new_tokens, spec.temperature, spec.top_p) == (0.5, 64, 1.0, 1.0)
+    assert (spec.fraction, spec.max_new_tokens, spec.temperature, spec.top_p, spec.start) == (0.5, 64, 1.0, 1.0, 0.0)
