@@ -237,18 +237,9 @@ def test_logit_cache_of_two_processes_equals_one(tmp_path, data_dir, gpt_pair):
 def test_sharded_teacher_gives_the_replicated_teachers_run(tmp_path, data_dir, gpt_pair):
     # FSDP splits the frozen teacher's weights between the processes and gathers one block at a
     # time: its outputs, hence the whole run, are those of a full copy in every process.
-    teacher, student = gpt_pair
-    recipe = {
-        "name": "tiny-lm-fsdp", "task": "lm",
-        "teacher": {"kind": "hf-causal-lm", "source": str(teacher), "max_length": 64},
-        "student": {"source": str(student), "max_length": 64},
-        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
-                 "train_limit": 24, "eval_limit": 4, "test_limit": 4},
-        "losses": [{"name": "token_kd", "params": {"kind": "forward_kl"}}], "task_loss_weight": 0.5,
-        "train": {"max_steps": 4, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4},
-        "cache": {"dir": str(tmp_path / "cache")}, "baseline": False,
-        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
-    }
+    from test_causal_lm import lm_recipe
+
+    recipe = lm_recipe(tmp_path, data_dir, *gpt_pair, baseline=False)
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(recipe))
     runs = {}
