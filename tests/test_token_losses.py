@@ -34,6 +34,14 @@ OPTIONS = [
     {"kind": "forward_kl", "temperature": 2.0},
     {"kind": "jsd", "beta": 0.1, "temperature": 0.7},
     {"kind": "skew_kl", "alpha": 0.3},
+    # The closed-form gradients at other temperatures and at the limits of beta and alpha.
+    {"kind": "reverse_kl", "temperature": 2.0},
+    {"kind": "skew_reverse_kl", "alpha": 0.3, "temperature": 1.5},
+    {"kind": "tvd", "temperature": 2.0},
+    {"kind": "jsd", "beta": 0.0},
+    {"kind": "jsd", "beta": 1.0},
+    {"kind": "skew_kl", "alpha": 0.0},
+    {"kind": "skew_reverse_kl", "alpha": 0.0},
     {"kind": "forward_kl", "top_k": 5},
     {"kind": "reverse_kl", "top_k": 5},
     {"kind": "jsd", "top_p": 0.8},
@@ -50,6 +58,16 @@ def test_chunked_equals_naive_loss_and_gradients(options, chunk):
     assert rel_err(chunked, naive) <= 1e-5
     for a, b in zip(chunked_grads, naive_grads, strict=True):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_closed_form_gradient_equals_autograd(kind):
+    args = problem(seed=3, dtype=torch.float64, bias=True)
+    closed = loss_and_grads(chunked_token_loss, *args, kind=kind, temperature=1.3, chunk_size=9)
+    auto = loss_and_grads(chunked_token_loss, *args, kind=kind, temperature=1.3, chunk_size=9, closed_form=False)
+    assert closed[0].item() == pytest.approx(auto[0].item(), rel=1e-12)
+    for a, b in zip(closed[1], auto[1], strict=True):
+        assert rel_err(a, b) <= 1e-10
 
 
 def test_chunked_loss_scales_with_upstream_gradient_and_skips_a_frozen_head():

@@ -140,6 +140,39 @@ def _divergence(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: flo
     raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
 
 
+def _divergence_grad(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float,
+                     temperature: float) -> Tensor:
+    """Gradient of :func:`token_divergence` (unrestricted: no ``top_k``/``top_p``) with respect to
+    the student's logits, row by row, in closed form.
+
+    With q = softmax(z / T) and g = dD/dq, the softmax's Jacobian gives
+    dD/dz = (r - q * sum(r)) / T where r = q * g; each divergence's r is written out below, so
+    no autograd graph is built over the ``(rows, vocab)`` chunk.
+    """
+    q = log_s.exp()
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind in ("skew_kl", "skew_reverse_kl") and alpha == 0.0:
+        kind = "forward_kl" if kind == "skew_kl" else "reverse_kl"
+    if kind == "forward_kl":  # g = -p / q
+        r = -log_t.exp()
+    elif kind == "reverse_kl":  # g = log q - log p + 1
+        r = q * (log_s - log_t + 1)
+    elif kind == "jsd":  # m = beta p + (1 - beta) q; g = (1 - beta) log(q / m)
+        r = (1 - beta) * q * (log_s - _mix(log_t, log_s, beta))
+    elif kind == "skew_kl":  # m = alpha p + (1 - alpha) q; g = -(1 - alpha) p / m
+        r = -(1 - alpha) * (log_t + log_s - _mix(log_t, log_s, alpha)).exp()
+    elif kind == "skew_reverse_kl":  # m = alpha q + (1 - alpha) p; g = log(q / m) + 1 - alpha q / m
+        log_m = _mix(log_s, log_t, alpha)
+        r = q * (log_s - log_m + 1 - alpha * (log_s - log_m).exp())
+    elif kind == "tvd":  # g = sign(q - p) / 2
+        r = 0.5 * q * torch.sign(q - log_t.exp())
+    else:
+        raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+    scale = 1.0 if kind == "tvd" else temperature**2
+    return (r - q * r.sum(-1, keepdim=True)) * (scale / temperature)
+
+
 def sparse_token_divergence(
     student_logits: Tensor,
     teacher_logp: Tensor,
@@ -230,9 +263,10 @@ def token_loss(
 class _Chunked(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them.
 
-    Per chunk only the logits are differentiated by autograd; the gradients of the hidden
-    states, head and bias follow from the logits' gradient by two matrix products, the head's
-    accumulated in place, so no head-sized temporary is made per chunk.
+    Per chunk only the logits' gradient is needed: in closed form when a ``row_grad`` gives it
+    (every unrestricted divergence, cross-entropy), else by autograd over that chunk. The
+    gradients of the hidden states, head and bias follow from it by two matrix products, the
+    head's accumulated in place, so no head-sized temporary is made per chunk.
     """
 
     @staticmethod
@@ -244,6 +278,7 @@ class _Chunked(torch.autograd.Function):
         mask: Tensor,
         chunk: int,
         row_loss: Callable[[Tensor, slice], Tensor],
+        row_grad: RowGrad | None = None,
     ) -> Tensor:
         rows = s_hidden.shape[0]
         acc = _wide(s_hidden).dtype
@@ -260,11 +295,16 @@ class _Chunked(torch.autograd.Function):
             if not keep.any():
                 continue
             h = s_hidden[part].detach().to(acc)
-            logits = _logits(h, weight, bias).requires_grad_(True)
-            with torch.enable_grad():
-                per_token = row_loss(logits, part)
+            if row_grad is not None:
+                per_token, grad_rows = row_grad(_logits(h, weight, bias), part)
                 loss = (per_token * keep).sum() / count
-                (grad_logits,) = torch.autograd.grad(loss, logits)
+                grad_logits = grad_rows * (keep / count)[:, None]
+            else:
+                logits = _logits(h, weight, bias).requires_grad_(True)
+                with torch.enable_grad():
+                    per_token = row_loss(logits, part)
+                    loss = (per_token * keep).sum() / count
+                    (grad_logits,) = torch.autograd.grad(loss, logits)
             total += loss.detach()
             grad_h[part] = grad_logits @ weight
             if grad_w is not None:
@@ -279,7 +319,7 @@ class _Chunked(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # type: ignore[override]
         # Scaled copies, not in place: a graph kept with retain_graph may be differentiated again.
         grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]  # type: ignore[attr-defined]
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 #: Logit elements per chunk when no chunk size is given: 8M float32 values, 32 MiB per copy
@@ -295,12 +335,16 @@ def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
     return chunk_size
 
 
+#: A chunk's per-row losses and their gradient with respect to its logits: ``(logits, rows) -> (loss, grad)``.
+RowGrad = Callable[[Tensor, slice], tuple[Tensor, Tensor]]
+
+
 def _apply_chunked(hidden: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, chunk: int,
-                   row_loss: Callable[[Tensor, slice], Tensor]) -> Tensor:
+                   row_loss: Callable[[Tensor, slice], Tensor], row_grad: RowGrad | None = None) -> Tensor:
     """The chunked loss; without autograd (evaluation, inference mode) the same sum, no gradients."""
     wants_grad = any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     if torch.is_grad_enabled() and wants_grad:
-        return _Chunked.apply(hidden, weight, bias, mask, chunk, row_loss)
+        return _Chunked.apply(hidden, weight, bias, mask, chunk, row_loss, row_grad)
     acc = _wide(hidden).dtype
     total = torch.zeros((), dtype=acc, device=hidden.device)
     count = mask.sum().clamp_min(1).to(acc)
@@ -326,6 +370,7 @@ def chunked_token_loss(
     alpha: float = 0.1,
     top_k: int | None = None,
     top_p: float | None = None,
+    closed_form: bool = True,
 ) -> Tensor:
     """Mean token divergence over the masked tokens, never holding more than one chunk of logits.
 
@@ -344,6 +389,8 @@ def chunked_token_loss(
         chunk_size: Rows per chunk; peak memory grows with ``chunk_size * V``, not with ``N``.
             ``None`` picks :data:`CHUNK_ELEMENTS` ``// V`` rows (at least 16).
         temperature, beta, alpha, top_k, top_p: As in :func:`token_divergence`.
+        closed_form: Without ``top_k``/``top_p``, take each chunk's gradient from its closed
+            form rather than from autograd (the same values; less time and memory).
 
     Returns:
         A scalar.
@@ -366,7 +413,16 @@ def chunked_token_loss(
         return token_divergence(logits, teacher, kind, temperature=temperature, beta=beta, alpha=alpha,
                                 top_k=top_k, top_p=top_p)
 
-    return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss)
+    def row_grad(logits: Tensor, part: slice) -> tuple[Tensor, Tensor]:
+        teacher = _logits(t_hidden[part], t_weight, t_bias).to(logits.dtype)
+        log_s, log_t = _log_probs(logits, temperature), _log_probs(teacher, temperature)
+        scale = 1.0 if kind == "tvd" else temperature**2
+        return (_divergence(log_s, log_t, kind, beta, alpha) * scale,
+                _divergence_grad(log_s, log_t, kind, beta, alpha, temperature))
+
+    unrestricted = closed_form and top_k is None and top_p is None
+    return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss,
+                          row_grad if unrestricted else None)
 
 
 def chunked_topk_loss(
@@ -408,7 +464,15 @@ def chunked_topk_loss(
         return sparse_token_divergence(logits, logp[part].to(logits.device), ids, kind, temperature=temperature,
                                        beta=beta, alpha=alpha)
 
-    return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss)
+    def row_grad(logits: Tensor, part: slice) -> tuple[Tensor, Tensor]:  # the full distribution, no pooling
+        log_s = _log_probs(logits, temperature)
+        log_t = logp[part].to(logits.device, logits.dtype).clamp_min(torch.finfo(logits.dtype).min)
+        scale = 1.0 if kind == "tvd" else temperature**2
+        return (_divergence(log_s, log_t, kind, beta, alpha) * scale,
+                _divergence_grad(log_s, log_t, kind, beta, alpha, temperature))
+
+    return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss,
+                          row_grad if teacher_ids is None else None)
 
 
 def chunked_cross_entropy(
@@ -440,7 +504,14 @@ def chunked_cross_entropy(
     def row_loss(logits: Tensor, part: slice) -> Tensor:
         return F.cross_entropy(logits, targets[part].to(logits.device), reduction="none")
 
-    return _apply_chunked(hidden, weight, bias, mask.reshape(-1), chunk_size, row_loss)
+    def row_grad(logits: Tensor, part: slice) -> tuple[Tensor, Tensor]:  # softmax minus the one-hot target
+        rows = targets[part].to(logits.device)
+        log_q = F.log_softmax(logits, -1)
+        grad = log_q.exp()
+        grad[torch.arange(len(rows), device=grad.device), rows] -= 1
+        return -log_q.gather(-1, rows[:, None])[:, 0], grad
+
+    return _apply_chunked(hidden, weight, bias, mask.reshape(-1), chunk_size, row_loss, row_grad)
 
 
 class TokenKDLoss(nn.Module):
