@@ -144,7 +144,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    folders = {}
+    folders, ran = {}, False
     for i, method in enumerate(args.methods):
         suffix, changes = METHODS[method]
         folder = Path(args.out + suffix).resolve()
@@ -153,9 +153,10 @@ def main() -> None:
         else:
             changes = changes if i == 0 or "baseline=false" in changes else [*changes, "baseline=false"]
             distill.run(args.recipe, [*_overrides(args), *changes, f"output_dir={folder}"])
+            ran = True
         folders[method] = folder
     first, *rest = args.methods
-    print(table(folders[first], {m: folders[m] for m in rest}, time.perf_counter() - start))
+    print(table(folders[first], {m: folders[m] for m in rest}, time.perf_counter() - start if ran else None))
 
 
 if __name__ == "__main__":
