@@ -533,6 +533,9 @@ def train(
         checkpoints left out) and that of the first of them (which includes any warm-up). With
         ``on_policy``, also ``on_policy_batches``: how many of this call's batches the student wrote.
     """
+    if on_policy is not None and cache is not None:
+        raise RecipeError("on_policy: the teacher must score text the student writes during training, so it runs "
+                          "online; set cache.top_k: null")
     main = accelerator.is_main_process
     if main:
         folder.mkdir(parents=True, exist_ok=True)
@@ -556,9 +559,6 @@ def train(
     running: dict[str, float] = {}
     started, first_step = time.perf_counter(), state.step
     first_seconds, aside = 0.0, 0.0  # the first step's time; time spent evaluating and checkpointing
-    if on_policy is not None and cache is not None:
-        raise RecipeError("on_policy: the teacher must score text the student writes during training, so it runs "
-                          "online; set cache.top_k: null")
     written, written_in_step = 0, 0
     while state.step < steps:
         for batch in batches.epoch(state.epoch, state.batch):
