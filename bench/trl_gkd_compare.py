@@ -135,15 +135,15 @@ def training_blocks(steps: int) -> list[str]:
 
     task = LanguageModelingTask(DataSpec(**data_spec(steps)))
 
-    class Positions:  # stands for the dataset: a "batch" is its indices
+    class Positions:  # stands for the dataset: a "batch" holds its indices
         def __len__(self) -> int:
             return len(task.train)
 
-        def batch(self, indices: list[int]) -> list[int]:
-            return indices
+        def batch(self, indices: list[int]) -> dict[str, list[int]]:
+            return {"index": indices}
 
     order = ShuffledBatches(Positions(), BATCH_SIZE, SEED, lengths=task.lengths())  # as distill.runner builds it
-    return [task.train.blocks[i] for batch in order.epoch(0) for i in batch]
+    return [task.train.blocks[i] for batch in order.epoch(0) for i in batch["index"]]
 
 
 def check_blocks(blocks: list[str], tokenizer_dir: Path) -> None:
