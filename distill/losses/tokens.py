@@ -140,37 +140,53 @@ def _divergence(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: flo
     raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
 
 
-def _divergence_grad(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float,
-                     temperature: float) -> Tensor:
-    """Gradient of :func:`token_divergence` (unrestricted: no ``top_k``/``top_p``) with respect to
-    the student's logits, row by row, in closed form.
+def _divergence_and_grad(log_s: Tensor, log_t: Tensor, kind: str, beta: float, alpha: float,
+                         temperature: float) -> tuple[Tensor, Tensor]:
+    """:func:`token_divergence` (unrestricted: no ``top_k``/``top_p``) of each row and its
+    gradient with respect to the student's logits, in closed form.
 
     With q = softmax(z / T) and g = dD/dq, the softmax's Jacobian gives
-    dD/dz = (r - q * sum(r)) / T where r = q * g; each divergence's r is written out below, so
-    no autograd graph is built over the ``(rows, vocab)`` chunk.
+    dD/dz = (r - q * sum(r)) / T where r = q * g. Each divergence's r is written out below,
+    sharing its exponentials with the value, so no autograd graph is built over the
+    ``(rows, vocab)`` chunk. Returns ``(value, grad)``, both scaled as :func:`token_divergence` is.
     """
-    q = log_s.exp()
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     if kind in ("skew_kl", "skew_reverse_kl") and alpha == 0.0:
         kind = "forward_kl" if kind == "skew_kl" else "reverse_kl"
-    if kind == "forward_kl":  # g = -p / q
-        r = -log_t.exp()
-    elif kind == "reverse_kl":  # g = log q - log p + 1
-        r = q * (log_s - log_t + 1)
+    scale = 1.0 if kind == "tvd" else temperature**2
+    q = log_s.exp()
+    if kind == "forward_kl":  # g = -p / q, so r = -p and r - q sum(r) = q sum(p) - p
+        p = log_t.exp()
+        value = (p * (log_t - log_s)).sum(-1)
+        grad = q.mul_(p.sum(-1, keepdim=True)).sub_(p)
+    elif kind == "reverse_kl":  # g = log(q / p) + 1, so r - q sum(r) = q (log(q / p) - KL)
+        d = log_s - log_t
+        value = (q * d).sum(-1)
+        grad = d.sub_(value[:, None]).mul_(q)
     elif kind == "jsd":  # m = beta p + (1 - beta) q; g = (1 - beta) log(q / m)
-        r = (1 - beta) * q * (log_s - _mix(log_t, log_s, beta))
+        log_m = _mix(log_t, log_s, beta)
+        value = beta * _kl(log_t, log_m) + (1 - beta) * (q * (log_s - log_m)).sum(-1)
+        r = (log_s - log_m).mul_(q).mul_(1 - beta)
+        grad = r.sub_(q * r.sum(-1, keepdim=True))
     elif kind == "skew_kl":  # m = alpha p + (1 - alpha) q; g = -(1 - alpha) p / m
-        r = -(1 - alpha) * (log_t + log_s - _mix(log_t, log_s, alpha)).exp()
+        log_m = _mix(log_t, log_s, alpha)
+        value = _kl(log_t, log_m)
+        r = (log_t + log_s - log_m).exp_().mul_(alpha - 1)
+        grad = r.sub_(q * r.sum(-1, keepdim=True))
     elif kind == "skew_reverse_kl":  # m = alpha q + (1 - alpha) p; g = log(q / m) + 1 - alpha q / m
-        log_m = _mix(log_s, log_t, alpha)
-        r = q * (log_s - log_m + 1 - alpha * (log_s - log_m).exp())
+        log_q_m = log_s - _mix(log_s, log_t, alpha)
+        value = (q * log_q_m).sum(-1)
+        r = (log_q_m + 1 - alpha * log_q_m.exp()).mul_(q)
+        grad = r.sub_(q * r.sum(-1, keepdim=True))
     elif kind == "tvd":  # g = sign(q - p) / 2
-        r = 0.5 * q * torch.sign(q - log_t.exp())
+        diff = q - log_t.exp()
+        value = 0.5 * diff.abs().sum(-1)
+        r = diff.sign_().mul_(q).mul_(0.5)
+        grad = r.sub_(q * r.sum(-1, keepdim=True))
     else:
         raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
-    scale = 1.0 if kind == "tvd" else temperature**2
-    return (r - q * r.sum(-1, keepdim=True)) * (scale / temperature)
+    return value * scale, grad.mul_(scale / temperature)
 
 
 def sparse_token_divergence(
@@ -416,9 +432,7 @@ def chunked_token_loss(
     def row_grad(logits: Tensor, part: slice) -> tuple[Tensor, Tensor]:
         teacher = _logits(t_hidden[part], t_weight, t_bias).to(logits.dtype)
         log_s, log_t = _log_probs(logits, temperature), _log_probs(teacher, temperature)
-        scale = 1.0 if kind == "tvd" else temperature**2
-        return (_divergence(log_s, log_t, kind, beta, alpha) * scale,
-                _divergence_grad(log_s, log_t, kind, beta, alpha, temperature))
+        return _divergence_and_grad(log_s, log_t, kind, beta, alpha, temperature)
 
     unrestricted = closed_form and top_k is None and top_p is None
     return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss,
@@ -467,9 +481,7 @@ def chunked_topk_loss(
     def row_grad(logits: Tensor, part: slice) -> tuple[Tensor, Tensor]:  # the full distribution, no pooling
         log_s = _log_probs(logits, temperature)
         log_t = logp[part].to(logits.device, logits.dtype).clamp_min(torch.finfo(logits.dtype).min)
-        scale = 1.0 if kind == "tvd" else temperature**2
-        return (_divergence(log_s, log_t, kind, beta, alpha) * scale,
-                _divergence_grad(log_s, log_t, kind, beta, alpha, temperature))
+        return _divergence_and_grad(log_s, log_t, kind, beta, alpha, temperature)
 
     return _apply_chunked(student_hidden, student_weight, student_bias, mask.reshape(-1), chunk_size, row_loss,
                           row_grad if teacher_ids is None else None)
