@@ -22,8 +22,7 @@ Validation perplexity on the held-out last 10% of the text (token level, the mod
 the change against ``data``; ``--write`` puts the table into docs/results.md.
 
     python bench/tinyshakespeare_methods.py [--seeds 0 1 2] [--methods forward_kl jsd] [--write docs/results.md]
-    python bench/tinyshakespeare_methods.py --methods forward_kl jsd on-policy on-policy-fkl \
-        --write docs/results.md --section tinyshakespeare-on-policy
+    python bench/tinyshakespeare_methods.py --collect --write docs/results.md   # tabulate finished runs
 """
 
 from __future__ import annotations
