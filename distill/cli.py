@@ -112,6 +112,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(inspect_command(args.model, kind=args.kind, arch=args.arch, role=args.role,
                               input_shape=args.input_shape, as_json=args.json))
         return 0
+    if args.command == "generate" and args.nproc != 1:
+        from distill.launch import launch
+
+        return launch(_without_nproc(args.argv), args.nproc)
     if args.command == "generate":
         from distill.generate import generate_command
 
@@ -167,6 +171,19 @@ def _argv_for_processes(args: argparse.Namespace) -> list[str]:
     return argv + [part for value in args.overrides for part in ("--set", value)]
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` (or ``--nproc=N``)."""
+    out, skip = [], False
+    for i, part in enumerate(argv):
+        if skip:
+            skip = False
+        elif part == "--nproc" and i + 1 < len(argv):
+            skip = True
+        elif not part.startswith("--nproc="):
+            out.append(part)
+    return out
+
+
 def _leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
@@ -176,6 +193,7 @@ def _leave_process_group() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, with its message on stderr)."""
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     rank = _rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -343,7 +343,9 @@ class LocalTeacher:
             from distill.models.adapters import require_transformers
 
             transformers = require_transformers()
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            # Under --nproc, process i takes GPU i.
+            gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            device = (gpu if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
             dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
             try:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -948,6 +950,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale = parser.add_argument_group("scale-out")
     scale.add_argument("--shard", metavar="I/N", help="only distinct prompts p with p %% N == I, to a shard file")
     scale.add_argument("--merge", type=Path, metavar="OUT", help="merge SHARD_FILE... into OUT (and nothing else)")
+    scale.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="N processes on this machine (one GPU each when there are GPUs), each a shard; "
+                            "the first merges them into --output")
     parser.add_argument("shard_files", nargs="*", type=Path, metavar="SHARD_FILE", help="with --merge: shard outputs")
 
 
@@ -983,4 +988,23 @@ def generate_command(args: argparse.Namespace) -> str:
                                trust_remote_code=args.trust_remote_code)
     filters = Filters(args.filter_regex, args.verifier, args.verifier_timeout, hide_env=[args.api_key_env])
     shard = parse_shard(args.shard) if args.shard else None
+    from distill.launch import launched
+
+    if shard is None and launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        return _generate_in_processes(args, teacher, sampling, filters)
     return str(generate(args.input, args.output, teacher, sampling, filters, shard))
+
+
+def _generate_in_processes(args: argparse.Namespace, teacher: Teacher, sampling: Sampling, filters: Filters) -> str:
+    """One of ``--nproc`` processes: generate shard RANK of WORLD, wait for the others, and (the
+    first process) merge every shard into ``--output``."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)  # joins the others over gloo: only to wait for them
+    rank, world = state.process_index, state.num_processes
+    summary = generate(args.input, args.output, teacher, sampling, filters, (rank, world))
+    state.wait_for_everyone()
+    if rank != 0:
+        return f"process {rank}: {summary}"
+    shards = [OutputPaths.of(args.output, (i, world)).output for i in range(world)]
+    return f"{summary}\n{merge_shards(args.output, shards)}"

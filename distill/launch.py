@@ -55,8 +55,11 @@ def launch(argv: list[str], nproc: int) -> int:
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
-    args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", "distill.cli", *argv])
+    parser = get_args_parser()
+    # distill's own options follow the module name; without abbreviations none of them can pass
+    # for one of the launcher's (``--n`` would read as ``--nnodes``/``--nproc-per-node``).
+    parser.allow_abbrev = False
+    args = parser.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "distill.cli", *argv])
     try:
         run(args)
     except ChildFailedError as exc:

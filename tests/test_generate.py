@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -382,6 +383,21 @@ def test_shards_merge_into_the_unsharded_output(models, tmp_path, capsys):
     assert "shard(s) [1] missing" in capsys.readouterr().err
     assert main(["generate", "--merge", str(tmp_path / "m.jsonl"), str(shards[0]), str(shards[0])]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_processes_each_take_a_shard_and_the_first_merges_them(models, tmp_path):
+    teacher, _ = models
+    write_prompts(tmp_path / "prompts.jsonl")
+    common = ["--n", "2", "--max-new-tokens", "6"]
+    assert main(local_args(tmp_path, teacher, "one.jsonl", *common)) == 0
+    out = subprocess.run([sys.executable, "-m", "distill.cli", *local_args(tmp_path, teacher, "two.jsonl", *common),
+                          "--nproc", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Seeds follow each prompt, not the process that draws it: the merged output is one process's.
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.glob("two.shard-*-of-2.jsonl")) == [
+        "two.shard-0-of-2.jsonl", "two.shard-1-of-2.jsonl"]
+    assert (tmp_path / "two.sha256").is_file()
 
 
 def test_prompts_reader_and_helpers(tmp_path):
