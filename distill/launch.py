@@ -122,6 +122,8 @@ def shard_frozen(module: nn.Module, device: torch.device, processes: int) -> tup
         if sub is not module and type(sub).__name__ in blocks:
             fully_shard(sub, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    local = sum(p.to_local().numel() for p in module.parameters())
+    from torch.distributed.tensor import DTensor
+
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
     total = sum(p.numel() for p in module.parameters())
     return local, total

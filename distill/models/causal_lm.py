@@ -146,9 +146,10 @@ class HFCausalLMAdapter(_HFTextAdapter):
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=True,
-                                 temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos)
+            out = model.generate(  # type: ignore[operator]  # a transformers model, not a plain Module
+                input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=True,
+                temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new_tokens,
+                pad_token_id=pad, eos_token_id=eos)
         finally:
             model.train(was_training)
         completions = []
