@@ -22,7 +22,7 @@ from distill.errors import ModelError, RecipeError
 from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter
 from distill.models.causal_lm import HFCausalLMAdapter
 
-__all__ = ["check_layers", "count_parameters", "derive_student"]
+__all__ = ["Importance", "check_layers", "count_parameters", "derive_student"]
 
 #: Encoders whose module names follow BERT's layout (``encoder.layer.N.attention.self.query``).
 BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
@@ -42,8 +42,12 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     raise ModelError(f"cannot find the encoder layers of {type(model).__name__}")
 
 
-class _Importance:
-    """Accumulates mean |activation| per hidden channel, head and FFN neuron via forward hooks."""
+class Importance:
+    """Accumulates mean |activation| per hidden channel, head and FFN neuron via forward hooks.
+
+    ``_attach`` puts the hooks on a BERT-layout encoder; a subclass puts them elsewhere (the
+    causal-LM layouts of :mod:`distill.models.derive_lm`), with the same accumulators.
+    """
 
     def __init__(self, model: nn.Module, head_size: int) -> None:
         self.head_size = head_size
@@ -183,7 +187,7 @@ def derive_student(
     head_keep: dict[int, Tensor] = {i: torch.arange(config.num_attention_heads) for i in layers}
     ffn_keep: dict[int, Tensor] = {i: torch.arange(config.intermediate_size) for i in layers}
     if narrower:
-        scores = _Importance(model, head_size)
+        scores = Importance(model, head_size)
         try:
             for batch in calibration:
                 teacher(batch)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from distill.config import DeriveSpec
 from distill.errors import ModelError, RecipeError
 from distill.models.causal_lm import HFCausalLMAdapter
-from distill.models.derive import _top, check_layers
+from distill.models.derive import Importance, _top, check_layers
 from distill.models.gguf import plain_config
 
 __all__ = ["CAUSAL_LMS", "derive_causal_lm"]
@@ -148,43 +148,24 @@ def _student_shape(spec: DeriveSpec, t: _Shape, layout: _Layout) -> _Shape:
     return _Shape(hidden, heads, heads // t.group, t.head_dim, ffn)
 
 
-class _Importance:
-    """Mean |activation| per hidden channel, attention head and feed-forward neuron, via hooks."""
+class _Importance(Importance):
+    """:class:`~distill.models.derive.Importance` with its hooks where ``layout`` says."""
 
     def __init__(self, model: nn.Module, layout: _Layout, head_dim: int) -> None:
-        self.head_dim = head_dim
-        self.hidden: Tensor | None = None
-        self.heads: dict[int, Tensor] = {}
-        self.neurons: dict[int, Tensor] = {}
-        self.handles: list[Any] = []
-        for name, module in model.named_modules():
-            match = layout.layer.search(name + ".")
-            if layout.norms.search(name):
-                self.handles.append(module.register_forward_hook(self._on_norm))
-            elif match and name.endswith(layout.heads_in):
-                i = int(match.group(1))
-                self.handles.append(module.register_forward_pre_hook(lambda m, a, i=i: self._on_heads(i, a[0])))
-            elif match and name.endswith(layout.ffn_in):
-                i = int(match.group(1))
-                self.handles.append(module.register_forward_pre_hook(lambda m, a, i=i: self._on_ffn(i, a[0])))
+        self.layout = layout
+        super().__init__(model, head_dim)
 
-    @staticmethod
-    def _magnitude(x: Tensor) -> Tensor:
-        return x.detach().abs().float().reshape(-1, x.shape[-1]).mean(0)
-
-    def _on_norm(self, module: nn.Module, args: Any, out: Tensor) -> None:
-        mag = self._magnitude(out)
-        self.hidden = mag if self.hidden is None else self.hidden + mag
-
-    def _on_heads(self, i: int, context: Tensor) -> None:
-        self.heads[i] = self.heads.get(i, 0) + self._magnitude(context).reshape(-1, self.head_dim).sum(-1)
-
-    def _on_ffn(self, i: int, act: Tensor) -> None:
-        self.neurons[i] = self.neurons.get(i, 0) + self._magnitude(act)
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def _attach(self, name: str, module: nn.Module) -> None:
+        layout = self.layout
+        match = layout.layer.search(name + ".")
+        if layout.norms.search(name):
+            self.handles.append(module.register_forward_hook(self._on_norm))
+        elif match and name.endswith(layout.heads_in):
+            i = int(match.group(1))
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, i=i: self._on_heads(i, a[0])))
+        elif match and name.endswith(layout.ffn_in):
+            i = int(match.group(1))
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, i=i: self._on_ffn(i, a[0])))
 
 
 def _channels(heads: Tensor, head_dim: int) -> Tensor:
