@@ -20,23 +20,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_engine import Items  # a dataset of indices
 
 import distill
 from distill.engine import ShuffledBatches, per_process_batch
 from distill.errors import RecipeError
 
 WEIGHTS = {"atol": 1e-5, "rtol": 1e-4}
-
-
-class Items:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def batch(self, indices):
-        return {"index": torch.tensor(indices)}
 
 
 @pytest.mark.parametrize("lengths", [None, [i % 13 for i in range(103)]])
