@@ -112,7 +112,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(inspect_command(args.model, kind=args.kind, arch=args.arch, role=args.role,
                               input_shape=args.input_shape, as_json=args.json))
         return 0
-    if args.command == "generate" and args.nproc != 1:
+    if args.command in ("run", "cache", "generate") and args.nproc != 1:
         from distill.launch import launch
 
         return launch(_without_nproc(args.argv), args.nproc)
@@ -132,10 +132,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,
                                        tolerance=args.tolerance, measure=args.measure, rounds=args.rounds)))
         return 0
-    if args.command in ("run", "cache") and args.nproc != 1:
-        from distill.launch import launch
-
-        return launch(_argv_for_processes(args), args.nproc)
     from distill import runner
 
     if args.command == "cache":
@@ -163,16 +159,9 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _argv_for_processes(args: argparse.Namespace) -> list[str]:
-    """The command each of the ``--nproc`` processes runs: this one, without ``--nproc``."""
-    argv = [args.command, str(args.recipe)]
-    if args.command == "cache" and args.top_k is not None:
-        argv += ["--top-k", str(args.top_k)]
-    return argv + [part for value in args.overrides for part in ("--set", value)]
-
-
 def _without_nproc(argv: list[str]) -> list[str]:
-    """``argv`` without its ``--nproc N`` (or ``--nproc=N``)."""
+    """The command each of the ``--nproc`` processes runs: ``argv`` without its ``--nproc N``
+    (or ``--nproc=N``)."""
     out, skip = [], False
     for i, part in enumerate(argv):
         if skip:

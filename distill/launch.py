@@ -115,6 +115,7 @@ def shard_frozen(module: nn.Module, device: torch.device, processes: int) -> tup
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh(device.type, (processes,))
     blocks = set(getattr(module, "_no_split_modules", None) or ())
@@ -122,8 +123,6 @@ def shard_frozen(module: nn.Module, device: torch.device, processes: int) -> tup
         if sub is not module and type(sub).__name__ in blocks:
             fully_shard(sub, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    from torch.distributed.tensor import DTensor
-
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
     total = sum(p.numel() for p in module.parameters())
     return local, total
