@@ -88,6 +88,20 @@ class Importance:
         for handle in self.handles:
             handle.remove()
 
+    def collect(self, forward: Any, batches: Any) -> None:
+        """Run ``forward`` on every batch, accumulating, then remove the hooks.
+
+        Raises:
+            ModelError: No activation was seen (no batches).
+        """
+        try:
+            for batch in batches:
+                forward(batch)
+        finally:
+            self.close()
+        if self.hidden is None:
+            raise ModelError("student.derive: calibration produced no activations (no training batches?)")
+
 
 def _top(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` largest scores, in their original order."""
@@ -188,13 +202,7 @@ def derive_student(
     ffn_keep: dict[int, Tensor] = {i: torch.arange(config.intermediate_size) for i in layers}
     if narrower:
         scores = Importance(model, head_size)
-        try:
-            for batch in calibration:
-                teacher(batch)
-        finally:
-            scores.close()
-        if scores.hidden is None:
-            raise ModelError("student.derive: calibration produced no activations")
+        scores.collect(teacher, calibration)
         keep["h"] = _top(scores.hidden, hidden)
         head_keep = {i: _top(scores.heads[i], heads) for i in layers}
         ffn_keep = {i: _top(scores.neurons[i], ffn) for i in layers}

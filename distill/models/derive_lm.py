@@ -181,13 +181,7 @@ def _keep(model: nn.Module, adapter: HFCausalLMAdapter, layout: _Layout, t: _Sha
     if s == t:
         return torch.arange(t.hidden), {i: dict(full) for i in layers}
     scores = _Importance(model, layout, t.head_dim)
-    try:
-        for batch in calibration:
-            adapter(batch)
-    finally:
-        scores.close()
-    if scores.hidden is None:
-        raise ModelError("student.derive: calibration produced no activations (no training batches?)")
+    scores.collect(adapter, calibration)
     per_layer = {}
     for i in layers:
         # A group is a key/value head and the query heads that read it; it is kept or dropped whole.
