@@ -14,9 +14,12 @@ import time
 
 import torch
 
+from distill.batches import ShuffledBatches
 from distill.config import load_recipe
-from distill.engine import ShuffledBatches, distill_step
-from distill.runner import build_loss_terms, build_student, load_teacher, open_teacher_cache
+from distill.models.load import load_teacher
+from distill.models.student import build_student
+from distill.runner import build_loss_terms, open_teacher_cache
+from distill.step import distill_step
 from distill.tasks import build_task
 
 

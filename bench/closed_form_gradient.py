@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from distill.losses.tokens import DIVERGENCES, chunked_token_loss
+from distill.losses.chunked import chunked_token_loss
+from distill.losses.divergence import DIVERGENCES
 
 
 def main() -> None:

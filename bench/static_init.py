@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from distill.config import load_recipe
+from distill.models.load import load_teacher
 from distill.models.static import derive_static
-from distill.runner import load_teacher
 from distill.tasks import build_task
 
 

@@ -41,7 +41,7 @@ from torch import nn
 import distill
 from distill.config import load_recipe
 from distill.evaluate import folder_size
-from distill.runner import load_model, load_teacher
+from distill.models.load import load_model, load_teacher
 from distill.tasks import build_task
 
 #: recipe -> what the student is. Ordered from the largest student to the smallest.

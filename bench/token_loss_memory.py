@@ -30,7 +30,7 @@ def _peak_bytes() -> int:
 def child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int | None, kind: str, repeats: int) -> None:
     import torch
 
-    from distill.losses.tokens import chunked_token_loss, token_loss
+    from distill.losses.chunked import chunked_token_loss, token_loss
 
     torch.manual_seed(0)
     s_h = torch.randn(tokens, hidden, requires_grad=True)
@@ -71,7 +71,7 @@ def main() -> None:
         return
     import torch
 
-    from distill.losses.tokens import CHUNK_ELEMENTS
+    from distill.losses.chunked import CHUNK_ELEMENTS
 
     chunk = args.chunk or f"{CHUNK_ELEMENTS:,} logits (rows: that // vocab)"
     print(f"{args.tokens} tokens, hidden {args.hidden}, chunk {chunk}, {args.kind}, "

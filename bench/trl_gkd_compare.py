@@ -129,8 +129,8 @@ def data_spec(steps: int) -> dict[str, Any]:
 
 def training_blocks(steps: int) -> list[str]:
     """The text blocks in the order distill's loop takes them (its task, its seeded batch order)."""
+    from distill.batches import ShuffledBatches
     from distill.config import DataSpec
-    from distill.engine import ShuffledBatches
     from distill.tasks import LanguageModelingTask
 
     task = LanguageModelingTask(DataSpec(**data_spec(steps)))

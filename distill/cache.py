@@ -57,7 +57,7 @@ def _remove_abandoned(folder: Path) -> None:
             pass  # alive, owned by another user
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(_CHUNK):
@@ -122,7 +122,7 @@ class TeacherCache:
         arrays = {}
         for name, info in meta["outputs"].items():
             path = folder / info["file"]
-            if not path.is_file() or _file_sha256(path) != info["sha256"]:
+            if not path.is_file() or file_sha256(path) != info["sha256"]:
                 raise CacheError(f"teacher cache {folder}: {info['file']} is missing or corrupt (checksum mismatch)")
             arrays[name] = np.load(path, mmap_mode="r")
         return cls(folder, arrays)
@@ -165,7 +165,7 @@ class TeacherCache:
         for name, array in arrays.items():
             array.flush()
             path = tmp / _file_name(name)
-            outputs_meta[name] = {"file": path.name, "sha256": _file_sha256(path)}
+            outputs_meta[name] = {"file": path.name, "sha256": file_sha256(path)}
         arrays.clear()
         meta = {"teacher": teacher_id, "data": data_id, "examples": examples, "outputs": outputs_meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

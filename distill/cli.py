@@ -6,9 +6,17 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distill.errors import DistillError
+
+if TYPE_CHECKING:
+    from distill.generate.settings import Sampling
+    from distill.generate.teacher import Teacher
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["main"]
 
@@ -27,12 +35,10 @@ EXAMPLES = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distill", description="Train a smaller student to imitate a teacher, and prove it.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------- options: one function per subcommand
+
+
+def _add_run(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="run a recipe (resumes an interrupted run in the same folder)",
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("recipe", type=Path, help="recipe YAML file")
@@ -42,19 +48,31 @@ def _parser() -> argparse.ArgumentParser:
                      "or accelerate launch instead")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def _add_cache(sub: Subparsers) -> None:
     cache = sub.add_parser("cache", help="write the teacher's top-k next-token log-probabilities for a "
                            "language-model recipe (resumes a killed build)")
     cache.add_argument("recipe", type=Path)
     cache.add_argument("--top-k", type=int, help="tokens kept per position, 0 for all (default: cache.top_k)")
     cache.add_argument("--nproc", type=int, default=1, metavar="N", help="build it in N processes on this machine")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _add_validate(sub: Subparsers) -> None:
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _add_eval_and_report(sub: Subparsers) -> None:
     for name, text in (("eval", "measure teacher, student and baseline of a finished run"),
                        ("report", "rewrite report.md/html/json of an evaluated run")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir", type=Path, help="run folder (runs/<name>)")
+
+
+def _add_inspect(sub: Subparsers) -> None:
     inspect = sub.add_parser(
         "inspect", help="list a model's layer names and output shapes (what feature losses can name)")
     inspect.add_argument("model", help="a recipe YAML (its teacher and student), or a model source")
@@ -65,8 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--input-shape", default="1,28,28",
                          help="shape of one image for torch models, C,H,W (default 1,28,28)")
     inspect.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+
+
+def _add_names(sub: Subparsers) -> None:
     sub.add_parser("losses", help="list the loss names recipes may use, with their family")
     sub.add_parser("models", help="list the architecture names recipes may use")
+
+
+def _add_export(sub: Subparsers) -> None:
     export = sub.add_parser(
         "export", help="export a run's student (ONNX, transformers folder, safetensors, TorchScript), checked "
         "against PyTorch; ONNX also measured against the teacher", epilog=EXAMPLES,
@@ -81,77 +105,222 @@ def _parser() -> argparse.ArgumentParser:
                         help="ONNX: skip measuring size, latency and quality against the teacher")
     export.add_argument("--rounds", type=int, default=1,
                         help="ONNX: time the models this many times and report the medians (default 1)")
-    from distill.generate import add_arguments as add_generate_arguments
 
-    generate = sub.add_parser(
+
+def _add_generate(sub: Subparsers) -> None:
+    parser = sub.add_parser(
         "generate", help="write a teacher's completions of a prompts file (sequence-level distillation data)",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_generate_arguments(generate)
+    parser.add_argument("--input", type=Path, help="JSONL prompts: rows with 'prompt' or 'messages', 'id' optional")
+    parser.add_argument("--output", type=Path, help="JSONL output; resumed when it exists")
+    _add_generate_teacher(parser)
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--max-new-tokens", type=int, default=256)
+    sampling.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="cut the completion at this text (repeatable)")
+    _add_generate_filters_and_requests(parser)
+    scale = parser.add_argument_group("scale-out")
+    scale.add_argument("--shard", metavar="I/N", help="only distinct prompts p with p %% N == I, to a shard file")
+    scale.add_argument("--merge", type=Path, metavar="OUT", help="merge SHARD_FILE... into OUT (and nothing else)")
+    scale.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="N processes on this machine (one GPU each when there are GPUs), each a shard; "
+                            "the first merges them into --output")
+    parser.add_argument("shard_files", nargs="*", type=Path, metavar="SHARD_FILE", help="with --merge: shard outputs")
+
+
+def _add_generate_teacher(parser: argparse.ArgumentParser) -> None:
+    from distill.generate.local import DTYPES
+
+    teacher = parser.add_argument_group("teacher (one of)")
+    teacher.add_argument("--teacher", metavar="SOURCE", help="local Hugging Face causal LM: folder or Hub id")
+    teacher.add_argument("--api-base", metavar="URL", help="OpenAI-compatible API, e.g. http://localhost:8000/v1")
+    teacher.add_argument("--model", help="with --api-base: the model name to ask for")
+    teacher.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                         help="environment variable holding the API key (default OPENAI_API_KEY)")
+    teacher.add_argument("--trust-remote-code", action="store_true", help="with --teacher: run the model's own code")
+    teacher.add_argument("--device", default="auto", help="with --teacher: auto, cpu, cuda, cuda:1, ...")
+    teacher.add_argument("--dtype", default="auto", choices=DTYPES, help="with --teacher (auto: bf16 on CUDA)")
+
+
+def _add_generate_filters_and_requests(parser: argparse.ArgumentParser) -> None:
+    from distill.generate.settings import PROMPT_ENV
+
+    keep = parser.add_argument_group("filters")
+    keep.add_argument("--filter-regex", metavar="PATTERN", help="keep completions where re.search finds PATTERN")
+    keep.add_argument("--verifier", metavar="CMD", help=f"keep completions for which CMD exits 0 (completion on "
+                      f"stdin, prompt in ${PROMPT_ENV}; run without a shell)")
+    keep.add_argument("--verifier-timeout", type=float, default=60.0, metavar="SECONDS")
+    api = parser.add_argument_group("API requests")
+    api.add_argument("--max-retries", type=int, default=5, help="retries of a failed request (default 5)")
+    api.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",
+                     help="first backoff, doubled each retry (default 1)")
+    api.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per request (default 600)")
+    api.add_argument("--max-requests-per-second", type=float, metavar="R")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill", description="Train a smaller student to imitate a teacher, and prove it.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_cache, _add_validate, _add_eval_and_report, _add_inspect, _add_names, _add_export,
+                _add_generate):
+        add(sub)
     return parser
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "validate":
-        from distill.config import load_recipe
+# --------------------------------------------------------------------------- commands: one handler per subcommand
+# Their imports are late so that ``distill --help`` does not wait for torch.
 
-        recipe = load_recipe(args.recipe, args.overrides)
-        from distill.runner import build_loss_terms
 
-        build_loss_terms(recipe.losses, "embedding" if recipe.task == "sts" else "logits")
-        print(f"{args.recipe}: valid ({recipe.task}, {len(recipe.losses)} loss term(s), output {recipe.run_dir()})")
-        return 0
-    if args.command == "losses":
-        from distill.losses import FAMILIES, LOSSES
+def _validate(args: argparse.Namespace) -> int:
+    from distill.config import load_recipe
 
-        for name in LOSSES.names():
-            print(f"{name:<20} {FAMILIES.get(name, 'custom')}")
-        return 0
-    if args.command == "inspect":
-        from distill.inspection import inspect_command
+    recipe = load_recipe(args.recipe, args.overrides)
+    from distill.runner import build_loss_terms
 
-        print(inspect_command(args.model, kind=args.kind, arch=args.arch, role=args.role,
-                              input_shape=args.input_shape, as_json=args.json))
-        return 0
-    if args.command in ("run", "cache", "generate") and args.nproc != 1:
-        from distill.launch import launch
+    build_loss_terms(recipe.losses, "embedding" if recipe.task == "sts" else "logits")
+    print(f"{args.recipe}: valid ({recipe.task}, {len(recipe.losses)} loss term(s), output {recipe.run_dir()})")
+    return 0
 
-        return launch(_without_nproc(args.argv), args.nproc)
-    if args.command == "generate":
-        from distill.generate import generate_command
 
-        print(generate_command(args))
-        return 0
-    if args.command == "models":
-        from distill.models.zoo import ARCHITECTURES
+def _losses(args: argparse.Namespace) -> int:
+    from distill.losses import FAMILIES, LOSSES
 
-        print("\n".join(ARCHITECTURES.names()))
-        return 0
-    if args.command == "export":
-        from distill.export import export_run, format_export
+    for name in LOSSES.names():
+        print(f"{name:<20} {FAMILIES.get(name, 'custom')}")
+    return 0
 
-        print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,
-                                       tolerance=args.tolerance, measure=args.measure, rounds=args.rounds)))
-        return 0
+
+def _inspect(args: argparse.Namespace) -> int:
+    from distill.inspection import inspect_command
+
+    print(inspect_command(args.model, kind=args.kind, arch=args.arch, role=args.role,
+                          input_shape=args.input_shape, as_json=args.json))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from distill.models.zoo import ARCHITECTURES
+
+    print("\n".join(ARCHITECTURES.names()))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from distill.export import format_export
+    from distill.runner import export_run
+
+    print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,
+                                   tolerance=args.tolerance, measure=args.measure, rounds=args.rounds)))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
     from distill import runner
 
-    if args.command == "cache":
-        overrides = args.overrides + ([f"cache.top_k={args.top_k}"] if args.top_k is not None else [])
-        found = runner.build_logit_cache(args.recipe, overrides)
-        if _rank() == 0:
-            print(f"logit cache: {found.folder}\n  k={found.k or 'full'}, {found.examples} examples, "
-                  f"{found.bytes_per_token():.1f} bytes per token")
-        return 0
-    if args.command == "run":
-        result = runner.run(args.recipe, args.overrides)
-        if _rank() == 0:
-            print(f"\nreport: {result.report}\n        {result.report.with_suffix('.html')}")
-        return 0
+    overrides = args.overrides + ([f"cache.top_k={args.top_k}"] if args.top_k is not None else [])
+    found = runner.build_logit_cache(args.recipe, overrides)
+    if _rank() == 0:
+        print(f"logit cache: {found.folder}\n  k={found.k or 'full'}, {found.examples} examples, "
+              f"{found.bytes_per_token():.1f} bytes per token")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from distill import runner
+
+    result = runner.run(args.recipe, args.overrides)
+    if _rank() == 0:
+        print(f"\nreport: {result.report}\n        {result.report.with_suffix('.html')}")
+    return 0
+
+
+def _eval_or_report(args: argparse.Namespace) -> int:
+    from distill import runner
+
     if not (args.run_dir / "recipe.yaml").is_file():
         raise DistillError(f"{args.run_dir} is not a run folder (no recipe.yaml)")
     if args.command == "eval":
         runner.evaluate_run(args.run_dir)
     print(f"report: {runner.report_run(args.run_dir)}")
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    print(_generate_summary(args))
+    return 0
+
+
+def _generate_summary(args: argparse.Namespace) -> str:
+    """Run ``distill generate``; returns the summary to print.
+
+    Raises:
+        DistillError: Missing or conflicting options, or any error of :func:`distill.generate.generate`.
+    """
+    from distill.generate.merge import merge_shards
+
+    if args.merge is not None:
+        if args.input or args.teacher or args.api_base:
+            raise DistillError("--merge OUT SHARD_FILE... takes no --input, --teacher or --api-base")
+        return merge_shards(args.merge, args.shard_files)
+    if args.shard_files:
+        raise DistillError(f"unexpected arguments {[str(f) for f in args.shard_files]} (shard files go with --merge)")
+    if args.input is None or args.output is None:
+        raise DistillError("generate needs --input PROMPTS.jsonl and --output OUT.jsonl")
+    if (args.teacher is None) == (args.api_base is None):
+        raise DistillError("give one teacher: --teacher SOURCE (a local model) or --api-base URL --model NAME")
+    from distill.generate.loop import generate, generate_in_processes
+    from distill.generate.prompts import parse_shard
+    from distill.generate.settings import Filters, Sampling
+
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.n, args.seed, tuple(args.stop))
+    teacher = _generate_teacher(args, sampling)
+    filters = Filters(args.filter_regex, args.verifier, args.verifier_timeout, hide_env=[args.api_key_env])
+    shard = parse_shard(args.shard) if args.shard else None
+    from distill.launch import launched
+
+    if shard is None and launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        return generate_in_processes(args.input, args.output, teacher, sampling, filters)
+    return str(generate(args.input, args.output, teacher, sampling, filters, shard))
+
+
+def _generate_teacher(args: argparse.Namespace, sampling: Sampling) -> Teacher:
+    """The teacher ``--api-base`` or ``--teacher`` names."""
+    if args.api_base is not None:
+        from distill.generate.api import OpenAITeacher, api_key_from_env
+
+        if not args.model:
+            raise DistillError("--api-base needs --model NAME")
+        return OpenAITeacher(args.api_base, args.model, sampling, api_key_from_env(args.api_key_env),
+                             max_retries=args.max_retries, retry_delay=args.retry_delay, timeout=args.timeout,
+                             max_requests_per_second=args.max_requests_per_second)
+    from distill.generate.local import LocalTeacher
+
+    return LocalTeacher(args.teacher, sampling, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run, "cache": _cache, "validate": _validate, "eval": _eval_or_report, "report": _eval_or_report,
+    "inspect": _inspect, "losses": _losses, "models": _models, "export": _export, "generate": _generate,
+}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("run", "cache", "generate") and args.nproc != 1:
+        from distill.launch import launch
+
+        return launch(_without_nproc(args.argv), args.nproc)
+    return _COMMANDS[args.command](args)
+
+
+# --------------------------------------------------------------------------- processes
 
 
 def _rank() -> int:

@@ -1,26 +1,21 @@
-"""Ship the student: export it, check the export against PyTorch, quantize it, measure it.
+"""Ship the student: export it, check the export against PyTorch, quantize it.
 
-``distill export RUN --format onnx --int8`` writes ``RUN/export/onnx/model.onnx`` and
-``model.int8.onnx`` with the tokenizer beside them, runs the float model with onnxruntime on
-real test inputs and refuses it when its outputs differ from PyTorch's by more than a
-tolerance. It then measures teacher, student and int8 student in PyTorch and in onnxruntime
-(size, CPU latency at batch 1, throughput, quality on the test split), records everything in
-``RUN/export/export.json`` and rewrites the report and the student's model card with it.
+``distill export RUN --format onnx --int8`` (:func:`distill.runner.export_run`) writes
+``RUN/export/onnx/model.onnx`` and ``model.int8.onnx`` with the tokenizer beside them, running
+the float model with onnxruntime on real test inputs and refusing it when its outputs differ
+from PyTorch's by more than a tolerance. This module turns a loaded model into those files and
+checks them; :mod:`distill.deploy` measures them, :mod:`distill.card` records them.
 
 An exported model is the whole model a caller needs: an embedding model returns the pooled,
-normalised sentence embedding, a classifier or a language model its logits.
+normalised sentence embedding (by :func:`distill.models.hf.pool`, as in training), a classifier
+or a language model its logits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
-import json
 import logging
 import shutil
-import statistics
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,14 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config import Recipe, load_recipe
-from distill.errors import ModelError, RunFolderError
-from distill.evaluate import folder_size, time_models
-from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter, TorchClassifierAdapter, _unwrap
+from distill.errors import ModelError
+from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter, TorchClassifierAdapter
 from distill.models.causal_lm import HFCausalLMAdapter
+from distill.models.hf import pool, unwrap
 from distill.models.static import StaticEmbeddingAdapter
-from distill.report import deployment_table, summarize
-from distill.tasks import build_task
+from distill.report import deployment_table
 
 __all__ = [
     "FORMATS",
@@ -47,21 +40,18 @@ __all__ = [
     "ExportedAdapter",
     "Graph",
     "check_format",
+    "copy_saved",
     "export_onnx",
-    "export_run",
     "export_torchscript",
+    "export_traced",
     "format_export",
     "graph_of",
     "kind_of",
     "load_onnx",
     "max_difference",
-    "measure_deployment",
-    "model_card",
     "quantize_onnx",
-    "quantize_torch",
-    "read_exports",
     "require_onnx",
-    "write_model_card",
+    "sample_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,8 +78,6 @@ TOLERANCE = 1e-4
 
 OPSET = 17
 """ONNX opset of the exported graphs; onnxruntime has run it since 1.14."""
-
-_EXPORT_JSON = Path("export") / "export.json"
 
 
 def require_onnx() -> Any:
@@ -161,12 +149,7 @@ class _PooledEncoder(nn.Module):
     def forward(self, *tensors: Tensor) -> Tensor:
         inputs = dict(zip(self.names, tensors, strict=True))
         hidden = self.encoder(**inputs).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return pool(hidden, inputs["attention_mask"], self.pooling, self.normalize)
 
 
 class _Logits(nn.Module):
@@ -203,7 +186,7 @@ def graph_of(adapter: Any) -> Graph:
     kind = kind_of(adapter)
     text_axes = {0: "batch", 1: "sequence"}
     if kind == "torch":
-        return Graph(_unwrap(adapter.module), ["x"], lambda inputs: {"x": inputs["x"].float()}, "logits",
+        return Graph(unwrap(adapter.module), ["x"], lambda inputs: {"x": inputs["x"].float()}, "logits",
                      {0: "batch"}, {0: "batch"})
     if kind == "static-embedding":
         def encode_static(inputs: dict[str, Any]) -> dict[str, Tensor]:
@@ -211,10 +194,10 @@ def graph_of(adapter: Any) -> Graph:
                                     max_length=adapter.max_length, return_tensors="pt")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-        module = _StaticMean(_unwrap(adapter.module).embeddings, adapter.normalize)
+        module = _StaticMean(unwrap(adapter.module).embeddings, adapter.normalize)
         return Graph(module, ["input_ids", "attention_mask"], encode_static, "embedding", text_axes, {0: "batch"})
     names = list(adapter.tokenize(["a"]))
-    model = _unwrap(adapter.module)
+    model = unwrap(adapter.module)
     if kind == "hf-embedding":
         return Graph(_PooledEncoder(model, names, adapter.pooling, adapter.normalize), names,
                      lambda inputs: adapter.tokenize(inputs["text"]), "embedding", text_axes, {0: "batch"})
@@ -449,224 +432,41 @@ def quantize_onnx(source: Path, target: Path) -> dict[str, Any]:
     return {"file": str(target), "bytes": size}
 
 
-def quantize_torch(adapter: Any) -> Any | None:
-    """A copy of the model whose linear layers compute in int8 (PyTorch dynamic quantization), or
-    ``None`` when it has none. A language model's output head stays in float: the adapter hands it
-    over as a weight matrix."""
-    module = _unwrap(adapter.module)
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    linear = {name for name, m in module.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    if not linear:
-        return None
-    quantized = copy.copy(adapter)
-    with warnings.catch_warnings():
-        # torch 2.13 announces that its quantized tensor types will go in a later release; they
-        # still work, and this row is how a reader compares onnxruntime's int8 with PyTorch's.
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
-        quantized.module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), linear,
-                                                                  dtype=torch.qint8)
-    return quantized
+# --- a run's student -------------------------------------------------------------------------------
 
 
-# --- deployment figures ----------------------------------------------------------------------------
-
-
-def _state_bytes(module: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return len(buffer.getvalue())
-
-
-def _saved_bytes(adapter: Any) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter.save(Path(tmp))
-        return folder_size(Path(tmp))
-
-
-@torch.inference_mode()
-def _perplexity(model: ExportedAdapter, task: Any) -> float:
-    """Held-out perplexity from an exported language model's logits (the task's own evaluation
-    reads hidden states and the head, which an exported model does not give)."""
-    data = task.splits["test"]
-    nll, tokens = 0.0, 0
-    for start in range(0, len(data), 16):
-        inputs = data.batch(range(start, min(start + 16, len(data))))["inputs"]
-        enc = model.encode(inputs)
-        logits = model(inputs)["logits"][:, :-1].float()
-        mask = enc.get("loss_mask", enc["attention_mask"])[:, 1:].cpu().float()
-        losses = F.cross_entropy(logits.transpose(1, 2), enc["input_ids"][:, 1:].cpu(), reduction="none")
-        nll += float((losses * mask).sum())
-        tokens += int(mask.sum())
-    return float(torch.exp(torch.tensor(nll / max(tokens, 1))))
-
-
-def _quality(model: Any, task: Any) -> float:
-    if isinstance(model, ExportedAdapter) and task.metric == "perplexity":
-        return _perplexity(model, task)
-    return float(task.evaluate(model, "test"))
-
-
-def _machine() -> str:
-    import platform
-
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def measure_deployment(folder: Path, recipe: Recipe, task: Any, student: Any, onnx_file: Path,
-                       int8_file: Path | None, tolerance: float = TOLERANCE, rounds: int = 1) -> dict[str, Any]:
-    """Teacher, student and int8 student in PyTorch and onnxruntime: size, CPU latency, quality.
-
-    The models are timed in turn, pass by pass, on real test inputs (tokenisation included), as
-    the run's evaluation times them; with ``rounds`` above 1 that is repeated and the medians of
-    the rounds are kept (``latency_ms_rounds`` lists each). The float PyTorch qualities are the
-    evaluation's own (``eval.json``), measured the same way; every other quality is measured here
-    on the test split.
-    """
-    from distill.runner import load_teacher  # the runner writes model cards with this module
-
-    evaluated = {}
-    if (folder / "eval.json").is_file():
-        evaluated = json.loads((folder / "eval.json").read_text())["models"]
-    teacher = load_teacher(recipe)
-    teacher.module.to("cpu")
-    metric = task.metric
-    entries: dict[tuple[str, str, str], tuple[Any, int]] = {
-        ("teacher", "pytorch", "float32"): (teacher, evaluated.get("teacher", {}).get("size_bytes")
-                                            or _saved_bytes(teacher)),
-        ("student", "pytorch", "float32"): (student, folder_size(folder / "student")),
-        ("student", "onnxruntime", "float32"): (load_onnx(onnx_file, graph_of(student)), onnx_file.stat().st_size),
-    }
-    if int8_file is not None:
-        quantized = quantize_torch(student)
-        if quantized is not None:
-            entries["student", "pytorch", "int8"] = (quantized, _state_bytes(quantized.module))
-        entries["student", "onnxruntime", "int8"] = (load_onnx(int8_file, graph_of(student)),
-                                                    int8_file.stat().st_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            teacher_file = Path(tmp) / "teacher.onnx"
-            export_onnx(teacher, teacher_file, _sample(task, recipe.teacher.kind or "torch"), tolerance)
-            entries["teacher", "onnxruntime", "float32"] = (load_onnx(teacher_file, graph_of(teacher)),
-                                                            teacher_file.stat().st_size)
-        except ModelError as exc:
-            log.warning("the teacher is left out of the onnxruntime rows: %s", exc)
-        order = sorted(entries, key=lambda k: (k[0] != "teacher", k[2] != "float32", k[1] != "pytorch"))
-        rows = []
-        for key in order:
-            model, size = entries[key]
-            known = evaluated.get(key[0], {}).get(metric) if key[1:] == ("pytorch", "float32") else None
-            log.info("measuring %s quality", " ".join(key))
-            quality = known if known is not None else _quality(model, task)
-            rows.append({"model": key[0], "runtime": key[1], "weights": key[2], "size_bytes": size, metric: quality})
-        models = {" ".join(k): entries[k][0] for k in order}
-        timings = []
-        for i in range(rounds):
-            log.info("timing %d models in turn (round %d of %d)", len(order), i + 1, rounds)
-            timings.append(time_models(models, task, recipe.evaluate))
-    for row, key in zip(rows, order, strict=True):
-        runs = [t[" ".join(key)] for t in timings]
-        row.update(runs[0])
-        for figure in ("latency_ms", "latency_ms_iqr", "throughput"):
-            row[figure] = statistics.median(r[figure] for r in runs)
-        row["latency_ms_rounds"] = [r["latency_ms"] for r in runs]
-    import onnxruntime
-
-    return {"metric": metric, "higher_is_better": getattr(task, "higher_is_better", True), "machine": _machine(),
-            "onnxruntime": onnxruntime.__version__, "rows": rows}
-
-
-# --- the run folder -------------------------------------------------------------------------------
-
-
-def read_exports(folder: Path) -> dict[str, Any]:
-    """What earlier exports of a run recorded (``export/export.json``), or ``{}``."""
-    path = folder / _EXPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _sample(task: Any, kind: str) -> dict[str, Any]:
+def sample_inputs(task: Any, kind: str) -> dict[str, Any]:
     """Real test inputs to trace and check with; fewer for a language model, whose check holds a
     batch of logits (tokens x vocabulary) in memory."""
     return task.sample_inputs(4 if kind == "hf-causal-lm" else 16)
 
 
-def _save_tokenizer(adapter: Any, out: Path) -> None:
+def copy_saved(saved: Path, fmt: str, out: Path) -> dict[str, Any]:
+    """``hf``: a copy of the saved student's folder; ``safetensors``: its weights file. Returns
+    what to record of it."""
+    if fmt == "hf":
+        shutil.copytree(saved, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("distill.json"))
+        return {}
+    shutil.copy2(saved / "model.safetensors", out / "model.safetensors")
+    return {"file": str(out / "model.safetensors")}
+
+
+def export_traced(adapter: Any, fmt: str, out: Path, sample: dict[str, Any], int8: bool = False,
+                  tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Write ``model.pt`` (``torchscript``) or ``model.onnx`` (``onnx``, and ``model.int8.onnx``
+    with ``int8``) into ``out`` with the tokenizer beside it, each checked against PyTorch on
+    ``sample``. Returns what to record of them."""
     tokenizer = getattr(adapter, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-
-
-def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None = None,
-               tolerance: float = TOLERANCE, measure: bool = True, rounds: int = 1) -> dict[str, Any]:
-    """Export a finished run's student and record it in ``folder/export/export.json``.
-
-    ``onnx`` and ``torchscript`` exports are checked against PyTorch on real test inputs; an
-    ONNX export is then measured against the teacher (unless ``measure`` is false), and the
-    report and model card are rewritten with the figures.
-
-    Args:
-        folder: The run folder.
-        fmt: ``onnx``, ``hf`` (a copy of the saved transformers folder), ``safetensors`` (the
-            weights file) or ``torchscript``.
-        int8: Also write an int8 ONNX model (onnxruntime dynamic quantization).
-        out: Where to write; default ``folder/export/<fmt>``.
-        tolerance: Largest absolute difference from PyTorch's outputs allowed.
-        measure: Measure size, latency and quality of the ONNX models against the teacher.
-        rounds: Timing rounds; the medians are reported (a machine shared with other jobs
-            gives noisy timings).
-
-    Returns:
-        The record of this export (files, check, deployment figures).
-    """
-    from distill.runner import load_model, report_run  # the runner writes model cards with this module
-
-    if not (folder / "recipe.yaml").is_file():
-        raise RunFolderError(f"{folder} is not a run folder (no recipe.yaml)")
-    recipe = load_recipe(folder / "recipe.yaml")
-    kind = recipe.student_kind
-    check_format(kind, fmt, int8)
-    if fmt == "onnx":
-        require_onnx()
-    saved = folder / "student"
-    if not (saved / "distill.json").is_file():
-        raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
-    out = Path(out) if out is not None else folder / "export" / fmt
-    out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"format": fmt, "path": str(out)}
-    deployment = None
-    if fmt == "hf":
-        shutil.copytree(saved, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("distill.json"))
-    elif fmt == "safetensors":
-        shutil.copy2(saved / "model.safetensors", out / "model.safetensors")
-        record["file"] = str(out / "model.safetensors")
-    else:
-        task = build_task(recipe.task, recipe.data)
-        student = load_model(recipe.student, kind, str(saved))
-        student.module.to("cpu").eval()
-        sample = _sample(task, kind)
-        _save_tokenizer(student, out)
-        if fmt == "torchscript":
-            record.update(export_torchscript(student, out / "model.pt", sample, tolerance))
-        else:
-            record.update(export_onnx(student, out / "model.onnx", sample, tolerance))
-            int8_file = None
-            if int8:
-                int8_file = out / "model.int8.onnx"
-                record["int8"] = quantize_onnx(out / "model.onnx", int8_file)
-                record["int8"]["max_abs_diff"] = max_difference(load_onnx(int8_file, graph_of(student)), student,
-                                                                graph_of(student), [sample])
-            if measure:
-                deployment = measure_deployment(folder, recipe, task, student, out / "model.onnx", int8_file,
-                                                tolerance, rounds)
-                record["deployment"] = deployment
-    exports = read_exports(folder)
-    exports.setdefault("exports", {})[fmt] = {k: v for k, v in record.items() if k != "deployment"}
-    if deployment is not None:
-        exports["deployment"] = deployment
-    (folder / _EXPORT_JSON).parent.mkdir(parents=True, exist_ok=True)
-    (folder / _EXPORT_JSON).write_text(json.dumps(exports, indent=2) + "\n")
-    if (folder / "eval.json").is_file():
-        report_run(folder)  # the report and the model card gain the export
+    if fmt == "torchscript":
+        return export_torchscript(adapter, out / "model.pt", sample, tolerance)
+    record = export_onnx(adapter, out / "model.onnx", sample, tolerance)
+    if int8:
+        int8_file = out / "model.int8.onnx"
+        record["int8"] = quantize_onnx(out / "model.onnx", int8_file)
+        record["int8"]["max_abs_diff"] = max_difference(load_onnx(int8_file, graph_of(adapter)), adapter,
+                                                        graph_of(adapter), [sample])
     return record
 
 
@@ -684,129 +484,3 @@ def format_export(record: dict[str, Any]) -> str:
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
-
-
-# --- model card -----------------------------------------------------------------------------------
-
-
-def _usage(kind: str, recipe: Recipe, student: Path) -> str:
-    """How to run the saved student without distill."""
-    spec = recipe.student
-    if kind == "hf-embedding":
-        pool = ("hidden[:, 0]" if spec.pooling == "cls" else
-                "(hidden * mask).sum(1) / mask.sum(1)")
-        norm = "torch.nn.functional.normalize(pooled, dim=-1)" if spec.normalize else "pooled"
-        return (f"import torch\nfrom transformers import AutoModel, AutoTokenizer\n\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
-                f"model = AutoModel.from_pretrained(\"{student}\").eval()\n"
-                f"batch = tokenizer([\"A man is playing a guitar.\"], padding=True, truncation=True, "
-                f"max_length={spec.max_length}, return_tensors=\"pt\")\n"
-                f"with torch.no_grad():\n    hidden = model(**batch).last_hidden_state\n"
-                f"mask = batch[\"attention_mask\"].unsqueeze(-1).float()\n"
-                f"pooled = {pool}\nembedding = {norm}\n")
-    if kind == "hf-classifier":
-        return (f"import torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
-                f"model = AutoModelForSequenceClassification.from_pretrained(\"{student}\").eval()\n"
-                f"batch = tokenizer([\"A fine film.\"], padding=True, truncation=True, max_length={spec.max_length}, "
-                f"return_tensors=\"pt\")\nwith torch.no_grad():\n    logits = model(**batch).logits\n")
-    if kind == "hf-causal-lm":
-        return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{student}\").eval()\n"
-                f"batch = tokenizer([\"Once upon a time\"], return_tensors=\"pt\")\n"
-                f"text = tokenizer.decode(model.generate(**batch, max_new_tokens=20)[0])\n")
-    if kind == "static-embedding":
-        return (f"from model2vec import StaticModel\n\nmodel = StaticModel.from_pretrained(\"{student}\")\n"
-                f"embedding = model.encode([\"A man is playing a guitar.\"])\n")
-    arch = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
-    return (f"from safetensors.torch import load_file\nfrom distill.models.zoo import ARCHITECTURES\n\n"
-            f"model = ARCHITECTURES.get(\"{arch.get('arch')}\")(**{arch.get('arch_args', {})!r})\n"
-            f"model.load_state_dict(load_file(\"{student / 'model.safetensors'}\"))\n"
-            f"logits = model.eval()(images)  # (N, 1, 28, 28), standardised as in training\n")
-
-
-def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any]) -> str:
-    """How to run the exported ONNX model with onnxruntime alone (and the tokenizer)."""
-    path = Path(onnx["path"])
-    if kind == "torch":
-        return (f"import numpy as np\nimport onnxruntime as ort\n\n"
-                f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")\n"
-                f"logits = session.run(None, {{\"x\": images.astype(np.float32)}})[0]  # (N, 1, 28, 28)\n")
-    special = ", add_special_tokens=False" if kind == "static-embedding" else ""
-    what = {"hf-embedding": "embedding", "static-embedding": "embedding"}.get(kind, "logits")
-    return (f"import onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{path}\")\n"
-            f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")  # or model.int8.onnx\n"
-            f"batch = tokenizer([\"A man is playing a guitar.\"], padding=True, truncation=True, "
-            f"max_length={recipe.student.max_length}{special}, return_tensors=\"np\")\n"
-            f"{what} = session.run(None, {{i.name: batch[i.name] for i in session.get_inputs()}})[0]"
-            + ("  # pooled and normalised\n" if what == "embedding" else "\n"))
-
-
-def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: dict[str, Any]) -> str:
-    """The student's README.md: where it comes from, how good, small and fast it is, how to load it.
-
-    Args:
-        summary: The run's evaluation (``eval.json``).
-        recipe: The run's recipe.
-        student: The saved student folder (paths in the snippets point there).
-        exports: What ``export/export.json`` holds (deployment figures, ONNX files), or ``{}``.
-    """
-    kind = recipe.student_kind
-    metric = summary["metric"]
-    higher = summary.get("higher_is_better", True)
-    rows = {r["model"]: r for r in summarize(summary["models"], metric, higher)}
-    s = rows["student"]
-    lines = [
-        f"# {summary['recipe']}: distilled student", "",
-        f"A `{kind}` model trained with distill to imitate the teacher `{summary['teacher']}`. "
-        f"Figures are on the test split of `{summary['data']}`; speeds on {summary['machine']}.", "",
-        f"- **teacher**: `{summary['teacher']}` ({rows['teacher']['parameters'] / 1e6:.2f}M parameters)",
-        f"- **student**: {summary['student']} ({s['parameters'] / 1e6:.2f}M parameters)",
-        f"- **data**: `{summary['data']}` (task `{recipe.task}`)",
-        f"- **method**: {summary['losses']}; {summary['steps']} steps",
-    ]
-    if "baseline" in rows:
-        lines.append("- **baseline**: the same student trained on the task loss alone, for the same steps")
-    lines += ["", "## Quality, size and speed", "",
-              f"| model | {metric} | retained | parameters | size (MB) | smaller | latency b1 (ms) | speed-up b1 |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in rows.values():
-        lines.append(f"| {r['model']} | {r[metric]:.2f} | {r['retention_pct']:.1f}% | {r['parameters'] / 1e6:.2f}M | "
-                     f"{r['size_mb']:.1f} | {r['smaller_x']:.2f}x | {r['latency_ms']:.2f} | "
-                     f"{r['speedup_latency_x']:.2f}x |")
-    text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is {s['smaller_x']:.2f}x smaller "
-            f"on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 on CPU.")
-    if "baseline" in rows:
-        text += (f" Trained without the teacher, the same student keeps {rows['baseline']['retention_pct']:.1f}%.")
-    lines += ["", text]
-    if "deployment" in exports:
-        dep = exports["deployment"]
-        head, body = deployment_table(dep)
-        lines += ["", "## Deployment (CPU)", "",
-                  f"Batch-1 latency and quality of the exported models, measured on {dep['machine']} "
-                  f"(onnxruntime {dep['onnxruntime']}).", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += ["", "## Use it", "", "```python", _usage(kind, recipe, student).rstrip(), "```"]
-    onnx = exports.get("exports", {}).get("onnx")
-    if onnx is not None:
-        lines += ["", "With onnxruntime (no PyTorch needed):", "", "```python",
-                  _onnx_usage(kind, recipe, onnx).rstrip(), "```"]
-    else:
-        folder = student.parent
-        lines += ["", f"For onnxruntime, export it first: `distill export {folder} --format onnx --int8`."]
-    return "\n".join(lines) + "\n"
-
-
-def write_model_card(folder: Path, summary: dict[str, Any]) -> Path | None:
-    """Write ``student/README.md`` in a run folder from its evaluation and exports (``None`` when
-    the run has no saved student)."""
-    student = folder / "student"
-    if not (student / "distill.json").is_file():
-        return None
-    recipe = load_recipe(folder / "recipe.yaml")
-    card = student / "README.md"
-    card.write_text(model_card(summary, recipe, student, read_exports(folder)))
-    return card

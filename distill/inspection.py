@@ -8,8 +8,12 @@ from typing import Any
 
 import torch
 
+from distill.config import ModelSpec, load_recipe
 from distill.errors import DistillError
 from distill.features import inspect_model
+from distill.models.load import load_model, load_teacher
+from distill.models.student import build_student
+from distill.tasks import build_task
 
 __all__ = ["format_rows", "inspect_adapter", "inspect_command"]
 
@@ -36,10 +40,6 @@ def format_rows(title: str, rows: list[dict[str, Any]]) -> str:
 
 
 def _from_recipe(path: Path, role: str | None) -> list[tuple[str, Any, dict[str, Any]]]:
-    from distill.config import load_recipe
-    from distill.runner import build_student, load_teacher
-    from distill.tasks import build_task
-
     recipe = load_recipe(path)
     task = build_task(recipe.task, recipe.data)
     sample = task.train.batch(range(min(2, len(task.train))))["inputs"]
@@ -52,9 +52,6 @@ def _from_recipe(path: Path, role: str | None) -> list[tuple[str, Any, dict[str,
 
 def _from_source(source: str, kind: str | None, arch: str | None, input_shape: str
                  ) -> list[tuple[str, Any, dict[str, Any]]]:
-    from distill.config import ModelSpec
-    from distill.runner import load_model
-
     kind = kind or "torch"
     spec = ModelSpec(kind=kind, source=source if source != "-" else None, arch=arch)  # type: ignore[arg-type]
     model = load_model(spec, kind)

@@ -5,7 +5,7 @@ that is 256 KB per token in float16, too much to keep for a corpus. The cache ke
 position of every training text, the teacher's ``k`` most likely tokens and their tempered
 log-probabilities; training then reads them instead of running the teacher. The mass outside
 the ``k`` tokens is not thrown away: it is ``1 - sum(p)`` of the kept ones, and the loss pools
-it into one "other" bucket for both models (:func:`distill.losses.tokens.chunked_topk_loss`).
+it into one "other" bucket for both models (:func:`distill.losses.chunked.chunked_topk_loss`).
 ``k = 0`` keeps the whole distribution.
 
 On disk a cache folder holds shards of ``shard_size`` consecutive examples. A shard is three
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distill.cache import _file_sha256
+from distill.cache import file_sha256
 from distill.errors import CacheError
+from distill.losses.tokens import TeacherTopK
 
 __all__ = ["TokenLogitCache"]
 
@@ -56,7 +57,7 @@ def _write_array(path: Path, array: np.ndarray) -> str:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    return _file_sha256(path)
+    return file_sha256(path)
 
 
 class TokenLogitCache:
@@ -117,11 +118,11 @@ class TokenLogitCache:
         part = slice(int(offsets[i]), int(offsets[i + 1]))
         return logp[part], None if ids is None else ids[part]
 
-    def lookup(self, index: Tensor) -> dict[str, Tensor]:
+    def lookup(self, index: Tensor) -> TeacherTopK:
         """The teacher side of a batch, padded like the student's next-token states.
 
-        Returns ``topk_logp`` ``(B, n, k)`` float32 and, unless the cache holds full
-        distributions, ``topk_ids`` ``(B, n, k)`` int64; ``n`` is the batch's longest example.
+        Returns log-probabilities ``(B, n, k)`` float32 and, unless the cache holds full
+        distributions, their ids ``(B, n, k)`` int64; ``n`` is the batch's longest example.
         Padded rows, which the loss masks out, hold a valid distribution (uniform when full;
         all mass outside the kept tokens otherwise), so that they stay finite.
         """
@@ -135,7 +136,7 @@ class TokenLogitCache:
             logp[b, : len(lp)] = torch.from_numpy(np.asarray(lp, dtype=np.float32))
             if ids is not None and tok is not None:
                 ids[b, : len(tok)] = torch.from_numpy(np.asarray(tok, dtype=np.int64))
-        return {"topk_logp": logp} if ids is None else {"topk_logp": logp, "topk_ids": ids}
+        return TeacherTopK(logp, ids)
 
     # --- opening and building ------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class TokenLogitCache:
         for key, shard in list(self.meta["shards"].items()):
             for file, digest in zip(shard["files"], shard["sha256"], strict=True):
                 path = self.folder / file
-                if not path.is_file() or _file_sha256(path) != digest:
+                if not path.is_file() or file_sha256(path) != digest:
                     bad.append(int(key))
                     del self.meta["shards"][key]
                     break
@@ -256,23 +257,14 @@ class TokenLogitCache:
             examples: Number of training examples.
             k: Tokens kept per position; 0 keeps the full distribution.
             temperature: The distillation temperature the log-probabilities are taken at.
-            batch_size: Examples per teacher pass.
-            shard_size: Examples per shard.
-            rank: This process's index.
-            world: Number of processes building the cache.
+            batch_size, shard_size: Examples per teacher pass, and per shard.
+            rank, world: This process's index, and the number of processes building the cache.
             barrier: Waits for all ``world`` processes.
         """
-        folder = cls.folder_for(root, teacher_id, data_id, k, temperature)
-        meta = cls._read_meta(folder)
         identity = {"format": FORMAT, "teacher": teacher_id, "data": data_id, "k": k, "temperature": temperature,
                     "examples": examples, "shard_size": shard_size}
-        if meta is not None and any(meta.get(key) != value for key, value in identity.items()):
-            log.warning("logit cache %s was made with other settings; rebuilding it", folder)
-            meta = None
-        if meta is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            meta = {**identity, "vocab": None, "shards": {}}
-        cache = cls(folder, {**meta, "vocab": meta["vocab"] or 0})
+        folder = cls.folder_for(root, teacher_id, data_id, k, temperature)
+        cache = cls._reopen(folder, identity)
         if world > 1:
             cache._meta_file = f"meta.rank-{rank}.json"
         for shard in cache._verify():
@@ -290,6 +282,18 @@ class TokenLogitCache:
             barrier()
             return cls.load(folder)
         return cache if world > 1 else cls.load(folder)
+
+    @classmethod
+    def _reopen(cls, folder: Path, identity: dict[str, Any]) -> TokenLogitCache:
+        """The cache in ``folder`` as far as it was written with these settings (empty otherwise)."""
+        meta = cls._read_meta(folder)
+        if meta is not None and any(meta.get(key) != value for key, value in identity.items()):
+            log.warning("logit cache %s was made with other settings; rebuilding it", folder)
+            meta = None
+        if meta is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = {**identity, "vocab": None, "shards": {}}
+        return cls(folder, {**meta, "vocab": meta["vocab"] or 0})
 
     def _build(self, shards: list[int], teacher: Any, batches: Callable[[Sequence[int]], dict[str, Any]],
                batch_size: int, show: bool = True) -> None:

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import LossSpec
-from distill.engine import LossTerm, loss_extras, projector_key
 from distill.errors import ModelError, RecipeError
 from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
 from distill.losses import LOSSES
 from distill.registry import suggest
+from distill.step import LossTerm, loss_extras, projector_key
 
 __all__ = ["Pairing", "build_loss_terms", "make_projector", "pair_outputs", "prepare_pair", "tap_models"]
 
@@ -68,7 +68,7 @@ def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None
     terms = []
     for i, spec in enumerate(specs):
         cls = LOSSES.get(spec.name)
-        if getattr(cls, "tap", "output") == "qkv" and spec.layers is None:
+        if cls.traits.tap == "qkv" and spec.layers is None:
             raise RecipeError(f"losses.{i}: loss '{spec.name}' compares attention inside transformer blocks; "
                               "name them with layers (for example layers: {student: [-1], teacher: [-1]})")
         params = _attention_params(spec.name, cls, dict(spec.params), student, teacher)
@@ -90,7 +90,7 @@ def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None
             ) from None
         except ValueError as exc:
             raise RecipeError(f"losses.{i}.params: {exc}") from None
-        on = spec.on or getattr(cls, "output", None) or default_on
+        on = spec.on or cls.traits.output or default_on
         terms.append(LossTerm(spec.name, spec.weight, on, loss, start_step=spec.start_step,
                               ramp_steps=spec.ramp_steps, layers=spec.layers, projector=spec.projector))
     return terms
@@ -119,7 +119,7 @@ def tap_models(terms: list[LossTerm], student: Any, teacher: Any) -> tuple[Any, 
         spec = term.layers
         if spec is None:
             continue
-        kind = getattr(term.loss, "tap", "output")
+        kind = term.loss.traits.tap
         teacher_layers = spec.teacher if spec.teacher is not None else (spec.student if spec.map == "pairs" else None)
         try:
             pairs = map_layers(spec.student, teacher_layers, spec.map, len(block_paths(teacher.module)))
@@ -151,7 +151,7 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[st
     task.check_outputs(s_out, "student")
     projectors = nn.ModuleDict()
     for i, term in enumerate(terms):
-        mode = term.projector or getattr(term.loss, "projector", "if_needed")
+        mode = term.projector or term.loss.traits.projector
         for j, (s_key, t_key) in enumerate(term.pairs):
             for role, key, out in (("student", s_key, s_out), ("teacher", t_key, t_out)):
                 if key not in out:
@@ -168,7 +168,7 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[st
                 raise ModelError(f"{where}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in more "
                                  "than width; pick layers of matching resolution or a relation loss")
             if mode == "always" or s.shape[axis] != t.shape[axis]:
-                if getattr(term.loss, "output", None) == "logits":
+                if term.loss.traits.output == "logits":
                     raise ModelError(f"{where}: student has {s.shape[-1]} classes, teacher {t.shape[-1]}")
                 projectors[projector_key(i, j)] = make_projector(s, t).to(s.device)
     return projectors
@@ -242,7 +242,7 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     ``num_examples`` (the training-set size) sizes the memory banks of losses that keep one.
     """
     terms = build_loss_terms(specs, default_on, student, teacher)
-    if any(getattr(term.loss, "uses_head", False) for term in terms):
+    if any(term.loss.traits.uses_head for term in terms):
         check_shared_vocabulary(student, teacher)
     student, teacher = tap_models(terms, student, teacher)
     with torch.no_grad():
@@ -258,7 +258,7 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
                 teacher.remove()
             raise
     for i, term in enumerate(terms):
-        if getattr(term.loss, "trainable", False):
+        if term.loss.traits.trainable:
             projectors[f"loss{i}"] = term.loss  # trained and checkpointed with the student, never saved with it
     index = sample.get("index")
     size = len(index) if index is not None else len(next(iter(sample["inputs"].values())))

@@ -2,7 +2,9 @@
 
 Each phase leaves its result in the run folder, so running the same recipe again picks up
 where it stopped: a finished training is not repeated, an interrupted one resumes from its
-last checkpoint.
+last checkpoint. The commands on a finished run folder (``eval``, ``report``, ``export``) are
+orchestrated here too; loading models, exporting, measuring deployments and writing the model
+card are jobs of the modules they call.
 """
 
 from __future__ import annotations
@@ -17,20 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate import PartialState
 
+from distill.batches import ShuffledBatches, per_process_batch
 from distill.cache import TeacherCache, model_fingerprint
-from distill.config import ModelSpec, Recipe, apply_overrides, load_recipe, parse_recipe
-from distill.engine import ShuffledBatches, make_accelerator, per_process_batch, train
-from distill.errors import ModelError, RecipeError, RunFolderError
+from distill.card import read_exports, record_export, write_model_card
+from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
+from distill.deploy import measure_deployment
+from distill.engine import make_accelerator, train
+from distill.errors import RecipeError, RunFolderError
 from distill.evaluate import measure, time_models
-from distill.export import read_exports, write_model_card
+from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
 from distill.launch import process_state, shard_frozen, sync_batchnorm
 from distill.logit_cache import TokenLogitCache
-from distill.models.adapters import Adapter, load_hf, load_torch_classifier
-from distill.models.derive import derive_student
-from distill.models.sources import resolve_source
-from distill.models.static import derive_static, load_static, vocabulary_of
+from distill.losses.tokens import TokenKDLoss
+from distill.models.adapters import Adapter
+from distill.models.load import load_model, load_teacher
+from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, build_loss_terms, pair_outputs, prepare_pair
 from distill.report import write_report
 from distill.tasks import build_task
@@ -39,9 +44,8 @@ __all__ = [
     "RunResult",
     "build_loss_terms",
     "evaluate_run",
-    "load_model",
+    "export_run",
     "build_logit_cache",
-    "load_teacher",
     "open_logit_cache",
     "open_teacher_cache",
     "pair_outputs",
@@ -61,43 +65,8 @@ class RunResult:
     models: dict[str, dict[str, Any]]
 
 
-def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter:
-    """Load a teacher or student adapter from its spec (``source`` overrides the spec's)."""
-    source = source or spec.source
-    if kind == "torch":
-        return load_torch_classifier(spec.arch, spec.arch_args, resolve_source(source) if source else None)
-    if source is None:
-        raise ModelError(f"{kind} model: source is required")
-    if kind == "static-embedding":
-        return load_static(resolve_source(source))
-    return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
-                   max_length=spec.max_length, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                   init=spec.init if source == spec.source else "pretrained")
-
-
-def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
-    """Derive the student from the teacher, or load/build it, with the recipe's seed."""
-    set_seed(recipe.seed)
-    derive = recipe.student.derive
-    if derive is None:
-        return load_model(recipe.student, recipe.student_kind)
-    keep = None
-    if derive.vocab == "data":
-        if not hasattr(task, "train_texts"):
-            raise RecipeError("student.derive.vocab: 'data' needs a text task")
-        keep = vocabulary_of(teacher.tokenizer, task.train_texts())  # type: ignore[attr-defined]
-    if recipe.student_kind == "static-embedding":
-        texts = task.train_texts() if hasattr(task, "train_texts") else None
-        return derive_static(teacher, derive.hidden_size or 256, keep, texts, derive.sif)
-    bs = recipe.train.batch_size
-    calibration = [task.train.batch(range(i * bs, min((i + 1) * bs, len(task.train))))["inputs"]
-                   for i in range(min(derive.calibration_batches, -(-len(task.train) // bs)))]
-    return derive_student(teacher, derive, calibration, keep)  # type: ignore[arg-type]
-
-
-def _prepare_folder(recipe: Recipe) -> Path:
+def _prepare_folder(recipe: Recipe, procs: PartialState) -> Path:
     """Check the run folder (every process: each raises the same error) and claim it (the main one)."""
-    procs = process_state(recipe.train)
     folder = recipe.run_dir()
     marker = folder / "run.json"
     identity = recipe.identity()
@@ -128,25 +97,27 @@ def _save_atomic(model: Adapter, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _pairing(recipe: Recipe, teacher: Adapter, task: Any, distilled: bool) -> Pairing:
-    """Build the student and check, on a few real examples, that it can be compared with the teacher."""
-    student = build_student(recipe, teacher, task)
-    student.module = sync_batchnorm(student.module, process_state(recipe.train))
+def _pairing(recipe: Recipe, built: BuiltStudent, teacher: Adapter, task: Any, distilled: bool,
+             procs: PartialState) -> Pairing:
+    """A fresh copy of the student, checked on a few real examples to be comparable with the teacher."""
+    student = built.fresh()
+    student.module = sync_batchnorm(student.module, procs)
     sample = task.train.batch(range(min(4, len(task.train))))
     specs = recipe.losses if distilled else []
     return prepare_pair(specs, task.output, student, teacher, sample, task, len(task.train))
 
 
-def _train_one(recipe: Recipe, role: str, teacher: Adapter, task: Any, cache: TeacherCache | TokenLogitCache | None,
-               folder: Path) -> Adapter:
-    """Train the distilled student (``role='student'``) or the no-teacher baseline, or load it if done."""
+def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter, task: Any,
+               cache: TeacherCache | TokenLogitCache | None, folder: Path, procs: PartialState) -> Adapter:
+    """Train the distilled student (``role='student'``) or the no-teacher baseline, from a fresh
+    copy of the run's student, or load it if done."""
     saved = folder / role
     if (saved / "distill.json").is_file():
         log.info("%s already trained: %s", role, saved)
         return load_model(recipe.student, recipe.student_kind, str(saved))
     accelerator = make_accelerator(recipe.train)
     distilled = role == "student"
-    pair = _pairing(recipe, teacher, task, distilled)
+    pair = _pairing(recipe, built, teacher, task, distilled, procs)
     # After the pairing check, which runs both models on the CPU.
     if distilled and _sharded_teacher(recipe, accelerator.num_processes):
         local, total = shard_frozen(teacher.module, accelerator.device, accelerator.num_processes)
@@ -185,13 +156,6 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def load_teacher(recipe: Recipe) -> Adapter:
-    """The recipe's teacher, frozen and in eval mode."""
-    teacher = load_model(recipe.teacher, recipe.teacher.kind or "torch")
-    teacher.module.eval().requires_grad_(False)
-    return teacher
-
-
 def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[str] | None = None
                        ) -> TeacherCache:
     """The verified teacher-output cache of this teacher on this task's training set (built if needed).
@@ -214,7 +178,7 @@ def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[
 
 
 def _token_terms(pair: Pairing) -> list[Any]:
-    return [term for term in pair.terms if getattr(term.loss, "uses_head", False)]
+    return [term for term in pair.terms if term.loss.traits.uses_head]
 
 
 def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | None = None,
@@ -229,8 +193,9 @@ def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | No
     procs = process_state(recipe.train)
     rank = procs.process_index if rank is None else rank
     world = procs.num_processes if world is None else world
-    terms = [s for s in recipe.losses if s.name == "token_kd"]
-    temperatures = {float(s.params.get("temperature", 1.0)) for s in terms}
+    # The temperature comes from the built losses themselves, so it is the one they train at.
+    token_losses = [t.loss for t in build_loss_terms(recipe.losses, "hidden") if isinstance(t.loss, TokenKDLoss)]
+    temperatures = {float(loss.temperature) for loss in token_losses}
     if len(temperatures) > 1:
         raise RecipeError(f"cache.top_k: the token_kd terms use different temperatures {sorted(temperatures)}; "
                           "one logit cache holds one temperature")
@@ -305,10 +270,12 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     recipe = _coerce(recipe, overrides)
     procs = process_state(recipe.train)
     per_process_batch(recipe.train.batch_size, procs.num_processes)
-    folder = _prepare_folder(recipe)
+    folder = _prepare_folder(recipe, procs)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
-    pair = _pairing(recipe, teacher, task, True)  # fail fast, before the teacher cache
+    # Built once, on the CPU with the teacher; every role below trains a fresh copy of it.
+    built = BuiltStudent.build(recipe, teacher, task)
+    pair = _pairing(recipe, built, teacher, task, True, procs)  # fail fast, before the teacher cache
     sharded = _sharded_teacher(recipe, procs.num_processes)
     if recipe.train.shard_teacher and not sharded:
         log.info("train.shard_teacher: one process, so the teacher stays whole")
@@ -320,9 +287,10 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     finally:
         teacher.module.to("cpu")
         pair.release()
-    _train_one(recipe, "student", teacher, task, cache, folder)
+    del pair  # the check's copy of the student: each role trains its own
+    _train_one(recipe, "student", built, teacher, task, cache, folder, procs)
     if recipe.baseline:
-        _train_one(recipe, "baseline", teacher, task, None, folder)
+        _train_one(recipe, "baseline", built, teacher, task, None, folder, procs)
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
     # A sharded teacher is whole nowhere: the main process loads it again, on the CPU, to measure it.
@@ -389,3 +357,61 @@ def report_run(folder: Path) -> Path:
     report = write_report(folder, summary, histories)
     write_model_card(folder, summary)
     return report
+
+
+def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None = None,
+               tolerance: float = TOLERANCE, measure: bool = True, rounds: int = 1) -> dict[str, Any]:
+    """``distill export``: export a finished run's student and record it in ``folder/export/export.json``.
+
+    ``onnx`` and ``torchscript`` exports are checked against PyTorch on real test inputs; an
+    ONNX export is then measured against the teacher (unless ``measure`` is false), and the
+    report and model card are rewritten with the figures.
+
+    Args:
+        folder: The run folder.
+        fmt: ``onnx``, ``hf`` (a copy of the saved transformers folder), ``safetensors`` (the
+            weights file) or ``torchscript``.
+        int8: Also write an int8 ONNX model (onnxruntime dynamic quantization).
+        out: Where to write; default ``folder/export/<fmt>``.
+        tolerance: Largest absolute difference from PyTorch's outputs allowed.
+        measure: Measure size, latency and quality of the ONNX models against the teacher.
+        rounds: Timing rounds; the medians are reported (a machine shared with other jobs
+            gives noisy timings).
+
+    Returns:
+        The record of this export (files, check, deployment figures).
+    """
+    if not (folder / "recipe.yaml").is_file():
+        raise RunFolderError(f"{folder} is not a run folder (no recipe.yaml)")
+    recipe = load_recipe(folder / "recipe.yaml")
+    check_format(recipe.student_kind, fmt, int8)
+    if fmt == "onnx":
+        require_onnx()
+    if not (folder / "student" / "distill.json").is_file():
+        raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
+    out = Path(out) if out is not None else folder / "export" / fmt
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"format": fmt, "path": str(out)}
+    if fmt in ("hf", "safetensors"):
+        record.update(copy_saved(folder / "student", fmt, out))
+    else:
+        record.update(_export_student(folder, recipe, fmt, out, int8, tolerance, measure, rounds))
+    record_export(folder, fmt, record)
+    if (folder / "eval.json").is_file():
+        report_run(folder)  # the report and the model card gain the export
+    return record
+
+
+def _export_student(folder: Path, recipe: Recipe, fmt: str, out: Path, int8: bool, tolerance: float,
+                    measure: bool, rounds: int) -> dict[str, Any]:
+    """The run's student traced to ``fmt`` in ``out`` and checked; an ONNX one measured too (``deployment``)."""
+    task = build_task(recipe.task, recipe.data)
+    student = load_model(recipe.student, recipe.student_kind, str(folder / "student"))
+    student.module.to("cpu").eval()
+    sample = sample_inputs(task, recipe.student_kind)
+    record = export_traced(student, fmt, out, sample, int8, tolerance)
+    if fmt == "onnx" and measure:
+        int8_file = out / "model.int8.onnx" if int8 else None
+        record["deployment"] = measure_deployment(folder, recipe, task, student, out / "model.onnx", int8_file,
+                                                  tolerance, rounds)
+    return record

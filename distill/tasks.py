@@ -21,7 +21,7 @@ from torch import Tensor
 from distill.config import DataSpec
 from distill.data import SentencePairs, read_idx_images, read_records, read_stsb, read_text
 from distill.errors import DataError
-from distill.losses.tokens import chunked_cross_entropy
+from distill.losses.chunked import chunked_cross_entropy
 
 __all__ = ["Batch", "ClassificationTask", "LanguageModelingTask", "STSTask", "Task", "build_task", "spearman"]
 

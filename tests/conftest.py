@@ -77,3 +77,40 @@ def gpt_pair(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[
     tokenizer.chat_template = CHAT_TEMPLATE
     root = tmp_path_factory.mktemp("gpt")
     return _gpt(root / "teacher", tokenizer, 2, 32, 0), _gpt(root / "student", tokenizer, 1, 16, 1)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied; nested sections merge (a ``None`` value removes a key)."""
+    out = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_lm_recipe(tmp_path: Path, data_dir: Path, teacher_dir: Path, student_dir: Path | None = None,
+                   **changes) -> dict:
+    """A recipe dict distilling the tiny GPT teacher on Tiny Shakespeare in a few steps.
+
+    ``student_dir`` loads a student folder; without it the student is derived from layers 0 and 2 of
+    the teacher. ``changes`` override fields, nested sections merging into the defaults.
+    """
+    base = {
+        "name": "tiny-lm", "task": "lm", "seed": 0,
+        "teacher": {"kind": "hf-causal-lm", "source": str(teacher_dir), "max_length": 64},
+        "student": ({"source": str(student_dir), "max_length": 64} if student_dir is not None
+                    else {"derive": {"layers": [0, 2], "calibration_batches": 2}}),
+        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
+                 "train_limit": 64, "eval_limit": 8, "test_limit": 16},
+        "losses": [{"name": "token_kd", "params": {"kind": "jsd", "beta": 0.5, "chunk_size": 50}}],
+        "task_loss_weight": 0.5,
+        "output_dir": str(tmp_path / "run"),
+        "train": {"max_steps": 6, "batch_size": 8, "eval_every": 3, "checkpoint_every": 3, "lr": 3e-3},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
+    }
+    return _merged(base, changes)

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_lm_recipe
 
 import distill
 from distill.config import DataSpec, parse_recipe
 from distill.errors import RecipeError
-from distill.models.adapters import load_hf
+from distill.models.load import load_hf
 from distill.tasks import LanguageModelingTask
 
 transformers = pytest.importorskip("transformers")
@@ -47,21 +48,7 @@ def test_text_task_holds_out_the_tail(data_dir):
 
 
 def lm_recipe(tmp_path, data_dir, teacher_dir, student_dir, **changes):
-    base = {
-        "name": "tiny-lm", "task": "lm", "seed": 0,
-        "teacher": {"kind": "hf-causal-lm", "source": str(teacher_dir), "max_length": 64},
-        "student": {"source": str(student_dir), "max_length": 64},
-        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
-                 "train_limit": 64, "eval_limit": 8, "test_limit": 16},
-        "losses": [{"name": "token_kd", "params": {"kind": "jsd", "beta": 0.5, "chunk_size": 50}}],
-        "task_loss_weight": 0.5,
-        "output_dir": str(tmp_path / "run"),
-        "train": {"max_steps": 6, "batch_size": 8, "eval_every": 3, "checkpoint_every": 3, "lr": 3e-3},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
-    }
-    base.update(changes)
-    return base
+    return tiny_lm_recipe(tmp_path, data_dir, teacher_dir, student_dir, **changes)
 
 
 def test_token_level_distillation_end_to_end(tmp_path, data_dir, gpt_pair):
@@ -92,7 +79,7 @@ def test_lm_recipes_are_checked(tmp_path, data_dir, gpt_pair):
                                                                               "source": "x"}))
     with pytest.raises(RecipeError, match="causal-LM student"):
         parse_recipe(lm_recipe(tmp_path, data_dir, teacher, student,
-                               student={"derive": {"layers": [0], "vocab": "data"}}))
+                               student={"source": None, "derive": {"layers": [0], "vocab": "data"}}))
     with pytest.raises(RecipeError, match="unknown divergence 'kl'"):
         distill.run(lm_recipe(tmp_path, data_dir, teacher, student,
                               losses=[{"name": "token_kd", "params": {"kind": "kl"}}]))

@@ -19,11 +19,12 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import tiny_lm_recipe
 from safetensors.torch import load_file
 from test_engine import Items  # a dataset of indices
 
 import distill
-from distill.engine import ShuffledBatches, per_process_batch
+from distill.batches import ShuffledBatches, per_process_batch
 from distill.errors import RecipeError
 
 WEIGHTS = {"atol": 1e-5, "rtol": 1e-4}
@@ -201,16 +202,12 @@ def test_logit_cache_of_two_processes_equals_one(tmp_path, data_dir, gpt_pair):
     from distill.runner import build_logit_cache
 
     teacher, student = gpt_pair
-    recipe = {
-        "name": "tiny-lm-ddp", "task": "lm",
-        "teacher": {"kind": "hf-causal-lm", "source": str(teacher), "max_length": 64},
-        "student": {"source": str(student), "max_length": 64},
-        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
-                 "train_limit": 25, "eval_limit": 4, "test_limit": 4},
-        "losses": [{"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 2.0}}],
-        "cache": {"enabled": True, "top_k": 8, "dir": str(tmp_path / "one"), "shard_size": 10},
-        "train": {"batch_size": 8}, "evaluate": {"batch_size": 4}, "baseline": False,
-    }
+    recipe = tiny_lm_recipe(
+        tmp_path, data_dir, teacher, student, name="tiny-lm-ddp", task_loss_weight=0.0, baseline=False,
+        output_dir=None, data={"train_limit": 25, "eval_limit": 4, "test_limit": 4},
+        losses=[{"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 2.0}}],
+        cache={"enabled": True, "top_k": 8, "dir": str(tmp_path / "one"), "shard_size": 10},
+    )
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(recipe))
     one = build_logit_cache(recipe)
@@ -227,9 +224,8 @@ def test_logit_cache_of_two_processes_equals_one(tmp_path, data_dir, gpt_pair):
 def test_sharded_teacher_gives_the_replicated_teachers_run(tmp_path, data_dir, gpt_pair):
     # FSDP splits the frozen teacher's weights between the processes and gathers one block at a
     # time: its outputs, hence the whole run, are those of a full copy in every process.
-    from test_causal_lm import lm_recipe
 
-    recipe = lm_recipe(tmp_path, data_dir, *gpt_pair, baseline=False)
+    recipe = tiny_lm_recipe(tmp_path, data_dir, *gpt_pair, baseline=False)
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(recipe))
     runs = {}

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
+from distill.batches import ShuffledBatches, lr_lambda, total_steps
+from distill.checkpoint import MetricsLog
 from distill.config import TrainSpec
-from distill.engine import MetricsLog, ShuffledBatches, _lr_lambda, total_steps
 
 
 class Items:
@@ -49,7 +50,7 @@ def test_schedule_and_steps():
     spec = TrainSpec(epochs=2, grad_accum=2, warmup_ratio=0.1, schedule="linear")
     assert total_steps(11, spec) == 11
     assert total_steps(11, TrainSpec(max_steps=5)) == 5
-    f = _lr_lambda(spec, 100)
+    f = lr_lambda(spec, 100)
     assert f(0) < f(9) <= 1.0 and f(10) == pytest.approx(1.0) and f(99) < 0.05
 
 
@@ -63,20 +64,20 @@ def test_metrics_truncate_after_checkpoint(tmp_path):
 
 
 def test_freeze_by_prefix():
-    from distill.engine import _freeze
+    from distill.engine import freeze
     from distill.errors import RecipeError
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    _freeze(model, ["0."])
+    freeze(model, ["0."])
     assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
     with pytest.raises(RecipeError, match="no student parameter starts with 'emb'"):
-        _freeze(model, ["emb"])
+        freeze(model, ["emb"])
 
 
 def test_loss_term_schedule_starts_and_ramps():
     from torch import nn
 
-    from distill.engine import LossTerm
+    from distill.step import LossTerm
 
     term = LossTerm("kd", 1.0, "logits", nn.Identity(), start_step=2, ramp_steps=4)
     assert [term.factor(s) for s in range(8)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

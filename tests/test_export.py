@@ -12,6 +12,7 @@ from torch import nn
 import distill
 from distill.cli import main
 from distill.config import DataSpec
+from distill.deploy import quantize_torch
 from distill.errors import ModelError
 from distill.export import (
     export_onnx,
@@ -20,9 +21,9 @@ from distill.export import (
     load_onnx,
     max_difference,
     quantize_onnx,
-    quantize_torch,
 )
-from distill.models.adapters import TorchClassifierAdapter, load_hf
+from distill.models.adapters import TorchClassifierAdapter
+from distill.models.load import load_hf
 from distill.models.zoo import ConvNet
 from distill.tasks import STSTask
 
@@ -143,7 +144,7 @@ def test_hf_classifier_exports_logits(tiny_bert, sts, tmp_path):
 
 
 def test_causal_lm_exports_logits_and_its_perplexity_matches(tiny_bert, data_dir, tmp_path):
-    from distill.export import _perplexity
+    from distill.deploy import perplexity
     from distill.tasks import LanguageModelingTask
 
     vocab = len((tiny_bert / "vocab.txt").read_text().splitlines())
@@ -159,7 +160,7 @@ def test_causal_lm_exports_logits_and_its_perplexity_matches(tiny_bert, data_dir
     exported = load_onnx(tmp_path / "lm.onnx", graph_of(lm))
     logits = exported(task.sample_inputs(2))["logits"]
     assert logits.shape[0] == 2 and logits.shape[-1] == vocab
-    assert _perplexity(exported, task) == pytest.approx(task.evaluate(lm, "test"), rel=1e-4)
+    assert perplexity(exported, task) == pytest.approx(task.evaluate(lm, "test"), rel=1e-4)
     assert export_torchscript(lm, tmp_path / "lm.pt", task.sample_inputs(6))["max_abs_diff"] < 1e-4
 
 

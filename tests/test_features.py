@@ -11,7 +11,8 @@ from distill.cli import main
 from distill.config import LayerSpec, LossSpec
 from distill.errors import ModelError
 from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
-from distill.models.adapters import TorchClassifierAdapter, load_hf
+from distill.models.adapters import TorchClassifierAdapter
+from distill.models.load import load_hf
 from distill.models.zoo import ConvNet
 from distill.pairing import prepare_pair
 

@@ -9,8 +9,8 @@ import distill
 from distill.config import DataSpec
 from distill.data import read_records
 from distill.errors import DataError
-from distill.losses.tokens import chunked_cross_entropy
-from distill.models.adapters import load_hf
+from distill.losses.chunked import chunked_cross_entropy
+from distill.models.load import load_hf
 from distill.tasks import LanguageModelingTask
 
 pytest.importorskip("transformers")

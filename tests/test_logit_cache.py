@@ -5,20 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_lm_recipe
 
 import distill
 from distill.config import DataSpec
 from distill.errors import CacheError
 from distill.logit_cache import TokenLogitCache
-from distill.losses.tokens import (
-    DIVERGENCES,
-    TokenKDLoss,
-    chunked_topk_loss,
-    sparse_token_divergence,
-    token_divergence,
-    token_loss,
-)
-from distill.models.adapters import load_hf
+from distill.losses.chunked import chunked_topk_loss, token_loss
+from distill.losses.divergence import DIVERGENCES, sparse_token_divergence, token_divergence
+from distill.losses.tokens import TokenKDLoss
+from distill.models.load import load_hf
 from distill.runner import build_logit_cache
 from distill.tasks import LanguageModelingTask
 
@@ -101,12 +97,12 @@ def test_cache_round_trip_holds_the_teachers_top_k(tmp_path, lm):
     with torch.no_grad():
         out = teacher(batch["inputs"])
     got = cache.lookup(batch["index"])
-    assert got["topk_logp"].shape == (3, out["hidden"].shape[1], 8) and got["topk_ids"].dtype == torch.long
+    assert got.logp.shape == (3, out["hidden"].shape[1], 8) and got.ids.dtype == torch.long
     logp = torch.log_softmax(out["hidden"] @ out["head"].T / 2.0, -1)
     top = logp.topk(8, dim=-1)
     real = out["token_mask"].bool()  # plain text: every real position is cached
-    torch.testing.assert_close(got["topk_logp"][real], top.values[real], atol=2e-2, rtol=1e-2)  # float16 on disk
-    assert (got["topk_ids"][real] == top.indices[real]).float().mean() > 0.99  # ties in float16 aside
+    torch.testing.assert_close(got.logp[real], top.values[real], atol=2e-2, rtol=1e-2)  # float16 on disk
+    assert (got.ids[real] == top.indices[real]).float().mean() > 0.99  # ties in float16 aside
     # bytes per token: 8 x (2 bytes value + 2 bytes id, a 300-token vocabulary) plus the offsets
     assert 32 <= cache.bytes_per_token() < 36  # the rest: npy headers and offsets of 23 short texts
 
@@ -123,8 +119,8 @@ def test_full_cache_and_loss_from_it_match_the_online_teacher(tmp_path, lm, gpt_
     loss = TokenKDLoss("jsd", beta=0.5)
     online = loss(s_out["hidden"], t_out["hidden"], mask=s_out["token_mask"], student_head=s_out["head"],
                   teacher_head=t_out["head"])
-    cached = loss(s_out["hidden"], cache.lookup(batch["index"])["topk_logp"], mask=s_out["token_mask"],
-                  student_head=s_out["head"])
+    cached = loss.forward_cached(s_out["hidden"], cache.lookup(batch["index"]), mask=s_out["token_mask"],
+                                 student_head=s_out["head"])
     torch.testing.assert_close(cached, online, rtol=2e-3, atol=1e-4)
 
 
@@ -168,18 +164,13 @@ def test_corrupt_shard_is_detected_and_rebuilt(tmp_path, lm):
 
 def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair):
     teacher, student = gpt_pair
-    recipe = {
-        "name": "tiny-lm-cache", "task": "lm", "seed": 0,
-        "teacher": {"kind": "hf-causal-lm", "source": str(teacher), "max_length": 64},
-        "student": {"source": str(student), "max_length": 64},
-        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
-                 "train_limit": 24, "eval_limit": 4, "test_limit": 4},
-        "losses": [{"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 2.0}}],
-        "cache": {"enabled": True, "top_k": 8, "dir": str(tmp_path / "cache"), "shard_size": 10},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 100, "checkpoint_every": 100},
-        "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
-        "baseline": False, "output_dir": str(tmp_path / "run"),
-    }
+    recipe = tiny_lm_recipe(
+        tmp_path, data_dir, teacher, student, name="tiny-lm-cache", task_loss_weight=0.0, baseline=False,
+        data={"train_limit": 24, "eval_limit": 4, "test_limit": 4},
+        losses=[{"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 2.0}}],
+        cache={"enabled": True, "top_k": 8, "shard_size": 10},
+        train={"epochs": 1, "max_steps": None, "lr": 1e-3, "eval_every": 100, "checkpoint_every": 100},
+    )
     built = build_logit_cache(recipe)
     assert built.k == 8 and built.temperature == 2.0 and built.examples == 24
     result = distill.run(recipe)

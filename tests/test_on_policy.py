@@ -17,11 +17,11 @@ from distill.config import OnPolicySpec, parse_recipe
 from distill.engine import on_policy_turn
 from distill.errors import RecipeError
 from distill.losses.tokens import TokenKDLoss
-from distill.models.adapters import load_hf
+from distill.models.load import load_hf
 
 transformers = pytest.importorskip("transformers")
 
-from test_causal_lm import lm_recipe  # noqa: E402
+from conftest import tiny_lm_recipe  # noqa: E402
 
 
 def _texts(data_dir, n=4, size=200):
@@ -110,7 +110,7 @@ def test_on_policy_turns_are_reproducible_and_take_their_share():
 
 def test_on_policy_run_end_to_end(tmp_path, data_dir, gpt_pair):
     teacher, student = gpt_pair
-    spec = lm_recipe(tmp_path, data_dir, teacher, student, baseline=False, seed=1,
+    spec = tiny_lm_recipe(tmp_path, data_dir, teacher, student, baseline=False, seed=1,
                      on_policy={"fraction": 0.5, "max_new_tokens": 8})
     result = distill.run(spec)
     run = tmp_path / "run"
@@ -129,7 +129,7 @@ def test_on_policy_run_end_to_end(tmp_path, data_dir, gpt_pair):
 
 def test_on_policy_batches_start_after_their_share_of_steps(tmp_path, data_dir, gpt_pair):
     teacher, student = gpt_pair
-    spec = lm_recipe(tmp_path, data_dir, teacher, student, baseline=False,
+    spec = tiny_lm_recipe(tmp_path, data_dir, teacher, student, baseline=False,
                      on_policy={"fraction": 1.0, "start": 0.5, "max_new_tokens": 4})
     distill.run(spec)
     records = [json.loads(x) for x in (tmp_path / "run/train/student/metrics.jsonl").read_text().splitlines()]
@@ -138,7 +138,7 @@ def test_on_policy_batches_start_after_their_share_of_steps(tmp_path, data_dir, 
 
 def test_on_policy_run_resumes_after_sigkill_as_if_never_stopped(tmp_path, data_dir, gpt_pair):
     teacher, student = gpt_pair
-    spec = lm_recipe(tmp_path, data_dir, teacher, student, baseline=False, seed=1,
+    spec = tiny_lm_recipe(tmp_path, data_dir, teacher, student, baseline=False, seed=1,
                      on_policy={"fraction": 0.5, "max_new_tokens": 6})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -167,7 +167,7 @@ def test_on_policy_run_resumes_after_sigkill_as_if_never_stopped(tmp_path, data_
 ])
 def test_on_policy_recipes_are_checked(tmp_path, data_dir, gpt_pair, change, message):
     teacher, student = gpt_pair
-    spec = lm_recipe(tmp_path, data_dir, teacher, student, on_policy={"fraction": 0.5})
+    spec = tiny_lm_recipe(tmp_path, data_dir, teacher, student, on_policy={"fraction": 0.5})
     spec.update(change)
     with pytest.raises(RecipeError, match=message):
         parse_recipe(spec)

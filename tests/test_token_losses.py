@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from distill.losses import JSDLoss, KDLoss, ReverseKLLoss, TVDLoss
-from distill.losses.tokens import DIVERGENCES, chunked_cross_entropy, chunked_token_loss, token_divergence, token_loss
+from distill.losses.chunked import chunked_cross_entropy, chunked_token_loss, token_loss
+from distill.losses.divergence import DIVERGENCES, token_divergence
 
 N, H_S, H_T, V = 37, 12, 20, 50
 

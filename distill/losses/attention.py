@@ -10,10 +10,13 @@ product per head.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from distill.losses.traits import LossTraits
 
 __all__ = ["AttentionKLLoss", "AttentionRelationLoss", "relation_log_probs"]
 
@@ -75,9 +78,7 @@ class AttentionKLLoss(nn.Module):
     Shapes: ``(3, N, T, D_s)`` and ``(3, N, T, D_t)`` in, scalar out.
     """
 
-    projector = "never"
-    tap = "qkv"
-    uses_mask = True
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", tap="qkv", uses_mask=True)
 
     def __init__(self, heads: int, student_heads: int | None = None) -> None:
         super().__init__()
@@ -115,9 +116,7 @@ class AttentionRelationLoss(nn.Module):
     Shapes: ``(3, N, T, D_s)`` and ``(3, N, T, D_t)`` in, scalar out.
     """
 
-    projector = "never"
-    tap = "qkv"
-    uses_mask = True
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", tap="qkv", uses_mask=True)
     _PAIRS = {"qq": (0, 0), "kk": (1, 1), "vv": (2, 2), "qk": (0, 1)}
 
     def __init__(self, heads: int, relations: tuple[str, ...] | list[str] = ("qq", "kk", "vv")) -> None:

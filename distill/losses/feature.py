@@ -7,11 +7,14 @@ student side, trained with it and never saved with it.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses.response import check_pair, flat
+from distill.losses.divergence import check_pair, flat
+from distill.losses.traits import LossTraits
 
 __all__ = ["AttentionTransferLoss", "CosineLoss", "HintLoss", "MSELoss"]
 
@@ -32,8 +35,7 @@ class MSELoss(nn.Module):
     Shapes: any equal shapes in, scalar out.
     """
 
-    projector = "if_needed"
-    uses_mask = True
+    traits: ClassVar[LossTraits] = LossTraits(projector="if_needed", uses_mask=True)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
@@ -47,8 +49,7 @@ class CosineLoss(nn.Module):
     Shapes: ``(..., D)`` in, scalar out (in [0, 2]); padding tokens are left out as in :class:`MSELoss`.
     """
 
-    projector = "if_needed"
-    uses_mask = True
+    traits: ClassVar[LossTraits] = LossTraits(projector="if_needed", uses_mask=True)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
@@ -67,7 +68,7 @@ class HintLoss(MSELoss):
     Shapes: ``(N, C, H, W)`` or ``(N, ..., D)`` in (after the regressor), scalar out.
     """
 
-    projector = "always"
+    traits: ClassVar[LossTraits] = LossTraits(projector="always", uses_mask=True)
 
 
 class AttentionTransferLoss(nn.Module):
@@ -87,7 +88,7 @@ class AttentionTransferLoss(nn.Module):
     (beta/2 with beta = 2000 on the mean) suits this scale.
     """
 
-    projector = "never"
+    traits: ClassVar[LossTraits] = LossTraits(projector="never")
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()

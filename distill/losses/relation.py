@@ -7,11 +7,14 @@ be used: embeddings, logits, or a layer's features (flattened per example).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses.response import flat
+from distill.losses.divergence import flat
+from distill.losses.traits import LossTraits
 
 __all__ = ["CRDLoss", "RKDAngleLoss", "RKDDistanceLoss", "SimilarityLoss", "SimilarityPreservingLoss"]
 
@@ -36,7 +39,7 @@ class SimilarityLoss(nn.Module):
     Shapes: ``(N, D_s)`` and ``(N, D_t)`` in, scalar out.
     """
 
-    projector = "never"
+    traits: ClassVar[LossTraits] = LossTraits(projector="never")
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -54,7 +57,7 @@ class SimilarityPreservingLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in (any widths), scalar out.
     """
 
-    projector = "never"
+    traits: ClassVar[LossTraits] = LossTraits(projector="never")
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -75,7 +78,7 @@ class RKDDistanceLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in (any widths), scalar out.
     """
 
-    projector = "never"
+    traits: ClassVar[LossTraits] = LossTraits(projector="never")
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -101,7 +104,7 @@ class RKDAngleLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in (any widths), scalar out.
     """
 
-    projector = "never"
+    traits: ClassVar[LossTraits] = LossTraits(projector="never")
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -138,9 +141,7 @@ class CRDLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in, with ``index`` (``(N,)`` example indices); scalar out.
     """
 
-    projector = "never"
-    uses_index = True
-    trainable = True
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", uses_index=True, trainable=True)
 
     def __init__(self, student_dim: int, teacher_dim: int, num_examples: int, dim: int = 128,
                  negatives: int = 4096, temperature: float = 0.07, momentum: float = 0.5) -> None:

@@ -7,38 +7,29 @@ token-level language models ``(N, T, C)``.
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.losses.divergence import check_pair, divergence, flat, kl, log_probs, temperature_scale
+from distill.losses.traits import LossTraits
+
 __all__ = ["DKDLoss", "JSDLoss", "KDLoss", "ReverseKLLoss", "TVDLoss", "kl_divergence"]
-
-
-def flat(x: Tensor) -> Tensor:
-    """``(..., C)`` to ``(N, C)``; half precision is upcast so that softmax and logs stay accurate."""
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Mean over rows of KL(p || q) for ``(N, C)`` log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-
-
-def check_pair(student: Tensor, teacher: Tensor) -> None:
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
-            "differ in shape"
-        )
+    return kl(log_p, log_q).mean()
 
 
 class _TemperedLoss(nn.Module):
-    """Base of the logit losses that soften both distributions with one temperature."""
+    """Base of the logit losses: one divergence (``kind``) of the two tempered distributions,
+    computed by :func:`~distill.losses.divergence.token_divergence` and averaged over rows."""
 
-    output = "logits"
+    traits: ClassVar[LossTraits] = LossTraits(output="logits")
+    kind: ClassVar[str]
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
@@ -46,11 +37,11 @@ class _TemperedLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def log_probs(self, student_out: Tensor, teacher_out: Tensor) -> tuple[Tensor, Tensor]:
-        """Tempered log-probabilities of student and teacher, ``(N, C)`` each."""
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         check_pair(student_out, teacher_out)
         t = self.temperature
-        return F.log_softmax(flat(student_out) / t, -1), F.log_softmax(flat(teacher_out) / t, -1)
+        log_s, log_t = log_probs(flat(student_out), t), log_probs(flat(teacher_out), t)
+        return divergence(log_s, log_t, self.kind, 0.5, 0.1).mean() * temperature_scale(self.kind, t)
 
 
 class KDLoss(_TemperedLoss):
@@ -65,9 +56,7 @@ class KDLoss(_TemperedLoss):
     Shapes: ``student_out`` and ``teacher_out`` are ``(..., C)`` logits; returns a scalar.
     """
 
-    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        log_s, log_t = self.log_probs(student_out, teacher_out)
-        return kl_divergence(log_t, log_s) * self.temperature**2
+    kind = "forward_kl"
 
 
 class ReverseKLLoss(_TemperedLoss):
@@ -79,9 +68,7 @@ class ReverseKLLoss(_TemperedLoss):
     Shapes: ``(..., C)`` logits in, scalar out.
     """
 
-    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        log_s, log_t = self.log_probs(student_out, teacher_out)
-        return kl_divergence(log_s, log_t) * self.temperature**2
+    kind = "reverse_kl"
 
 
 class JSDLoss(nn.Module):
@@ -100,7 +87,7 @@ class JSDLoss(nn.Module):
     Shapes: ``(..., C)`` logits in, scalar out.
     """
 
-    output = "logits"
+    traits: ClassVar[LossTraits] = LossTraits(output="logits")
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__()
@@ -113,16 +100,9 @@ class JSDLoss(nn.Module):
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         check_pair(student_out, teacher_out)
-        t, beta = self.temperature, self.beta
-        log_q = F.log_softmax(flat(student_out) / t, -1)
-        log_p = F.log_softmax(flat(teacher_out) / t, -1)
-        if beta == 0.0:
-            return kl_divergence(log_p, log_q) * t * t
-        if beta == 1.0:
-            return kl_divergence(log_q, log_p) * t * t
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        jsd = beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
-        return jsd * t * t
+        t = self.temperature
+        log_s, log_t = log_probs(flat(student_out), t), log_probs(flat(teacher_out), t)
+        return divergence(log_s, log_t, "jsd", self.beta, 0.1).mean() * t * t
 
 
 class TVDLoss(_TemperedLoss):
@@ -134,9 +114,7 @@ class TVDLoss(_TemperedLoss):
     Shapes: ``(..., C)`` logits in, scalar out (in [0, 1]).
     """
 
-    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
-        log_s, log_t = self.log_probs(student_out, teacher_out)
-        return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1).mean()
+    kind = "tvd"
 
 
 class DKDLoss(nn.Module):
@@ -154,7 +132,7 @@ class DKDLoss(nn.Module):
     Shapes: ``(N, C)`` logits and ``(N,)`` integer labels in, scalar out. Labels are required.
     """
 
-    output = "logits"
+    traits: ClassVar[LossTraits] = LossTraits(output="logits")
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
         super().__init__()

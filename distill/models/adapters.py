@@ -12,13 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distill.errors import ModelError
-from distill.models.gguf import from_pretrained_args, plain_config, plain_model
+from distill.models.hf import HFTextAdapter, device_of, pool, unwrap
 from distill.models.zoo import ARCHITECTURES
 
 __all__ = [
@@ -44,11 +42,6 @@ class Adapter(Protocol):
     def save(self, folder: Path) -> None:
         """Write the model to ``folder`` in a format loadable without distill."""
         ...
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def require_transformers() -> Any:
@@ -79,12 +72,12 @@ class TorchClassifierAdapter:
         self.arch_args = dict(arch_args)
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
-        return {"logits": self.module(inputs["x"].to(_device_of(self.module)))}
+        return {"logits": self.module(inputs["x"].to(device_of(self.module)))}
 
     def save(self, folder: Path) -> None:
         """Write ``model.safetensors`` and ``config.json`` (architecture and its arguments)."""
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.module).state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in unwrap(self.module).state_dict().items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"arch": self.arch})
         config = {"arch": self.arch, "arch_args": self.arch_args}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -123,35 +116,7 @@ def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: s
     return TorchClassifierAdapter(module, arch, arch_args)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a distributed wrapper (which keeps it as ``.module``)."""
-    inner = getattr(module, "module", None)
-    return inner if isinstance(inner, nn.Module) else module
-
-
-class _HFTextAdapter:
-    """Shared tokenisation for text models from ``transformers``."""
-
-    def __init__(self, module: nn.Module, tokenizer: Any, max_length: int) -> None:
-        self.module = module
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        """Pad to the longest text of the batch, truncate at ``max_length``."""
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        device = _device_of(self.module)
-        return {k: v.to(device) for k, v in enc.items()}
-
-    def _save_hf(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        plain_model(_unwrap(self.module)).save_pretrained(str(folder), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(folder))
-
-
-class HFEmbeddingAdapter(_HFTextAdapter):
+class HFEmbeddingAdapter(HFTextAdapter):
     """A ``transformers`` encoder pooled into sentence embeddings: ``inputs["text"]`` -> ``embedding``.
 
     Args:
@@ -173,19 +138,13 @@ class HFEmbeddingAdapter(_HFTextAdapter):
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         enc = self.tokenize(inputs["text"])
         hidden = self.module(**enc).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = F.normalize(pooled, dim=-1)
+        pooled = pool(hidden, enc["attention_mask"], self.pooling, self.normalize)
         return {"embedding": pooled, "token_mask": enc["attention_mask"]}
 
     def save(self, folder: Path) -> None:
         """Hugging Face folder (safetensors, tokenizer) plus sentence-transformers module files."""
-        self._save_hf(folder)
-        dim = _unwrap(self.module).config.hidden_size
+        self.save_hf(folder)
+        dim = unwrap(self.module).config.hidden_size
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -210,7 +169,7 @@ class HFEmbeddingAdapter(_HFTextAdapter):
             (folder / "2_Normalize").mkdir(exist_ok=True)
 
 
-class HFClassifierAdapter(_HFTextAdapter):
+class HFClassifierAdapter(HFTextAdapter):
     """A ``transformers`` sequence classifier: ``inputs["text"]`` -> ``logits``."""
 
     outputs = ("logits",)
@@ -221,36 +180,4 @@ class HFClassifierAdapter(_HFTextAdapter):
 
     def save(self, folder: Path) -> None:
         """Hugging Face folder: config, safetensors weights and tokenizer."""
-        self._save_hf(folder)
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128,
-            dtype: str = "float32", trust_remote_code: bool = False, init: str = "pretrained") -> Any:
-    """Load a Hugging Face model (local folder, Hub id or ``.gguf`` file) and its tokenizer into an adapter.
-
-    ``init="random"`` builds the architecture of the source's config with fresh weights (drawn
-    from torch's current seed) instead of loading the saved ones.
-    """
-    transformers = require_transformers()
-    auto = {"hf-embedding": transformers.AutoModel, "hf-causal-lm": transformers.AutoModelForCausalLM}.get(
-        kind, transformers.AutoModelForSequenceClassification)
-    try:
-        folder, gguf = from_pretrained_args(source)  # a .gguf file is read from its folder by name
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
-        if init == "random":
-            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
-            module = auto.from_config(plain_config(config), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
-        else:
-            module = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **gguf)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
-    if kind == "hf-embedding":
-        return HFEmbeddingAdapter(module, tokenizer, pooling, normalize, max_length)
-    if kind == "hf-causal-lm":
-        from distill.models.causal_lm import HFCausalLMAdapter
-
-        return HFCausalLMAdapter(module, tokenizer, max_length)
-    return HFClassifierAdapter(module, tokenizer, max_length)
+        self.save_hf(folder)

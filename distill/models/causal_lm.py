@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import DataError
-from distill.models.adapters import _device_of, _HFTextAdapter, _unwrap
+from distill.models.hf import HFTextAdapter, device_of, unwrap
 
 __all__ = ["HFCausalLMAdapter", "byte_level_bpe"]
 
@@ -38,7 +38,7 @@ def byte_level_bpe(text: str, vocab_size: int, eos_token: str = "<|endoftext|>")
     return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos_token)
 
 
-class HFCausalLMAdapter(_HFTextAdapter):
+class HFCausalLMAdapter(HFTextAdapter):
     """A ``transformers`` ``AutoModelForCausalLM``: text, prompt/completion or chat -> next-token states.
 
     Outputs, for a batch padded to ``T`` tokens:
@@ -67,7 +67,7 @@ class HFCausalLMAdapter(_HFTextAdapter):
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         enc = self.encode(inputs)
-        model = _unwrap(self.module)
+        model = unwrap(self.module)
         # Through the (possibly distributed) wrapper, so that its gradient synchronisation runs,
         # with logits for the last position only: the loss applies the head itself, in chunks.
         # The last hidden state is the body's output after its final norm.
@@ -141,8 +141,8 @@ class HFCausalLMAdapter(_HFTextAdapter):
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.as_tensor(p)
             attention[i, width - len(p):] = 1
-        model = _unwrap(self.module)
-        device = _device_of(model)
+        model = unwrap(self.module)
+        device = device_of(model)
         was_training = model.training
         model.eval()
         try:
@@ -181,9 +181,9 @@ class HFCausalLMAdapter(_HFTextAdapter):
             ids[i, : len(row)] = torch.as_tensor(row)
             attention[i, : len(row)] = 1
             loss[i, len(prompt) : len(row)] = 1
-        device = _device_of(self.module)
+        device = device_of(self.module)
         return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "loss_mask": loss.to(device)}
 
     def save(self, folder: Path) -> None:
         """Hugging Face folder: config, safetensors weights and tokenizer."""
-        self._save_hf(folder)
+        self.save_hf(folder)

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from distill.config import DeriveSpec
 from distill.errors import ModelError, RecipeError
 from distill.models.causal_lm import HFCausalLMAdapter
-from distill.models.derive import Importance, _top, check_layers
+from distill.models.derive import check_layers
 from distill.models.gguf import plain_config
+from distill.models.importance import Importance, Tap, top
 
 __all__ = ["CAUSAL_LMS", "derive_causal_lm"]
 
@@ -55,6 +56,18 @@ class _Layout:
 
     def axes_of(self, name: str) -> _Axes:
         return next((axes for pattern, axes in self.axes if re.search(pattern, name)), ("h",))
+
+    def tap(self, name: str, module: nn.Module) -> Tap | None:
+        """Where calibration reads activations (a :data:`~distill.models.importance.Placement`):
+        the norms' outputs, and the inputs of the modules that take the heads and the neurons."""
+        match = self.layer.search(name + ".")
+        if self.norms.search(name):
+            return Tap("hidden")
+        if match and name.endswith(self.heads_in):
+            return Tap("heads", int(match.group(1)), read="input")
+        if match and name.endswith(self.ffn_in):
+            return Tap("neurons", int(match.group(1)), read="input")
+        return None
 
 
 _LLAMA = _Layout(
@@ -148,26 +161,6 @@ def _student_shape(spec: DeriveSpec, t: _Shape, layout: _Layout) -> _Shape:
     return _Shape(hidden, heads, heads // t.group, t.head_dim, ffn)
 
 
-class _Importance(Importance):
-    """:class:`~distill.models.derive.Importance` with its hooks where ``layout`` says."""
-
-    def __init__(self, model: nn.Module, layout: _Layout, head_dim: int) -> None:
-        self.layout = layout
-        super().__init__(model, head_dim)
-
-    def _attach(self, name: str, module: nn.Module) -> None:
-        layout = self.layout
-        match = layout.layer.search(name + ".")
-        if layout.norms.search(name):
-            self.handles.append(module.register_forward_hook(self._on_norm))
-        elif match and name.endswith(layout.heads_in):
-            i = int(match.group(1))
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, i=i: self._on_heads(i, a[0])))
-        elif match and name.endswith(layout.ffn_in):
-            i = int(match.group(1))
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, i=i: self._on_ffn(i, a[0])))
-
-
 def _channels(heads: Tensor, head_dim: int) -> Tensor:
     """The channel indices of whole heads."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
@@ -180,16 +173,16 @@ def _keep(model: nn.Module, adapter: HFCausalLMAdapter, layout: _Layout, t: _Sha
             "f": torch.arange(t.ffn)}
     if s == t:
         return torch.arange(t.hidden), {i: dict(full) for i in layers}
-    scores = _Importance(model, layout, t.head_dim)
+    scores = Importance(model, t.head_dim, layout.tap)
     scores.collect(adapter, calibration)
     per_layer = {}
     for i in layers:
         # A group is a key/value head and the query heads that read it; it is kept or dropped whole.
-        groups = _top(scores.heads[i].reshape(t.kv_heads, t.group).sum(-1), s.kv_heads)
+        groups = top(scores.heads[i].reshape(t.kv_heads, t.group).sum(-1), s.kv_heads)
         query_heads = (groups[:, None] * t.group + torch.arange(t.group)).reshape(-1)
         per_layer[i] = {"q": _channels(query_heads, t.head_dim), "kv": _channels(groups, t.head_dim),
-                        "f": _top(scores.neurons[i], s.ffn)}
-    return _top(scores.hidden, s.hidden), per_layer
+                        "f": top(scores.neurons[i], s.ffn)}
+    return top(scores.hidden, s.hidden), per_layer
 
 
 def _student_config(config: Any, layers: list[int], t: _Shape, s: _Shape, layout: _Layout) -> Any:
@@ -226,7 +219,7 @@ def derive_causal_lm(teacher: HFCausalLMAdapter, spec: DeriveSpec, calibration: 
         RecipeError: The spec does not fit the teacher.
     """
     model = teacher.module
-    config = model.config
+    config: Any = model.config
     layout = CAUSAL_LMS.get(config.model_type)
     if layout is None:
         raise ModelError(f"student.derive: deriving a causal-LM student is supported for {sorted(CAUSAL_LMS)}, "

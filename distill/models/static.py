@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distill.errors import ModelError
+from distill.models.adapters import require_transformers
 
 __all__ = ["StaticEmbedding", "StaticEmbeddingAdapter", "derive_static", "load_static", "prune_vocabulary",
            "vocabulary_of"]
@@ -110,8 +111,6 @@ class StaticEmbeddingAdapter:
 
 def load_static(source: str, normalize: bool | None = None, max_length: int | None = None) -> StaticEmbeddingAdapter:
     """Load a static embedding model saved by distill (or by Model2Vec) from a local folder."""
-    from distill.models.adapters import require_transformers
-
     folder = Path(source)
     weights = folder / "model.safetensors"
     if not weights.is_file():
@@ -152,8 +151,6 @@ def prune_vocabulary(tokenizer: Any, keep: list[int]) -> Any:
 
     Tokens outside ``keep`` become the unknown token, as words the original vocabulary lacked.
     """
-    from distill.models.adapters import require_transformers
-
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
     if model.get("type") != "WordPiece":
@@ -216,8 +213,8 @@ def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, texts: 
     return StaticEmbeddingAdapter(module.to(device), student_tokenizer, teacher.normalize, teacher.max_length)
 
 
-#: The last teacher token vectors computed, by (model identity, token ids): a run derives its
-#: student several times (checks, student, baseline) from the same teacher.
+#: The last teacher token vectors computed, by (model identity, token ids): static students of
+#: several widths derived in turn from one teacher share them.
 _LAST: dict[tuple[int, float, int], Tensor] = {}
 
 

@@ -4,8 +4,9 @@ from transformers import AutoModel
 
 from distill.config import DeriveSpec
 from distill.errors import RecipeError
-from distill.models.adapters import load_hf
-from distill.models.derive import count_parameters, derive_student
+from distill.models.derive import count_parameters
+from distill.models.load import load_hf
+from distill.models.student import derive_student
 
 TEXTS = ["a man is playing a guitar .", "a woman is slicing an onion .", "the cat sits on the mat"]
 

@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import bpe_tokenizer
+from conftest import bpe_tokenizer, tiny_lm_recipe
 
 import distill
 from distill.config import DeriveSpec, parse_recipe
 from distill.errors import ModelError, RecipeError
-from distill.models.adapters import load_hf
-from distill.models.derive import count_parameters, derive_student
+from distill.models.derive import count_parameters
+from distill.models.load import load_hf
+from distill.models.student import derive_student
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -224,21 +225,8 @@ def test_unsupported_architecture_is_named(tmp_path, tokenizer):
 
 
 def lm_recipe(tmp_path, data_dir, teacher_dir, **changes):
-    base = {
-        "name": "tiny-derived-lm", "task": "lm", "seed": 0,
-        "teacher": {"kind": "hf-causal-lm", "source": str(teacher_dir), "max_length": 64},
-        "student": {"derive": {"layers": [0, 2], "calibration_batches": 2}},
-        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare"), "block_chars": 200,
-                 "train_limit": 64, "eval_limit": 8, "test_limit": 16},
-        "losses": [{"name": "token_kd", "params": {"kind": "forward_kl"}}],
-        "task_loss_weight": 0.5,
-        "output_dir": str(tmp_path / "run"),
-        "train": {"max_steps": 6, "batch_size": 8, "eval_every": 3, "checkpoint_every": 3, "lr": 3e-3},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
-    }
-    base.update(changes)
-    return base
+    return tiny_lm_recipe(tmp_path, data_dir, teacher_dir, name="tiny-derived-lm",
+                          losses=[{"name": "token_kd", "params": {"kind": "forward_kl"}}], **changes)
 
 
 def test_recipe_checks_causal_lm_derivation(tmp_path, data_dir):

@@ -11,8 +11,8 @@ from conftest import bpe_tokenizer
 
 from distill.config import DeriveSpec, ModelSpec
 from distill.errors import ModelError
-from distill.models.derive import derive_student
-from distill.runner import load_model
+from distill.models.load import load_model
+from distill.models.student import derive_student
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from distill.config import DeriveSpec
 from distill.data import read_stsb
-from distill.models.adapters import load_hf
-from distill.models.derive import derive_student
+from distill.models.load import load_hf
 from distill.models.static import derive_static, load_static, prune_vocabulary, vocabulary_of
+from distill.models.student import derive_student
 
 
 @pytest.fixture()

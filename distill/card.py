@@ -1,0 +1,161 @@
+"""The student's model card (``student/README.md``) and the run's export records.
+
+The card says where the student comes from, how good, small and fast it is against its teacher
+and how to run it without distill (with onnxruntime too, once exported). It is written from the
+run's evaluation (``eval.json``) and what ``distill export`` recorded (``export/export.json``),
+each time the report is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distill.config import Recipe, load_recipe
+from distill.report import deployment_table, summarize
+
+__all__ = ["EXPORT_JSON", "model_card", "read_exports", "record_export", "write_model_card"]
+
+EXPORT_JSON = Path("export") / "export.json"
+"""Where a run folder records its exports, relative to the folder."""
+
+
+def read_exports(folder: Path) -> dict[str, Any]:
+    """What earlier exports of a run recorded (``export/export.json``), or ``{}``."""
+    path = folder / EXPORT_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_export(folder: Path, fmt: str, record: dict[str, Any]) -> None:
+    """Add an export to ``export/export.json``: its files and checks under ``exports``, and its
+    deployment figures (when it has any) as the run's ``deployment``."""
+    exports = read_exports(folder)
+    exports.setdefault("exports", {})[fmt] = {k: v for k, v in record.items() if k != "deployment"}
+    if "deployment" in record:
+        exports["deployment"] = record["deployment"]
+    (folder / EXPORT_JSON).parent.mkdir(parents=True, exist_ok=True)
+    (folder / EXPORT_JSON).write_text(json.dumps(exports, indent=2) + "\n")
+
+
+def _usage(kind: str, recipe: Recipe, student: Path) -> str:
+    """How to run the saved student without distill."""
+    spec = recipe.student
+    if kind == "hf-embedding":
+        pool = ("hidden[:, 0]" if spec.pooling == "cls" else
+                "(hidden * mask).sum(1) / mask.sum(1)")
+        norm = "torch.nn.functional.normalize(pooled, dim=-1)" if spec.normalize else "pooled"
+        return (f"import torch\nfrom transformers import AutoModel, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
+                f"model = AutoModel.from_pretrained(\"{student}\").eval()\n"
+                f"batch = tokenizer([\"A man is playing a guitar.\"], padding=True, truncation=True, "
+                f"max_length={spec.max_length}, return_tensors=\"pt\")\n"
+                f"with torch.no_grad():\n    hidden = model(**batch).last_hidden_state\n"
+                f"mask = batch[\"attention_mask\"].unsqueeze(-1).float()\n"
+                f"pooled = {pool}\nembedding = {norm}\n")
+    if kind == "hf-classifier":
+        return (f"import torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
+                f"model = AutoModelForSequenceClassification.from_pretrained(\"{student}\").eval()\n"
+                f"batch = tokenizer([\"A fine film.\"], padding=True, truncation=True, max_length={spec.max_length}, "
+                f"return_tensors=\"pt\")\nwith torch.no_grad():\n    logits = model(**batch).logits\n")
+    if kind == "hf-causal-lm":
+        return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{student}\").eval()\n"
+                f"batch = tokenizer([\"Once upon a time\"], return_tensors=\"pt\")\n"
+                f"text = tokenizer.decode(model.generate(**batch, max_new_tokens=20)[0])\n")
+    if kind == "static-embedding":
+        return (f"from model2vec import StaticModel\n\nmodel = StaticModel.from_pretrained(\"{student}\")\n"
+                f"embedding = model.encode([\"A man is playing a guitar.\"])\n")
+    arch = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
+    return (f"from safetensors.torch import load_file\nfrom distill.models.zoo import ARCHITECTURES\n\n"
+            f"model = ARCHITECTURES.get(\"{arch.get('arch')}\")(**{arch.get('arch_args', {})!r})\n"
+            f"model.load_state_dict(load_file(\"{student / 'model.safetensors'}\"))\n"
+            f"logits = model.eval()(images)  # (N, 1, 28, 28), standardised as in training\n")
+
+
+def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any]) -> str:
+    """How to run the exported ONNX model with onnxruntime alone (and the tokenizer)."""
+    path = Path(onnx["path"])
+    if kind == "torch":
+        return (f"import numpy as np\nimport onnxruntime as ort\n\n"
+                f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")\n"
+                f"logits = session.run(None, {{\"x\": images.astype(np.float32)}})[0]  # (N, 1, 28, 28)\n")
+    special = ", add_special_tokens=False" if kind == "static-embedding" else ""
+    what = {"hf-embedding": "embedding", "static-embedding": "embedding"}.get(kind, "logits")
+    return (f"import onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{path}\")\n"
+            f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")  # or model.int8.onnx\n"
+            f"batch = tokenizer([\"A man is playing a guitar.\"], padding=True, truncation=True, "
+            f"max_length={recipe.student.max_length}{special}, return_tensors=\"np\")\n"
+            f"{what} = session.run(None, {{i.name: batch[i.name] for i in session.get_inputs()}})[0]"
+            + ("  # pooled and normalised\n" if what == "embedding" else "\n"))
+
+
+def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: dict[str, Any]) -> str:
+    """The student's README.md: where it comes from, how good, small and fast it is, how to load it.
+
+    Args:
+        summary: The run's evaluation (``eval.json``).
+        recipe: The run's recipe.
+        student: The saved student folder (paths in the snippets point there).
+        exports: What ``export/export.json`` holds (deployment figures, ONNX files), or ``{}``.
+    """
+    kind = recipe.student_kind
+    metric = summary["metric"]
+    higher = summary.get("higher_is_better", True)
+    rows = {r["model"]: r for r in summarize(summary["models"], metric, higher)}
+    s = rows["student"]
+    lines = [
+        f"# {summary['recipe']}: distilled student", "",
+        f"A `{kind}` model trained with distill to imitate the teacher `{summary['teacher']}`. "
+        f"Figures are on the test split of `{summary['data']}`; speeds on {summary['machine']}.", "",
+        f"- **teacher**: `{summary['teacher']}` ({rows['teacher']['parameters'] / 1e6:.2f}M parameters)",
+        f"- **student**: {summary['student']} ({s['parameters'] / 1e6:.2f}M parameters)",
+        f"- **data**: `{summary['data']}` (task `{recipe.task}`)",
+        f"- **method**: {summary['losses']}; {summary['steps']} steps",
+    ]
+    if "baseline" in rows:
+        lines.append("- **baseline**: the same student trained on the task loss alone, for the same steps")
+    lines += ["", "## Quality, size and speed", "",
+              f"| model | {metric} | retained | parameters | size (MB) | smaller | latency b1 (ms) | speed-up b1 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        lines.append(f"| {r['model']} | {r[metric]:.2f} | {r['retention_pct']:.1f}% | {r['parameters'] / 1e6:.2f}M | "
+                     f"{r['size_mb']:.1f} | {r['smaller_x']:.2f}x | {r['latency_ms']:.2f} | "
+                     f"{r['speedup_latency_x']:.2f}x |")
+    text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is {s['smaller_x']:.2f}x smaller "
+            f"on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 on CPU.")
+    if "baseline" in rows:
+        text += (f" Trained without the teacher, the same student keeps {rows['baseline']['retention_pct']:.1f}%.")
+    lines += ["", text]
+    if "deployment" in exports:
+        dep = exports["deployment"]
+        head, body = deployment_table(dep)
+        lines += ["", "## Deployment (CPU)", "",
+                  f"Batch-1 latency and quality of the exported models, measured on {dep['machine']} "
+                  f"(onnxruntime {dep['onnxruntime']}).", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", "## Use it", "", "```python", _usage(kind, recipe, student).rstrip(), "```"]
+    onnx = exports.get("exports", {}).get("onnx")
+    if onnx is not None:
+        lines += ["", "With onnxruntime (no PyTorch needed):", "", "```python",
+                  _onnx_usage(kind, recipe, onnx).rstrip(), "```"]
+    else:
+        folder = student.parent
+        lines += ["", f"For onnxruntime, export it first: `distill export {folder} --format onnx --int8`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(folder: Path, summary: dict[str, Any]) -> Path | None:
+    """Write ``student/README.md`` in a run folder from its evaluation and exports (``None`` when
+    the run has no saved student)."""
+    student = folder / "student"
+    if not (student / "distill.json").is_file():
+        return None
+    recipe = load_recipe(folder / "recipe.yaml")
+    card = student / "README.md"
+    card.write_text(model_card(summary, recipe, student, read_exports(folder)))
+    return card

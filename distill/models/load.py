@@ -1,0 +1,73 @@
+"""Load models: a recipe's model spec (or a saved folder, a Hub id, a ``.gguf`` file) to an adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distill.config import ModelSpec, Recipe
+from distill.errors import ModelError
+from distill.models.adapters import (
+    Adapter,
+    HFClassifierAdapter,
+    HFEmbeddingAdapter,
+    load_torch_classifier,
+    require_transformers,
+)
+from distill.models.causal_lm import HFCausalLMAdapter
+from distill.models.gguf import from_pretrained_args, plain_config
+from distill.models.sources import resolve_source
+from distill.models.static import load_static
+
+__all__ = ["load_hf", "load_model", "load_teacher"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128,
+            dtype: str = "float32", trust_remote_code: bool = False, init: str = "pretrained") -> Any:
+    """Load a Hugging Face model (local folder, Hub id or ``.gguf`` file) and its tokenizer into an adapter.
+
+    ``init="random"`` builds the architecture of the source's config with fresh weights (drawn
+    from torch's current seed) instead of loading the saved ones.
+    """
+    transformers = require_transformers()
+    auto = {"hf-embedding": transformers.AutoModel, "hf-causal-lm": transformers.AutoModelForCausalLM}.get(
+        kind, transformers.AutoModelForSequenceClassification)
+    try:
+        folder, gguf = from_pretrained_args(source)  # a .gguf file is read from its folder by name
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+        if init == "random":
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+            module = auto.from_config(plain_config(config), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+        else:
+            module = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **gguf)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
+    if kind == "hf-embedding":
+        return HFEmbeddingAdapter(module, tokenizer, pooling, normalize, max_length)
+    if kind == "hf-causal-lm":
+        return HFCausalLMAdapter(module, tokenizer, max_length)
+    return HFClassifierAdapter(module, tokenizer, max_length)
+
+
+def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter:
+    """Load a teacher or student adapter from its spec (``source`` overrides the spec's)."""
+    source = source or spec.source
+    if kind == "torch":
+        return load_torch_classifier(spec.arch, spec.arch_args, resolve_source(source) if source else None)
+    if source is None:
+        raise ModelError(f"{kind} model: source is required")
+    if kind == "static-embedding":
+        return load_static(resolve_source(source))
+    return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
+                   max_length=spec.max_length, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                   init=spec.init if source == spec.source else "pretrained")
+
+
+def load_teacher(recipe: Recipe) -> Adapter:
+    """The recipe's teacher, frozen and in eval mode."""
+    teacher = load_model(recipe.teacher, recipe.teacher.kind or "torch")
+    teacher.module.eval().requires_grad_(False)
+    return teacher

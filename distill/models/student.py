@@ -1,0 +1,118 @@
+"""A recipe's student: loaded from its spec, or derived from the teacher.
+
+:func:`derive_student` is the one place that picks the derivation (a static token table, a
+causal LM or an encoder); :func:`build_student` gathers what a derivation reads from the task.
+A run builds its student once (:class:`BuiltStudent`) and hands each role a fresh copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+
+from distill.config import DeriveSpec, Recipe
+from distill.errors import RecipeError
+from distill.models.adapters import Adapter
+from distill.models.causal_lm import HFCausalLMAdapter
+from distill.models.derive import derive_encoder
+from distill.models.derive_lm import derive_causal_lm
+from distill.models.load import load_model
+from distill.models.static import derive_static, vocabulary_of
+
+__all__ = ["BuiltStudent", "build_student", "derive_student"]
+
+
+def derive_student(teacher: Any, spec: DeriveSpec, calibration: Iterable[dict[str, Any]],
+                   keep_tokens: list[int] | None = None, *, kind: str | None = None,
+                   texts: list[str] | None = None) -> Adapter:
+    """Build a student from the teacher by keeping layers, channels, heads, neurons and tokens.
+
+    Args:
+        teacher: The teacher adapter (its model is not modified).
+        spec: What to keep.
+        calibration: Input batches used to rank channels, heads and neurons (only read when
+            the student is narrower than the teacher).
+        keep_tokens: Token ids to keep (vocabulary pruning, see
+            :func:`distill.models.static.vocabulary_of`); ``None`` keeps all.
+        kind: The student's kind; ``static-embedding`` derives a table of token vectors
+            (:func:`~distill.models.static.derive_static`), any other a transformer of the
+            teacher's kind (:func:`~distill.models.derive_lm.derive_causal_lm` for a causal LM,
+            :func:`~distill.models.derive.derive_encoder` for an encoder).
+        texts: The training texts, whose token frequencies weight a static student's vectors.
+
+    Returns:
+        The student's adapter, sharing the teacher's tokenizer unless the vocabulary is pruned.
+    """
+    if kind == "static-embedding":
+        return derive_static(teacher, spec.hidden_size or 256, keep_tokens, texts, spec.sif)
+    if isinstance(teacher, HFCausalLMAdapter):
+        if keep_tokens is not None:
+            raise RecipeError("student.derive.vocab: a causal-LM student keeps the teacher's vocabulary "
+                              "(token-level losses compare whole next-token distributions)")
+        return derive_causal_lm(teacher, spec, calibration)
+    return derive_encoder(teacher, spec, calibration, keep_tokens)
+
+
+def _calibration(task: Any, spec: DeriveSpec, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The inputs of the first ``spec.calibration_batches`` training batches."""
+    n = len(task.train)
+    for i in range(min(spec.calibration_batches, -(-n // batch_size))):
+        yield task.train.batch(range(i * batch_size, min((i + 1) * batch_size, n)))["inputs"]
+
+
+def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
+    """Derive the student from the teacher, or load/build it, with the recipe's seed."""
+    set_seed(recipe.seed)
+    spec = recipe.student.derive
+    if spec is None:
+        return load_model(recipe.student, recipe.student_kind)
+    texts = task.train_texts() if hasattr(task, "train_texts") else None
+    keep = None
+    if spec.vocab == "data":
+        if texts is None:
+            raise RecipeError("student.derive.vocab: 'data' needs a text task")
+        keep = vocabulary_of(teacher.tokenizer, texts)  # type: ignore[attr-defined]
+    return derive_student(teacher, spec, _calibration(task, spec, recipe.train.batch_size), keep,
+                          kind=recipe.student_kind, texts=texts)
+
+
+@dataclass(frozen=True)
+class BuiltStudent:
+    """A run's student, built once, and the random state its build left behind.
+
+    Each role of a run (the pairing check, the distilled student, the baseline) takes a
+    :meth:`fresh` copy: the same starting weights, and the random state right after a build,
+    so that what the role draws next (projector weights, dropout in the pairing check) is what
+    it would draw had it built the student itself.
+    """
+
+    student: Adapter
+    seed: int
+    random_state: tuple[Any, Any, torch.Tensor]
+    """Python's, NumPy's and torch's CPU generator states after the build."""
+
+    @classmethod
+    def build(cls, recipe: Recipe, teacher: Adapter, task: Any) -> BuiltStudent:
+        """:func:`build_student`, on the CPU (the teacher must be there)."""
+        student = build_student(recipe, teacher, task)
+        return cls(student, recipe.seed, (random.getstate(), np.random.get_state(), torch.get_rng_state()))
+
+    def fresh(self) -> Adapter:
+        """A copy of the student with its own weights, the random generators as the build left them."""
+        # Seeding resets every generator the build does not draw from (CUDA's among them), as a
+        # new build would; the CPU generators it drew from are then put where it left them.
+        set_seed(self.seed)
+        python, numpy, cpu = self.random_state
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        student = copy.copy(self.student)
+        student.module = copy.deepcopy(self.student.module)
+        return student
