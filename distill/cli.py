@@ -70,6 +70,10 @@ def _add_eval_and_report(sub: Subparsers) -> None:
                        ("report", "rewrite report.md/html/json of an evaluated run")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir", type=Path, help="run folder (runs/<name>)")
+        if name == "eval":
+            p.add_argument("--suite", nargs="+", metavar="TASK",
+                           help="also score the sentence-embedding models on these evaluation-suite tasks "
+                                "(sts12 sts13 sts14 sts15 sts16 stsb sst2 trec; default: the recipe's evaluate.suite)")
 
 
 def _add_inspect(sub: Subparsers) -> None:
@@ -247,7 +251,7 @@ def _eval_or_report(args: argparse.Namespace) -> int:
     if not (args.run_dir / "recipe.yaml").is_file():
         raise DistillError(f"{args.run_dir} is not a run folder (no recipe.yaml)")
     if args.command == "eval":
-        runner.evaluate_run(args.run_dir)
+        runner.evaluate_run(args.run_dir, suite=args.suite)
     print(f"report: {runner.report_run(args.run_dir)}")
     return 0
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["SentencePairs", "read_idx_images", "read_records", "read_stsb", "read_text"]
+__all__ = ["SentencePairs", "mix_texts", "read_idx_images", "read_lines", "read_records", "read_stsb", "read_text",
+           "read_texts", "unique"]
 
 
 @dataclass(frozen=True)
@@ -233,3 +234,91 @@ def read_records(path: Path, fmt: str, split: str = "train") -> list[dict]:
             raise DataError(f"{where}: {'/'.join(kind)} must be strings")
         records.append({f: record[f] for f in kind})
     return records
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".txt", ".txt.gz")))
+        if not files:
+            raise DataError(f"{path}: no .txt or .txt.gz files in this folder")
+        return files
+    if not path.is_file():
+        raise DataError(f"text data not found: {path}")
+    return [path]
+
+
+def read_lines(path: Path) -> list[str]:
+    """Unlabelled texts, one a line: a ``.txt`` (or ``.txt.gz``) file, or a folder of them read in
+    name order. Lines are read one at a time (a corpus of any size streams through), stripped,
+    and blank ones skipped.
+
+    Raises:
+        DataError: Missing file, a line that is not UTF-8 (named by file:line), a damaged
+            ``.gz`` file, or no text at all.
+    """
+    texts: list[str] = []
+    for file in _text_files(_expand(path)):
+        opener = gzip.open if file.name.endswith(".gz") else open
+        try:
+            with opener(file, "rb") as handle:
+                for lineno, raw in enumerate(handle, 1):
+                    try:
+                        line = raw.decode("utf-8").strip()
+                    except UnicodeDecodeError as exc:
+                        raise DataError(f"{file}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} "
+                                        "of the line)") from None
+                    if line:
+                        texts.append(line)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{file}: cannot be read to the end ({exc}); is it truncated?") from None
+    if not texts:
+        raise DataError(f"{path}: no text (every line is blank)")
+    return texts
+
+
+def read_texts(path: Path, fmt: str, column: str = "text", split: str = "train") -> list[str]:
+    """Unlabelled texts from ``text`` files (one a line, see :func:`read_lines`) or from the
+    ``column`` field of ``jsonl`` / ``parquet`` / ``hf-dataset`` records; blank ones skipped."""
+    if fmt == "text":
+        return read_lines(path)
+    if fmt == "hf-dataset":
+        rows = _hf_rows(str(_expand(path)) if _expand(path).exists() else str(path), split)
+    else:
+        path = _expand(path)
+        suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
+        files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
+        if not files or not files[0].is_file():
+            raise DataError(f"{fmt} data not found: {path}")
+        reader = _jsonl_rows if fmt == "jsonl" else _parquet_rows
+        rows = [row for file in files for row in reader(file)]
+    texts = []
+    for record, where in rows:
+        if column not in record:
+            raise DataError(f"{where}: no field '{column}' (found {sorted(record)}); set data.text_column")
+        if not isinstance(record[column], str):
+            raise DataError(f"{where}: '{column}' must be a string")
+        if record[column].strip():
+            texts.append(record[column].strip())
+    if not texts:
+        raise DataError(f"{path}: no texts in field '{column}'")
+    return texts
+
+
+def unique(texts: list[str]) -> list[str]:
+    """The texts with repeats removed, first occurrences kept in order."""
+    return list(dict.fromkeys(texts))
+
+
+def mix_texts(sources: list[tuple[list[str], float]], seed: int = 0) -> list[str]:
+    """One training list from several corpora, each taken ``weight`` times: whole copies for the
+    integer part, a seeded sample (without repeats) for the fraction. Weight 1 takes a corpus
+    once, 0.5 a random half of it, 2 twice."""
+    rng = np.random.default_rng(seed)
+    mixed: list[str] = []
+    for texts, weight in sources:
+        whole, part = divmod(weight, 1.0)
+        mixed += texts * int(whole)
+        take = round(part * len(texts))
+        if take:
+            mixed += [texts[i] for i in np.sort(rng.choice(len(texts), take, replace=False))]
+    return mixed

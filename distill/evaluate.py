@@ -13,8 +13,10 @@ import torch
 from distill.config import EvalSpec
 from distill.models.adapters import Adapter
 from distill.models.derive import count_parameters
+from distill.suite import run_suite
+from distill.tasks.embedding import encode_texts
 
-__all__ = ["folder_size", "measure", "time_models"]
+__all__ = ["folder_size", "measure", "suite_scores", "time_models"]
 
 
 def folder_size(folder: Path) -> int:
@@ -95,3 +97,21 @@ def measure(model: Adapter, task: Any, saved: Path | None = None) -> dict[str, A
     else:
         size = folder_size(saved)
     return {task.metric: quality, "parameters": count_parameters(model.module), "size_bytes": size}
+
+
+def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """Every model's scores on the evaluation suite's ``tasks`` (default: ``spec.suite``), by role.
+
+    The models must produce sentence embeddings; the suite's data is read from ``spec.suite_data``.
+    """
+    tasks = list(tasks if tasks is not None else spec.suite)
+    scores = {}
+    for role, model in models.items():
+        model.module.to("cpu")
+
+        def encode(texts: list[str], model: Adapter = model) -> Any:
+            return encode_texts(model, texts, spec.batch_size)
+
+        scores[role] = run_suite(encode, tasks, spec.suite_data, probe_limit=spec.probe_limit)
+    return scores

