@@ -9,6 +9,7 @@ and rebuilt, never silently used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.errors import CacheError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so two builds of one cache are not kept apart
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["TeacherCache", "model_fingerprint"]
 
@@ -141,21 +147,32 @@ class TeacherCache:
     ) -> TeacherCache:
         """Run the teacher over every training example and write the cache atomically.
 
-        Examples are visited in order of ``lengths`` so that each batch pads little.
+        Examples are visited in order of ``lengths`` so that each batch pads little. The rows
+        go into memory-mapped files in ``<folder>.building``, whose ``progress.json`` records
+        how many batches are written (every :data:`PROGRESS_EVERY` batches): a build killed
+        part-way resumes from there. A lock file keeps two builds of one cache apart.
         """
         chunks = _chunks(lengths, batch_size)
         _remove_abandoned(folder)
-        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        arrays: dict[str, np.ndarray] = {}
-        for idx, rows in _teacher_rows(teacher, batches, chunks, names, show=True):
-            for name, value in rows.items():
-                if name not in arrays:
-                    arrays[name] = np.lib.format.open_memmap(
-                        tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(lengths), *value.shape[1:]))
-                arrays[name][idx] = value
-        return cls._finish(tmp, folder, arrays, teacher_id, data_id, len(lengths))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(folder.with_name(folder.name + ".lock")):
+            tmp = folder.with_name(folder.name + ".building")
+            plan = {"teacher": teacher_id, "data": data_id, "names": list(names), "examples": len(lengths),
+                    "batch_size": batch_size}
+            done = _resumable(tmp, plan)
+            arrays = {name: np.load(tmp / _file_name(name), mmap_mode="r+") for name in names} if done else {}
+            if done:
+                log.info("teacher cache %s: resuming its build after %d of %d batches", folder, done, len(chunks))
+            for n, (idx, rows) in enumerate(_teacher_rows(teacher, batches, chunks[done:], names, show=True), done + 1):
+                for name, value in rows.items():
+                    if name not in arrays:
+                        arrays[name] = np.lib.format.open_memmap(
+                            tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(lengths), *value.shape[1:]))
+                    arrays[name][idx] = value
+                if n % PROGRESS_EVERY == 0 or n == len(chunks):
+                    _save_progress(tmp, arrays, plan, n)
+            (tmp / "progress.json").unlink(missing_ok=True)
+            return cls._finish(tmp, folder, arrays, teacher_id, data_id, len(lengths))
 
     @classmethod
     def _finish(cls, tmp: Path, folder: Path, arrays: dict[str, np.ndarray], teacher_id: str, data_id: str,
@@ -277,6 +294,47 @@ class TeacherCache:
             return None
         log.info("using teacher cache %s", folder)
         return cache
+
+
+#: Batches between two records of a build's progress (the most a killed build repeats).
+PROGRESS_EVERY = 20
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed); another process waits for it."""
+    if fcntl is None:
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _resumable(tmp: Path, plan: dict[str, Any]) -> int:
+    """Batches already written by an interrupted build of the same ``plan`` in ``tmp`` (0: start over)."""
+    progress = tmp / "progress.json"
+    try:
+        saved = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is not None and saved.get("plan") == plan and all(
+            (tmp / _file_name(name)).is_file() for name in plan["names"]):
+        return int(saved["batches"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return 0
+
+
+def _save_progress(tmp: Path, arrays: dict[str, np.ndarray], plan: dict[str, Any], batches: int) -> None:
+    for array in arrays.values():
+        array.flush()
+    part = tmp / "progress.json.tmp"
+    part.write_text(json.dumps({"plan": plan, "batches": batches}))
+    os.replace(part, tmp / "progress.json")
 
 
 def _chunks(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:

@@ -107,3 +107,35 @@ def test_builds_abandoned_by_dead_processes_are_removed(tmp_path):
     (folder / "meta.json").unlink()  # force a rebuild
     build(tmp_path, data, w)
     assert not abandoned.exists() and running.exists()
+
+
+def test_a_killed_build_resumes_where_its_progress_stopped(tmp_path, monkeypatch):
+    import distill.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "PROGRESS_EVERY", 3)
+    data, weight = Data(40), torch.randn(3, 5)
+    calls = []
+
+    def counting(inputs, fail_at=None):
+        calls.append(len(inputs["x"]))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # killed while writing batch 8 (batches 1-6 are recorded)
+        return {"logits": inputs["x"] @ weight}
+
+    def run(root, fail_at=None):
+        return TeacherCache.open_or_build(
+            root, "t1", "d1", teacher=lambda inputs: counting(inputs, fail_at), batches=data.batch,
+            lengths=[i % 7 for i in range(40)], names=["logits"], batch_size=4)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a", fail_at=8)
+    assert len(calls) == 8 and list((tmp_path / "a").glob("*.building"))
+    calls.clear()
+    resumed = run(tmp_path / "a")
+    assert len(calls) == 10 - 6  # only the batches after the last recorded progress
+    calls.clear()
+    whole = run(tmp_path / "b")
+    assert len(calls) == 10
+    np.testing.assert_array_equal(resumed.arrays["logits"], whole.arrays["logits"])
+    assert resumed.lookup(torch.tensor([5]))["logits"].shape == (1, 5)
+    assert not list((tmp_path / "a").glob("*.building"))
