@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from distill.collectives import gather_rows, world_size
 from distill.errors import RecipeError
 from distill.losses.tokens import TeacherTopK
 from distill.losses.traits import CachedLogitLoss, DistillationLoss
@@ -116,7 +117,7 @@ def loss_extras(loss: DistillationLoss, student_out: dict[str, Tensor], index: T
 
 
 def _term_value(term: LossTerm, s: Tensor, t_key: str, out: dict[str, Tensor], teacher_out: TeacherOutputs,
-                t_map: nn.Module | None, labels: Tensor | None, index: Tensor | None) -> Tensor:
+                t_map: nn.Module | None, labels: Tensor | None, index: Tensor | None, share: float) -> Tensor:
     if isinstance(teacher_out, TeacherTopK):
         if not term.loss.traits.uses_head:  # only token losses can read a logit cache
             raise RecipeError(f"loss '{term.name}' cannot read the teacher from a logit cache (cache.top_k); "
@@ -126,6 +127,13 @@ def _term_value(term: LossTerm, s: Tensor, t_key: str, out: dict[str, Tensor], t
     t = teacher_out[t_key].to(s.device, s.dtype)
     if t_map is not None:
         t = t_map(t)
+    if term.loss.traits.in_batch and world_size() > 1:
+        # The whole global batch, as one process sees it; labels and indices are not used by such losses.
+        # A process left with no example (share 0) holds a stand-in row, which is not gathered.
+        rows = slice(None) if share > 0 else slice(0)
+        value = term.loss(gather_rows(s[rows]), gather_rows(t[rows]), None,
+                          **loss_extras(term.loss, out, None, teacher_out))
+        return value / share if share > 0 else value  # the global batch's already: not re-weighted by share
     return term.loss(s, t, labels, **loss_extras(term.loss, out, index, teacher_out))
 
 
@@ -144,7 +152,7 @@ def distill_step(
     out = student(batch["inputs"])
     parts: dict[str, Tensor] = {}
     labels = batch.get("labels") if labels_for_losses else None
-    index = batch.get("index")
+    index, share = batch.get("index"), float(batch.get("share", 1.0))
     for i, term in enumerate(terms):
         assert teacher_out is not None
         values = []
@@ -155,7 +163,7 @@ def distill_step(
                 s = projectors[key](s)
             values.append(_term_value(term, s, t_key, out, teacher_out,
                                       projectors[t_map] if t_map in projectors else None,
-                                      None if labels is None else labels.to(s.device), index))
+                                      None if labels is None else labels.to(s.device), index, share))
         value = torch.stack(values).mean() if len(values) > 1 else values[0]
         label = term.label if term.label not in parts else f"{term.name}{i}_loss"
         parts[label] = term.weight * term.factor(step) * value

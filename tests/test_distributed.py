@@ -252,3 +252,19 @@ def test_sharded_teacher_and_logit_cache_are_refused():
               "losses": [{"name": "token_kd"}], "cache": {"top_k": 8}, "train": {"shard_teacher": True}}
     with pytest.raises(RecipeError, match="train.shard_teacher: a sharded teacher runs online"):
         parse_recipe(recipe)
+
+
+def test_in_batch_relation_losses_see_the_global_batch(tiny):
+    """RKD and similarity compare the examples of a batch: under two processes each gathers the
+    other's rows (with gradients), so the run equals one process's, uneven last batch included."""
+    recipe = yaml.safe_load((tiny / "recipe.yaml").read_text())
+    recipe["losses"] = [{"name": "rkd_distance", "weight": 1.0, "on": "logits"},
+                        {"name": "similarity", "weight": 5.0, "on": "logits"}]
+    recipe["cache"] = {"enabled": False}
+    one, two = tiny / "relation-one", tiny / "relation-two"
+    distill.run({**recipe, "output_dir": str(one)})
+    path = tiny / "relation.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output_dir": str(two)}))
+    out = _cli(["-m", "distill.cli", "run", str(path), "--nproc", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    _same_training(one, two)

@@ -39,7 +39,7 @@ class SimilarityLoss(nn.Module):
     Shapes: ``(N, D_s)`` and ``(N, D_t)`` in, scalar out.
     """
 
-    traits: ClassVar[LossTraits] = LossTraits(projector="never")
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", in_batch=True)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -57,7 +57,7 @@ class SimilarityPreservingLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in (any widths), scalar out.
     """
 
-    traits: ClassVar[LossTraits] = LossTraits(projector="never")
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", in_batch=True)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -78,7 +78,7 @@ class RKDDistanceLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in (any widths), scalar out.
     """
 
-    traits: ClassVar[LossTraits] = LossTraits(projector="never")
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", in_batch=True)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)
@@ -104,7 +104,7 @@ class RKDAngleLoss(nn.Module):
     Shapes: ``(N, ...)`` and ``(N, ...)`` in (any widths), scalar out.
     """
 
-    traits: ClassVar[LossTraits] = LossTraits(projector="never")
+    traits: ClassVar[LossTraits] = LossTraits(projector="never", in_batch=True)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
         _same_batch(student_out, teacher_out)

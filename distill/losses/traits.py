@@ -36,6 +36,10 @@ class LossTraits:
     """Receives the models' output heads (``student_head=``, ``teacher_head=`` and their
     ``*_head_bias``) with their final hidden states: token-level losses of causal LMs. Such a
     loss can also read the teacher from a logit cache (``forward_cached``)."""
+    in_batch: bool = False
+    """Compares the examples of a batch with each other (similarities, distances, angles). With
+    several processes it sees the whole global batch: every process's rows are gathered, with
+    gradients, so the objective is the one a single process optimises."""
     trainable: bool = False
     """Has parameters or state (heads, memory banks) that train and are checkpointed with the
     student, and are never saved with it."""
