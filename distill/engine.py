@@ -27,7 +27,7 @@ from distill.checkpoint import MetricsLog, TrainState, resume, save_checkpoint
 from distill.config import OnPolicySpec, TrainSpec
 from distill.errors import RecipeError
 from distill.models.adapters import Adapter
-from distill.step import LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
+from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
 from distill.tasks import Batch, Task
 
 __all__ = ["make_accelerator", "on_policy_turn", "student_written", "train", "use_cpu"]
@@ -139,33 +139,70 @@ class _Loop:
     desc: str
     bar: Any = None
     running: dict[str, float] = field(default_factory=dict)
+    tokens: float | None = None
+    """Tokens of the optimizer step so far, this process (``None`` when the loss is not token-level)."""
+    combined: bool = False
+    """The step's parts are already combined over the processes (token-level losses)."""
     written: int = 0
     written_in_step: int = 0
     aside: float = 0.0
     """Seconds spent evaluating and checkpointing (left out of the training time)."""
 
     def backward(self, batch: Batch, teacher_out: Any) -> None:
-        """Forward, backward and (at the end of an accumulation) the optimizer step of one batch."""
+        """Forward, backward and (at the end of an accumulation) the optimizer step of one batch.
+
+        Token-level losses (a causal LM's) count every token of the optimizer step alike: each
+        batch's mean is weighed by its token count here, and the step's gradient is divided by
+        the step's tokens over every batch and process (:meth:`per_token`), so a batch of 10
+        completion tokens weighs a hundredth of one of 1,000, as in one large batch.
+        """
         share = float(batch.get("share", 1.0))
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             with accelerator.autocast():
                 parts = self.model(batch, teacher_out, self.state.step)
-            accelerator.backward(parts["loss"] * share if share != 1.0 else parts["loss"])
-            if accelerator.sync_gradients and self.spec.max_grad_norm:
-                accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+            count = parts.pop(TOKENS, None)
+            if count is None:
+                weight = share / self.spec.grad_accum
+                accelerator.backward(parts["loss"] * share if share != 1.0 else parts["loss"])
+            else:
+                weight = float(count)
+                self.tokens = (self.tokens or 0.0) + weight
+                accelerator.backward(parts["loss"] * (weight * self.spec.grad_accum))  # a sum over the tokens
+            for key, value in parts.items():
+                self.running[key] = self.running.get(key, 0.0) + float(value.detach()) * weight
+            if accelerator.sync_gradients:
+                self.per_token()
+                if self.spec.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.state.batch += 1
-        for key, value in parts.items():
-            self.running[key] = self.running.get(key, 0.0) + float(value.detach()) * share / self.spec.grad_accum
 
+    def per_token(self) -> None:
+        """For token-level losses, turn the step's summed gradients and loss parts into means over
+        all of the step's tokens, in every process."""
+        if self.tokens is None:
+            return
+        total = torch.tensor([self.tokens], dtype=torch.float64, device=self.accelerator.device)
+        processes = self.accelerator.num_processes
+        if processes > 1:
+            total = self.accelerator.reduce(total, "sum")
+        tokens = max(float(total), 1.0)
+        for param in self.params:  # DistributedDataParallel averaged the processes' sums
+            if param.grad is not None:
+                param.grad.mul_(processes / tokens)
+        if processes > 1:  # the step's parts: summed over processes here, so not averaged in log_step
+            self.running = {k: v * processes for k, v in _mean_over_processes(self.accelerator, self.running).items()}
+        self.running = {k: v / tokens for k, v in self.running.items()}
+        self.tokens, self.combined = None, True
     def log_step(self, on_policy: bool) -> None:
         """Count the optimizer step and write its record (loss parts averaged over processes)."""
         self.scheduler.step()
         self.state.step += 1
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not self.combined:
             self.running = _mean_over_processes(self.accelerator, self.running)
+        self.combined = False
         record = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[0],
                   **self.running}
         if on_policy:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 
+from distill.cache import model_fingerprint
 from distill.config import EvalSpec
 from distill.models.adapters import Adapter
 from distill.models.derive import count_parameters
@@ -99,19 +102,31 @@ def measure(model: Adapter, task: Any, saved: Path | None = None) -> dict[str, A
     return {task.metric: quality, "parameters": count_parameters(model.module), "size_bytes": size}
 
 
-def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | None = None
-                 ) -> dict[str, dict[str, float]]:
+def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | None = None,
+                 store: Path | None = None) -> dict[str, dict[str, float]]:
     """Every model's scores on the evaluation suite's ``tasks`` (default: ``spec.suite``), by role.
 
     The models must produce sentence embeddings; the suite's data is read from ``spec.suite_data``.
+    With ``store`` (a JSON file), scores are kept by the model's weights and the task's settings,
+    so a model already scored (the teacher, in every run of a study) is not scored again.
     """
     tasks = list(tasks if tasks is not None else spec.suite)
-    scores = {}
+    known = json.loads(store.read_text()) if store is not None and store.is_file() else {}
+    scores: dict[str, dict[str, float]] = {}
     for role, model in models.items():
         model.module.to("cpu")
+        weights = model_fingerprint(model.module, {"data": str(spec.suite_data), "probe_limit": spec.probe_limit})
+        todo = [t for t in tasks if f"{weights}:{t}" not in known]
 
         def encode(texts: list[str], model: Adapter = model) -> Any:
             return encode_texts(model, texts, spec.batch_size)
 
-        scores[role] = run_suite(encode, tasks, spec.suite_data, probe_limit=spec.probe_limit)
+        fresh = run_suite(encode, todo, spec.suite_data, probe_limit=spec.probe_limit) if todo else {}
+        known.update({f"{weights}:{t}": v for t, v in fresh.items()})
+        scores[role] = {t: known[f"{weights}:{t}"] for t in tasks}
+    if store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        part = store.with_name(store.name + f".tmp-{os.getpid()}")
+        part.write_text(json.dumps(known, indent=1) + "\n")
+        os.replace(part, store)
     return scores

@@ -382,7 +382,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     }
     tasks = suite if suite is not None else recipe.evaluate.suite
     if tasks:
-        summary["suite"] = suite_scores(adapters, recipe.evaluate, tasks)
+        summary["suite"] = suite_scores(adapters, recipe.evaluate, tasks, recipe.cache.dir / "suite-scores.json")
     if isinstance(task, EmbeddingTask) and "baseline" in models:
         summary["baseline_untrained"] = True
     (folder / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,6 +21,7 @@ from distill.models.adapters import Adapter
 from distill.tasks import Batch
 
 __all__ = [
+    "TOKENS",
     "LossTerm",
     "StepModule",
     "Teacher",
@@ -75,6 +76,10 @@ class LossTerm:
     def label(self) -> str:
         """Name of this term's part in the logs."""
         return f"{self.name}_loss"
+
+
+#: Key of a step's token count among its parts (a causal LM's tokens that enter the loss); not a loss.
+TOKENS = "tokens"
 
 
 def projector_key(term_index: int, pair_index: int) -> str:
@@ -170,6 +175,10 @@ def distill_step(
     if task_loss is not None and task_weight > 0:
         parts["task_loss"] = task_weight * task_loss(out, batch)
     parts["loss"] = sum(parts.values())  # type: ignore[assignment]
+    if "token_mask" in out:
+        # Token-level parts are means over this batch's tokens; the loop weighs them by this count
+        # so that an optimizer step averages over all of its tokens (see distill.engine).
+        parts[TOKENS] = out["token_mask"].sum().detach()
     return parts
 
 
