@@ -2,7 +2,7 @@
 
 from distill.config import LossSpec, Recipe, TrainSpec, load_recipe
 from distill.distiller import Distiller
-from distill.errors import DataError, DistillError, ModelError, RecipeError, RunFolderError
+from distill.errors import DataError, DistillError, ModelError, RecipeError, RunFolderError, TrainingError
 from distill.losses import LOSSES
 from distill.runner import RunResult, run
 
@@ -18,6 +18,7 @@ __all__ = [
     "RunFolderError",
     "RunResult",
     "TrainSpec",
+    "TrainingError",
     "load_recipe",
     "run",
 ]

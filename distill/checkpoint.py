@@ -7,6 +7,7 @@ never leaves half of one. It does not depend on the number of processes that wro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -20,10 +21,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_model, save_model
 
-from distill.errors import RunFolderError
+from distill.cache import file_sha256
 from distill.step import StepModule
 
-__all__ = ["MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint"]
+__all__ = ["MANIFEST", "MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint"]
+
+log = logging.getLogger(__name__)
+#: The file of a checkpoint that lists its other files with their SHA-256.
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -51,15 +56,24 @@ class MetricsLog:
         """Keep only records up to ``step`` (what the resumed run will not repeat)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [json.dumps(r) for r in self.read() if r["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line torn by a kill or a full disk (not valid JSON) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+        return records
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -110,6 +124,9 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, state: TrainState, k
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler, "rng": rng}, tmp / "state.pt")
         info = {**asdict(state), "processes": accelerator.num_processes}
         (tmp / "trainer_state.json").write_text(json.dumps(info) + "\n")
+        # Written last: a checkpoint without it, or whose files do not match it, is not resumed from.
+        digests = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(digests, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(folder)[:-keep]:
@@ -117,33 +134,63 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, state: TrainState, k
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: StepModule, optimizer: Any,
-            scheduler: Any) -> TrainState:
-    if accelerator.is_main_process:
-        for stale in folder.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    found = checkpoints(folder)
-    if not found:
-        return TrainState()
-    latest = found[-1]
-    if not (latest / "student.safetensors").is_file():
-        raise RunFolderError(f"{latest} is a checkpoint in an older format that this version cannot resume; "
-                             f"delete {folder.parent} to train this phase again")
-    load_model(step.student, str(latest / "student.safetensors"))
-    load_model(step.projectors, str(latest / "projectors.safetensors"))
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location="cpu"))
-    saved = torch.load(latest / "state.pt", map_location="cpu")
+def _damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (missing manifest, a file missing or changed), or ``None``."""
+    try:
+        digests = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    for name, digest in digests.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _load(checkpoint: Path, accelerator: Accelerator, step: StepModule, optimizer: Any, scheduler: Any
+          ) -> TrainState:
+    """Restore the weights, optimizer, schedule and random states saved in ``checkpoint``."""
+    load_model(step.student, str(checkpoint / "student.safetensors"))
+    load_model(step.projectors, str(checkpoint / "projectors.safetensors"))
+    # weights_only: a run folder's files are data, never code to run.
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None and saved["scaler"] is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
     if accelerator.process_index < len(saved["rng"]):
         _set_rng_state(saved["rng"][accelerator.process_index])
-    info = json.loads((latest / "trainer_state.json").read_text())
-    state = TrainState(step=info["step"], epoch=info["epoch"], batch=info["batch"])
-    metrics.truncate_after(state.step)
-    before = info.get("processes", 1)
-    accelerator.print(f"resuming from {latest} (step {state.step}"
-                      + (f"; written by {before} processes, now {accelerator.num_processes})"
-                         if before != accelerator.num_processes else ")"))
-    return state
+    info = json.loads((checkpoint / "trainer_state.json").read_text())
+    return TrainState(step=info["step"], epoch=info["epoch"], batch=info["batch"])
+
+
+def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: StepModule, optimizer: Any,
+           scheduler: Any) -> TrainState:
+    """Resume from the newest intact checkpoint in ``folder``, skipping (and naming) damaged ones.
+
+    A checkpoint is intact when its manifest lists every file with a matching SHA-256. The
+    metrics log is cut back to the step resumed from; with no intact checkpoint the phase starts
+    over, with an empty log.
+    """
+    if accelerator.is_main_process:
+        for stale in folder.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    for checkpoint in reversed(checkpoints(folder)):
+        problem = _damage(checkpoint)
+        if problem is None:
+            try:
+                state = _load(checkpoint, accelerator, step, optimizer, scheduler)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file means: try the one before
+                problem = f"cannot be loaded ({type(exc).__name__}: {exc})"
+        if problem is not None:
+            log.warning("checkpoint %s skipped: %s", checkpoint, problem)
+            accelerator.print(f"checkpoint {checkpoint} skipped: {problem}")
+            continue
+        metrics.truncate_after(state.step)
+        accelerator.print(f"resuming from {checkpoint} (step {state.step})")
+        return state
+    metrics.truncate_after(0)
+    return TrainState()

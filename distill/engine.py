@@ -9,6 +9,7 @@ and the metrics log are :mod:`distill.checkpoint`'s; the data order is :mod:`dis
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -19,13 +20,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.batches import lr_lambda, total_steps
 from distill.checkpoint import MetricsLog, TrainState, resume, save_checkpoint
 from distill.config import OnPolicySpec, TrainSpec
-from distill.errors import RecipeError
+from distill.errors import RecipeError, TrainingError
 from distill.models.adapters import Adapter
 from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
 from distill.tasks import Batch, Task
@@ -161,6 +162,7 @@ class _Loop:
         with accelerator.accumulate(self.model):
             with accelerator.autocast():
                 parts = self.model(batch, teacher_out, self.state.step)
+            self.check_finite(parts)
             count = parts.pop(TOKENS, None)
             if count is None:
                 weight = share / self.spec.grad_accum
@@ -174,10 +176,24 @@ class _Loop:
             if accelerator.sync_gradients:
                 self.per_token()
                 if self.spec.max_grad_norm:
-                    accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+                    if norm is not None and not math.isfinite(float(norm)):
+                        raise TrainingError(f"step {self.state.step + 1}: the gradient norm is {float(norm)}; "
+                                            "training stopped before the optimizer step (lower train.lr or the "
+                                            "loss weights). The last checkpoint is kept; nothing was saved after it")
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.state.batch += 1
+
+    def check_finite(self, parts: dict[str, Tensor]) -> None:
+        """Stop, naming the step and the loss terms, when the loss is not finite (before its backward)."""
+        if bool(torch.isfinite(parts["loss"].detach()).all()):
+            return
+        bad = [f"{k} = {float(v.detach())}" for k, v in parts.items()
+               if k not in ("loss", TOKENS) and not bool(torch.isfinite(v.detach()).all())]
+        raise TrainingError(f"step {self.state.step + 1}: the loss is not finite ({', '.join(bad) or 'loss'}); "
+                            "training stopped before the update (lower train.lr or the loss weights, or check the "
+                            "data). The last checkpoint is kept; nothing was saved after it")
 
     def per_token(self) -> None:
         """For token-level losses, turn the step's summed gradients and loss parts into means over

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DistillError", "RecipeError", "DataError", "ModelError", "RunFolderError", "CacheError"]
+__all__ = ["CacheError", "DataError", "DistillError", "ModelError", "RecipeError", "RunFolderError", "TrainingError"]
 
 
 class DistillError(Exception):
@@ -27,3 +27,7 @@ class RunFolderError(DistillError):
 
 class CacheError(DistillError):
     """A teacher-output cache cannot be written or read."""
+
+
+class TrainingError(DistillError):
+    """Training cannot go on: a loss or gradient that is not finite."""

@@ -29,7 +29,7 @@ __all__ = [
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
 
 class DeriveSpec(Spec):
