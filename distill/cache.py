@@ -9,7 +9,6 @@ and rebuilt, never silently used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,11 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.errors import CacheError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, so two builds of one cache are not kept apart
-    fcntl = None  # type: ignore[assignment]
+from distill.locks import exclusive
 
 __all__ = ["TeacherCache", "model_fingerprint"]
 
@@ -155,7 +150,7 @@ class TeacherCache:
         chunks = _chunks(lengths, batch_size)
         _remove_abandoned(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(folder.with_name(folder.name + ".lock")):
+        with exclusive(folder.with_name(folder.name + ".lock"), wait=True):
             tmp = folder.with_name(folder.name + ".building")
             plan = {"teacher": teacher_id, "data": data_id, "names": list(names), "examples": len(lengths),
                     "batch_size": batch_size}
@@ -298,20 +293,6 @@ class TeacherCache:
 
 #: Batches between two records of a build's progress (the most a killed build repeats).
 PROGRESS_EVERY = 20
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed); another process waits for it."""
-    if fcntl is None:
-        yield
-        return
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _resumable(tmp: Path, plan: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -218,10 +219,11 @@ def _models(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from distill.export import format_export
-    from distill.runner import export_run
+    from distill.runner import export_run, locked
 
-    print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,
-                                   tolerance=args.tolerance, measure=args.measure, rounds=args.rounds)))
+    with locked(args.run_dir):
+        print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,
+                                       tolerance=args.tolerance, measure=args.measure, rounds=args.rounds)))
     return 0
 
 
@@ -250,9 +252,10 @@ def _eval_or_report(args: argparse.Namespace) -> int:
 
     if not (args.run_dir / "recipe.yaml").is_file():
         raise DistillError(f"{args.run_dir} is not a run folder (no recipe.yaml)")
-    if args.command == "eval":
-        runner.evaluate_run(args.run_dir, suite=args.suite)
-    print(f"report: {runner.report_run(args.run_dir)}")
+    with runner.locked(args.run_dir):
+        if args.command == "eval":
+            runner.evaluate_run(args.run_dir, suite=args.suite)
+        print(f"report: {runner.report_run(args.run_dir)}")
     return 0
 
 
@@ -352,6 +355,19 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _message(exc: BaseException) -> str:
+    """One line for the user: distill's own message, or what the operating system said and about which file."""
+    if isinstance(exc, DistillError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); set DISTILL_DEBUG=1 to see which"
+    assert isinstance(exc, OSError)
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; free some and " \
+               "run the same command again to resume"
+    return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, with its message on stderr)."""
     args = _parser().parse_args(argv)
@@ -363,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
-    except DistillError as exc:
+    except (DistillError, OSError, UnicodeDecodeError) as exc:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
         where = f" (process {rank})" if rank else ""
-        print(f"distill: error{where}: {exc}", file=sys.stderr)
+        print(f"distill: error{where}: {_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distill: interrupted; run the same command again to resume", file=sys.stderr)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import RecipeError
 from distill.registry import suggest
@@ -70,8 +71,8 @@ class Recipe(Spec):
     (as a teacher of one's own is trained), and then the teacher is never run."""
     task_loss_weight: float = Field(0.0, ge=0)
     """Weight of the task's own loss on labels (cross-entropy for classification) in the sum."""
-    seed: int = 0
-    """Seed for initialisation, data order and dropout."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed for initialisation, data order and dropout (0 to 2**32 - 1)."""
     output_dir: Path | None = None
     """Run folder; defaults to ``runs/<name>`` in the working directory."""
     train: TrainSpec = TrainSpec()
@@ -85,6 +86,14 @@ class Recipe(Spec):
     """Also train the same student without the teacher, on the task loss and the same budget."""
     evaluate: EvalSpec = EvalSpec()
     """Final evaluation settings."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+            raise ValueError(f"'{name}' is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..'): "
+                             "it names the run folder under runs/; give output_dir to write elsewhere")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -9,6 +9,7 @@ card are jobs of the modules they call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from distill.errors import RecipeError, RunFolderError
 from distill.evaluate import measure, suite_scores, time_models
 from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
 from distill.launch import process_state, shard_frozen, sync_batchnorm
+from distill.locks import exclusive
 from distill.logit_cache import TokenLogitCache
 from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
@@ -46,6 +48,7 @@ __all__ = [
     "build_loss_terms",
     "evaluate_run",
     "export_run",
+    "locked",
     "build_logit_cache",
     "open_logit_cache",
     "open_teacher_cache",
@@ -306,6 +309,21 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     recipe = _coerce(recipe, overrides)
     procs = process_state(recipe.train)
     per_process_batch(recipe.train.batch_size, procs.num_processes)
+    with locked(recipe.run_dir(), procs.is_main_process):
+        return _run(recipe, procs)
+
+
+def locked(folder: Path, main: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Hold the run folder's lock (``.<name>.lock`` beside it) for a command on it; a second
+    process on the same folder is refused with the holder's pid and host. Only the main process
+    of a multi-process run takes it."""
+    if not main:
+        return contextlib.nullcontext()
+    folder = Path(folder)
+    return exclusive(folder.with_name(f".{folder.name}.lock"), wait=False, what=f"run folder {folder}")
+
+
+def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     folder = _prepare_folder(recipe, procs)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
