@@ -23,7 +23,8 @@ def test_the_api_example_runs_and_the_student_learns(tmp_path, data_dir, monkeyp
     snippet = block[block.index("distill.Distiller("):]
     task = ClassificationTask(DataSpec(format="fashion-mnist", path=data_dir / "fashion-mnist", train_limit=4096,
                                        test_limit=512))
-    train = [(b["inputs"]["x"], b["labels"]) for b in (task.train.batch(range(i, i + 128)) for i in range(0, 4096, 128))]
+    batches = (task.train.batch(range(i, i + 128)) for i in range(0, 4096, 128))
+    train = [(b["inputs"]["x"], b["labels"]) for b in batches]
     test = task.splits["test"]
     evaluation = [(b["inputs"]["x"], b["labels"]) for b in (test.batch(range(i, i + 128)) for i in range(0, 512, 128))]
     torch.manual_seed(0)
