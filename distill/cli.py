@@ -163,7 +163,10 @@ def _add_generate_filters_and_requests(parser: argparse.ArgumentParser) -> None:
     api.add_argument("--max-retries", type=int, default=5, help="retries of a failed request (default 5)")
     api.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",
                      help="first backoff, doubled each retry (default 1)")
-    api.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per request (default 600)")
+    api.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="the most one request may take, reply included (default 600)")
+    api.add_argument("--max-wait", type=float, default=300.0, metavar="SECONDS",
+                     help="the longest wait between retries, whatever a Retry-After header asks (default 300)")
     api.add_argument("--max-requests-per-second", type=float, metavar="R")
 
 
@@ -306,7 +309,7 @@ def _generate_teacher(args: argparse.Namespace, sampling: Sampling) -> Teacher:
             raise DistillError("--api-base needs --model NAME")
         return OpenAITeacher(args.api_base, args.model, sampling, api_key_from_env(args.api_key_env),
                              max_retries=args.max_retries, retry_delay=args.retry_delay, timeout=args.timeout,
-                             max_requests_per_second=args.max_requests_per_second)
+                             max_requests_per_second=args.max_requests_per_second, max_wait=args.max_wait)
     from distill.generate.local import LocalTeacher
 
     return LocalTeacher(args.teacher, sampling, device=args.device, dtype=args.dtype,

@@ -29,10 +29,18 @@ log = logging.getLogger(__package__)
 
 
 def api_key_from_env(variable: str) -> str | None:
-    """The API key in environment variable ``variable``; ``None`` (and a log line) when it is unset or empty."""
-    key = os.environ.get(variable)
+    """The API key in environment variable ``variable``; ``None`` (and a log line) when it is unset or empty.
+
+    Surrounding whitespace (a key file's line ending) is dropped. A key that still holds a space
+    or a control character is refused, without being shown.
+    """
+    key = (os.environ.get(variable) or "").strip()
     if not key:
         log.info("$%s is not set: requests carry no API key", variable)
+        return None
+    if not all("!" <= c <= "~" for c in key):
+        raise DistillError(f"the API key in ${variable} holds a space, a control or a non-ASCII character, which "
+                           "no HTTP header can carry (the key is not shown); check how it was set")
     return key
 
 
@@ -90,17 +98,22 @@ class OpenAITeacher:
         api_key: Bearer token, or ``None`` to send none.
         max_retries: Retries of one request before giving up.
         retry_delay: First backoff in seconds, doubled each retry (at most 60 s).
-        timeout: Seconds to wait for one reply.
+        timeout: The most one request may take, from sending it to the reply's last byte (a
+            server trickling bytes does not hold a request longer).
         max_requests_per_second: Rate limit on request starts (retries included).
+        max_wait: The longest wait between retries, whatever a ``Retry-After`` header asks.
     """
 
     def __init__(self, api_base: str, model: str, sampling: Sampling, api_key: str | None = None, *,
                  max_retries: int = 5, retry_delay: float = 1.0, timeout: float = 600.0,
-                 max_requests_per_second: float | None = None) -> None:
+                 max_requests_per_second: float | None = None, max_wait: float = 300.0) -> None:
         if not re.match(r"https?://", api_base):
             raise DistillError(f"--api-base must be an http:// or https:// URL, got '{api_base}'")
-        if max_retries < 0 or retry_delay < 0 or timeout <= 0:
-            raise DistillError("--max-retries and --retry-delay must be >= 0 and --timeout > 0")
+        numbers = (max_retries, retry_delay, timeout, max_wait)
+        if not all(math.isfinite(x) for x in numbers) or max_retries < 0 or retry_delay < 0 or timeout <= 0 \
+                or max_wait < 0:
+            raise DistillError("--max-retries, --retry-delay and --max-wait must be finite and >= 0, "
+                               "--timeout finite and > 0")
         if max_requests_per_second is not None and max_requests_per_second <= 0:
             raise DistillError(f"--max-requests-per-second must be > 0, got {max_requests_per_second}")
         self.api_base = api_base.rstrip("/")
@@ -108,7 +121,7 @@ class OpenAITeacher:
         self.sampling = sampling
         self.max_retries = max_retries
         self.retry_delay = retry_delay
-        self.timeout = timeout
+        self.timeout, self.max_wait = timeout, max_wait
         self._key = api_key or None
         self._limiter = RateLimiter(max_requests_per_second)
 
@@ -131,8 +144,7 @@ class OpenAITeacher:
             wait = None
             try:
                 request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
+                payload = self._read(request)
                 try:
                     reply = json.loads(payload)
                 except ValueError:
@@ -158,10 +170,29 @@ class OpenAITeacher:
                 break
             if wait is None:
                 wait = min(60.0, self.retry_delay * 2**attempt) * random.uniform(0.8, 1.2)
+            wait = min(wait, self.max_wait)
             log.warning("teacher API %s: %s; retry %d of %d in %.2f s", url, problem, attempt + 1,
                         self.max_retries, wait)
             time.sleep(wait)
         raise TeacherUnavailableError(f"teacher API {url}: {problem} (gave up after {self.max_retries} retries)")
+
+    def _read(self, request: urllib.request.Request) -> bytes:
+        """The reply's body, within ``timeout`` seconds in all (not per read)."""
+        deadline = time.monotonic() + self.timeout
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            chunks = []
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no complete reply within --timeout {self.timeout:g} s")
+                # The socket's own timeout bounds one read; lowered to what is left, it bounds the whole reply.
+                sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = response.read1(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
 
     @staticmethod
     def _choice_text(choice: Any, chat: bool) -> str:
