@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from distill.runner import export_run
+from distill.exporting import export_run
 
 
 def main() -> None:

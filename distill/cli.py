@@ -222,7 +222,8 @@ def _models(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from distill.export import format_export
-    from distill.runner import export_run, locked
+    from distill.exporting import export_run
+    from distill.runner import locked
 
     with locked(args.run_dir):
         print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,

@@ -1,7 +1,7 @@
 """Measure the exported student as it would be deployed: size, CPU latency, throughput, quality.
 
 Teacher, student and int8 student, in PyTorch and in onnxruntime, are timed in turn on real
-test inputs; :func:`distill.runner.export_run` records the figures in ``export/export.json``,
+test inputs; :func:`distill.exporting.export_run` records the figures in ``export/export.json``,
 and the report and the model card show them.
 """
 

@@ -1,6 +1,6 @@
 """Ship the student: export it, check the export against PyTorch, quantize it.
 
-``distill export RUN --format onnx --int8`` (:func:`distill.runner.export_run`) writes
+``distill export RUN --format onnx --int8`` (:func:`distill.exporting.export_run`) writes
 ``RUN/export/onnx/model.onnx`` and ``model.int8.onnx`` with the tokenizer beside them, running
 the float model with onnxruntime on real test inputs and refusing it when its outputs differ
 from PyTorch's by more than a tolerance. This module turns a loaded model into those files and

@@ -25,13 +25,11 @@ from accelerate import PartialState
 
 from distill.batches import ShuffledBatches, per_process_batch
 from distill.cache import TeacherCache, model_fingerprint
-from distill.card import read_exports, record_export, write_model_card
+from distill.card import read_exports, write_model_card
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
-from distill.deploy import measure_deployment
 from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
 from distill.evaluate import measure, suite_scores, time_models
-from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
 from distill.launch import process_state, shard_frozen, sync_batchnorm
 from distill.locks import exclusive
 from distill.logit_cache import TokenLogitCache
@@ -47,7 +45,6 @@ __all__ = [
     "RunResult",
     "build_loss_terms",
     "evaluate_run",
-    "export_run",
     "locked",
     "build_logit_cache",
     "open_logit_cache",
@@ -425,61 +422,3 @@ def report_run(folder: Path) -> Path:
     report = write_report(folder, summary, histories)
     write_model_card(folder, summary)
     return report
-
-
-def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None = None,
-               tolerance: float = TOLERANCE, measure: bool = True, rounds: int = 1) -> dict[str, Any]:
-    """``distill export``: export a finished run's student and record it in ``folder/export/export.json``.
-
-    ``onnx`` and ``torchscript`` exports are checked against PyTorch on real test inputs; an
-    ONNX export is then measured against the teacher (unless ``measure`` is false), and the
-    report and model card are rewritten with the figures.
-
-    Args:
-        folder: The run folder.
-        fmt: ``onnx``, ``hf`` (a copy of the saved transformers folder), ``safetensors`` (the
-            weights file) or ``torchscript``.
-        int8: Also write an int8 ONNX model (onnxruntime dynamic quantization).
-        out: Where to write; default ``folder/export/<fmt>``.
-        tolerance: Largest absolute difference from PyTorch's outputs allowed.
-        measure: Measure size, latency and quality of the ONNX models against the teacher.
-        rounds: Timing rounds; the medians are reported (a machine shared with other jobs
-            gives noisy timings).
-
-    Returns:
-        The record of this export (files, check, deployment figures).
-    """
-    if not (folder / "recipe.yaml").is_file():
-        raise RunFolderError(f"{folder} is not a run folder (no recipe.yaml)")
-    recipe = load_recipe(folder / "recipe.yaml")
-    check_format(recipe.student_kind, fmt, int8)
-    if fmt == "onnx":
-        require_onnx()
-    if not (folder / "student" / "distill.json").is_file():
-        raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
-    out = Path(out) if out is not None else folder / "export" / fmt
-    out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"format": fmt, "path": str(out)}
-    if fmt in ("hf", "safetensors"):
-        record.update(copy_saved(folder / "student", fmt, out))
-    else:
-        record.update(_export_student(folder, recipe, fmt, out, int8, tolerance, measure, rounds))
-    record_export(folder, fmt, record)
-    if (folder / "eval.json").is_file():
-        report_run(folder)  # the report and the model card gain the export
-    return record
-
-
-def _export_student(folder: Path, recipe: Recipe, fmt: str, out: Path, int8: bool, tolerance: float,
-                    measure: bool, rounds: int) -> dict[str, Any]:
-    """The run's student traced to ``fmt`` in ``out`` and checked; an ONNX one measured too (``deployment``)."""
-    task = build_task(recipe.task, recipe.data)
-    student = load_model(recipe.student, recipe.student_kind, str(folder / "student"))
-    student.module.to("cpu").eval()
-    sample = sample_inputs(task, recipe.student_kind)
-    record = export_traced(student, fmt, out, sample, int8, tolerance)
-    if fmt == "onnx" and measure:
-        int8_file = out / "model.int8.onnx" if int8 else None
-        record["deployment"] = measure_deployment(folder, recipe, task, student, out / "model.onnx", int8_file,
-                                                  tolerance, rounds)
-    return record

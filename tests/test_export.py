@@ -306,3 +306,25 @@ def test_sts_export_updates_card_report_and_hf_copy(sts_run, tmp_path):
     assert not (tmp_path / "hf" / "distill.json").exists() and (tmp_path / "hf" / "README.md").is_file()
     model = transformers.AutoModel.from_pretrained(str(tmp_path / "hf"))
     assert model.config.hidden_size == 16
+
+
+def test_export_refuses_a_folder_of_the_users_files_and_a_broken_student(sts_run, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    assert main(["export", str(sts_run), "--format", "hf", "--out", str(mine)]) == 2
+    assert "not an earlier distill export" in capsys.readouterr().err
+    assert (mine / "README.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["README.md"]
+    # Its own earlier export may be written again.
+    again = tmp_path / "again"
+    assert main(["export", str(sts_run), "--format", "hf", "--out", str(again)]) == 0
+    assert main(["export", str(sts_run), "--format", "hf", "--out", str(again)]) == 0
+    # A student folder whose tokenizer is gone is refused, not exported with a 5-token stand-in.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sts_run, broken)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (broken / "student" / name).unlink(missing_ok=True)
+    assert main(["export", str(broken), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err

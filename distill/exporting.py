@@ -1,0 +1,119 @@
+"""``distill export``: a finished run's student checked, exported, measured and recorded.
+
+The command's steps, in order: the student folder is checked (weights, config, a tokenizer that
+covers the embedding table), the output folder claimed (never one holding the user's files),
+the student exported (:mod:`distill.export`), an ONNX export measured against the teacher
+(:mod:`distill.deploy`), the record written (:mod:`distill.card`) and the report rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distill.card import record_export
+from distill.config import Recipe, load_recipe
+from distill.deploy import measure_deployment
+from distill.errors import RunFolderError
+from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
+from distill.models.load import load_model
+from distill.runner import report_run
+from distill.tasks import build_task
+
+__all__ = ["EXPORT_MARK", "export_run"]
+
+
+def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None = None,
+               tolerance: float = TOLERANCE, measure: bool = True, rounds: int = 1) -> dict[str, Any]:
+    """``distill export``: export a finished run's student and record it in ``folder/export/export.json``.
+
+    ``onnx`` and ``torchscript`` exports are checked against PyTorch on real test inputs; an
+    ONNX export is then measured against the teacher (unless ``measure`` is false), and the
+    report and model card are rewritten with the figures.
+
+    Args:
+        folder: The run folder.
+        fmt: ``onnx``, ``hf`` (a copy of the saved transformers folder), ``safetensors`` (the
+            weights file) or ``torchscript``.
+        int8: Also write an int8 ONNX model (onnxruntime dynamic quantization).
+        out: Where to write; default ``folder/export/<fmt>``.
+        tolerance: Largest absolute difference from PyTorch's outputs allowed.
+        measure: Measure size, latency and quality of the ONNX models against the teacher.
+        rounds: Timing rounds; the medians are reported (a machine shared with other jobs
+            gives noisy timings).
+
+    Returns:
+        The record of this export (files, check, deployment figures).
+    """
+    if not (folder / "recipe.yaml").is_file():
+        raise RunFolderError(f"{folder} is not a run folder (no recipe.yaml)")
+    recipe = load_recipe(folder / "recipe.yaml")
+    check_format(recipe.student_kind, fmt, int8)
+    if fmt == "onnx":
+        require_onnx()
+    if not (folder / "student" / "distill.json").is_file():
+        raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
+    out = Path(out) if out is not None else folder / "export" / fmt
+    _check_student_folder(folder / "student", recipe.student_kind)
+    _claim_export_folder(out)
+    record: dict[str, Any] = {"format": fmt, "path": str(out)}
+    if fmt in ("hf", "safetensors"):
+        record.update(copy_saved(folder / "student", fmt, out))
+    else:
+        record.update(_export_student(folder, recipe, fmt, out, int8, tolerance, measure, rounds))
+    record_export(folder, fmt, record)
+    if (folder / "eval.json").is_file():
+        report_run(folder)  # the report and the model card gain the export
+    return record
+
+
+#: The file that marks a folder as one of distill's exports (so exporting there again may overwrite it).
+EXPORT_MARK = ".distill-export"
+
+
+def _claim_export_folder(out: Path) -> None:
+    """Create ``out``, or reuse it if empty or an earlier export; refuse a folder with the user's files."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARK).is_file():
+        raise RunFolderError(f"--out {out} holds files that are not an earlier distill export; nothing was written. "
+                             "Give an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPORT_MARK).write_text("written by distill export; exporting here again overwrites this folder\n")
+
+
+def _check_student_folder(saved: Path, kind: str) -> None:
+    """Refuse to export a student folder without its weights or config, or whose tokenizer does not
+    cover its embedding table (every word would become an unknown token)."""
+    weights = sorted(saved.glob("*.safetensors"))
+    if not weights or not (saved / "config.json").is_file():
+        raise RunFolderError(f"{saved}: the student folder lacks its weights (*.safetensors) or config.json")
+    if kind not in ("hf-embedding", "hf-classifier", "hf-causal-lm", "static-embedding"):
+        return
+    if not any((saved / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
+        raise RunFolderError(f"{saved}: the student folder has no tokenizer (tokenizer.json, vocab.txt); an export "
+                             "without it would turn every word into an unknown token")
+    rows = json.loads((saved / "config.json").read_text()).get("vocab_size")
+    if isinstance(rows, int):
+        from transformers import AutoTokenizer
+
+        tokens = len(AutoTokenizer.from_pretrained(str(saved)))
+        if tokens > rows:
+            raise RunFolderError(f"{saved}: the tokenizer has {tokens:,} tokens but the embedding table {rows:,} "
+                                 "rows; they do not belong together")
+
+
+def _export_student(folder: Path, recipe: Recipe, fmt: str, out: Path, int8: bool, tolerance: float,
+                    measure: bool, rounds: int) -> dict[str, Any]:
+    """The run's student traced to ``fmt`` in ``out`` and checked; an ONNX one measured too (``deployment``)."""
+    task = build_task(recipe.task, recipe.data)
+    student = load_model(recipe.student, recipe.student_kind, str(folder / "student"))
+    student.module.to("cpu").eval()
+    sample = sample_inputs(task, recipe.student_kind)
+    record = export_traced(student, fmt, out, sample, int8, tolerance)
+    if fmt == "onnx" and measure:
+        int8_file = out / "model.int8.onnx" if int8 else None
+        record["deployment"] = measure_deployment(folder, recipe, task, student, out / "model.onnx", int8_file,
+                                                  tolerance, rounds)
+    return record
