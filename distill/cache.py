@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from distill.errors import CacheError
 from distill.locks import exclusive
+from distill.progress import progress
 
 __all__ = ["TeacherCache", "model_fingerprint"]
 
@@ -329,7 +329,7 @@ def _teacher_rows(teacher: Callable[[dict[str, Any]], dict[str, Tensor]],
                   show: bool) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """For each chunk of example indices, the teacher's outputs ``names`` as ``(len(chunk), k, ...)`` rows."""
     with torch.inference_mode():
-        for idx in tqdm(chunks, desc="teacher cache", unit="batch", disable=not show):
+        for idx in progress(chunks, desc="teacher cache", unit="batch", show=show):
             outputs = teacher(batches(idx.tolist())["inputs"])
             rows = {}
             for name in names:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Recipe, load_recipe
-from distill.report import deployment_table, summarize
+from distill.report import count, deployment_table, megabytes, summarize
 
 __all__ = ["EXPORT_JSON", "model_card", "read_exports", "record_export", "write_model_card"]
 
@@ -111,8 +111,8 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
         f"# {summary['recipe']}: distilled student", "",
         f"A `{kind}` model trained with distill to imitate the teacher `{summary['teacher']}`. "
         f"Figures are on the test split of `{summary['data']}`; speeds on {summary['machine']}.", "",
-        f"- **teacher**: `{summary['teacher']}` ({rows['teacher']['parameters'] / 1e6:.2f}M parameters)",
-        f"- **student**: {summary['student']} ({s['parameters'] / 1e6:.2f}M parameters)",
+        f"- **teacher**: `{summary['teacher']}` ({count(rows['teacher']['parameters'])} parameters)",
+        f"- **student**: {summary['student']} ({count(s['parameters'])} parameters)",
         f"- **data**: `{summary['data']}` (task `{recipe.task}`)",
         f"- **method**: {summary['losses']}; {summary['steps']} steps",
     ]
@@ -122,8 +122,8 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
               f"| model | {metric} | retained | parameters | size (MB) | smaller | latency b1 (ms) | speed-up b1 |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
-        lines.append(f"| {r['model']} | {r[metric]:.2f} | {r['retention_pct']:.1f}% | {r['parameters'] / 1e6:.2f}M | "
-                     f"{r['size_mb']:.1f} | {r['smaller_x']:.2f}x | {r['latency_ms']:.2f} | "
+        lines.append(f"| {r['model']} | {r[metric]:.2f} | {r['retention_pct']:.1f}% | {count(r['parameters'])} | "
+                     f"{megabytes(r['size_mb'] * 1e6)} | {r['smaller_x']:.2f}x | {r['latency_ms']:.2f} | "
                      f"{r['speedup_latency_x']:.2f}x |")
     text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is {s['smaller_x']:.2f}x smaller "
             f"on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 on CPU.")

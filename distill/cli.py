@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from distill.errors import DistillError
 
@@ -192,9 +192,26 @@ def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from distill.runner import build_loss_terms
 
-    build_loss_terms(recipe.losses, "embedding" if recipe.task == "sts" else "logits")
+    build_loss_terms(recipe.losses, "embedding" if recipe.task in ("sts", "embedding") else "logits")
+    missing = [f"{name} {path}" for name, path in _local_paths(recipe) if not path.exists()]
+    if missing:
+        raise DistillError(f"{args.recipe}: not found: {'; '.join(missing)}")
     print(f"{args.recipe}: valid ({recipe.task}, {len(recipe.losses)} loss term(s), output {recipe.run_dir()})")
     return 0
+
+
+def _local_paths(recipe: Any) -> list[tuple[str, Path]]:
+    """The recipe's paths on this machine that must exist (sources that are not Hub ids or packages)."""
+    paths = [("data.path", recipe.data.path)] + [(f"data.mix.{i}.path", m.path) for i, m in enumerate(recipe.data.mix)]
+    if recipe.data.test_path is not None:
+        paths.append(("data.test_path", recipe.data.test_path))
+    for role in ("teacher", "student"):
+        source = getattr(recipe, role).source
+        if source and (source.startswith((".", "/", "~")) or Path(source).suffix in (".safetensors", ".gguf")):
+            paths.append((f"{role}.source", Path(source).expanduser()))
+    if recipe.data.format == "hf-dataset" and not Path(recipe.data.path).exists():
+        paths = [p for p in paths if p[0] != "data.path"]  # a Hub dataset id
+    return [(name, Path(str(path)).expanduser()) for name, path in paths]
 
 
 def _losses(args: argparse.Namespace) -> int:

@@ -21,13 +21,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from distill.batches import lr_lambda, total_steps
 from distill.checkpoint import MetricsLog, TrainState, resume, save_checkpoint
 from distill.config import OnPolicySpec, TrainSpec
 from distill.errors import RecipeError, TrainingError
 from distill.models.adapters import Adapter
+from distill.progress import progress
 from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
 from distill.tasks import Batch, Task
 
@@ -266,7 +266,7 @@ def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], pr
     state = resume(accelerator, ckpt_dir, metrics, step_module, optimizer, scheduler)
     loop = _Loop(accelerator, spec, task, model, step_module, optimizer, scheduler, params, metrics, ckpt_dir, state,
                  steps, desc)
-    loop.bar = tqdm(total=steps, initial=state.step, desc=desc, unit="step", disable=not main)
+    loop.bar = progress(total=steps, initial=state.step, desc=desc, unit="step", show=main)
     return loop
 
 

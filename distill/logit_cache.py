@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from distill.cache import file_sha256
 from distill.errors import CacheError
 from distill.losses.tokens import TeacherTopK
+from distill.progress import progress
 
 __all__ = ["TokenLogitCache"]
 
@@ -303,7 +303,7 @@ class TokenLogitCache:
         was_training = module.training
         module.eval()
         try:
-            for shard in tqdm(shards, desc="logit cache", unit="shard", disable=not show):
+            for shard in progress(shards, desc="logit cache", unit="shard", show=show):
                 self._build_shard(shard, teacher, batches, batch_size)
         finally:
             module.train(was_training)

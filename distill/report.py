@@ -15,9 +15,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.suite import summarize_suite  # noqa: E402
 
-__all__ = ["deployment_table", "summarize", "write_report"]
+__all__ = ["count", "deployment_table", "megabytes", "summarize", "write_report"]
 
 ROLES = ("teacher", "student", "baseline")
+
+
+def count(n: float) -> str:
+    """A count people read at a glance: ``22.71M``, ``9.6k``, ``812``."""
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def megabytes(size_bytes: float) -> str:
+    """A file size in MB, with the digits a small model needs (``38.4``, ``0.041``)."""
+    mb = size_bytes / 1e6
+    return f"{mb:.1f}" if mb >= 10 else f"{mb:.3g}"
 
 
 def summarize(models: dict[str, dict[str, Any]], metric: str, higher_is_better: bool = True) -> list[dict[str, Any]]:
@@ -53,8 +66,9 @@ def _table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[lis
     head = ["model", metric, "retained", "params", "size (MB)", "smaller", "latency b1 (ms)",
             "speed-up b1", f"throughput b64 ({unit}/s)", "speed-up b64"]
     body = [[
-        r["model"], f"{r[metric]:.2f}", f"{r['retention_pct']:.1f}%", f"{r['parameters'] / 1e6:.2f}M",
-        f"{r['size_mb']:.1f}", f"{r['smaller_x']:.2f}x", f"{r['latency_ms']:.2f}", f"{r['speedup_latency_x']:.2f}x",
+        r["model"], f"{r[metric]:.2f}", f"{r['retention_pct']:.1f}%", count(r["parameters"]),
+        megabytes(r["size_mb"] * 1e6), f"{r['smaller_x']:.2f}x", f"{r['latency_ms']:.2f}",
+        f"{r['speedup_latency_x']:.2f}x",
         f"{r['throughput']:.0f}", f"{r['speedup_throughput_x']:.2f}x",
     ] for r in rows]
     return head, body
@@ -72,7 +86,7 @@ def deployment_table(deployment: dict[str, Any]) -> tuple[list[str], list[list[s
     head = ["model", "runtime", "weights", "size (MB)", "latency b1 (ms)", f"throughput b64 ({unit}/s)", metric,
             "retained"]
     body = [[
-        r["model"], r["runtime"], r["weights"], f"{r['size_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.2f}",
+        r["model"], r["runtime"], r["weights"], megabytes(r["size_bytes"]), f"{r['latency_ms']:.2f}",
         f"{r['throughput']:.0f}", f"{r[metric]:.2f}",
         f"{100.0 * (r[metric] / ref if higher else ref / r[metric]):.1f}%",
     ] for r in rows]

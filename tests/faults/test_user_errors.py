@@ -54,3 +54,14 @@ def test_os_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distill: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_validate_names_paths_that_do_not_exist(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "teacher": {"kind": "torch", "source": "./no-teacher"},
+                                    "data": {"format": "fashion-mnist", "path": str(tmp_path / "no-data")}}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not found: data.path" in err and "teacher.source no-teacher" in err
