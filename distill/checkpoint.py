@@ -190,7 +190,10 @@ def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: St
             accelerator.print(f"checkpoint {checkpoint} skipped: {problem}")
             continue
         metrics.truncate_after(state.step)
-        accelerator.print(f"resuming from {checkpoint} (step {state.step})")
+        before = json.loads((checkpoint / "trainer_state.json").read_text()).get("processes", 1)
+        accelerator.print(f"resuming from {checkpoint} (step {state.step}"
+                          + (f"; written by {before} processes, now {accelerator.num_processes})"
+                             if before != accelerator.num_processes else ")"))
         return state
     metrics.truncate_after(0)
     return TrainState()
