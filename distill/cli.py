@@ -193,6 +193,9 @@ def _validate(args: argparse.Namespace) -> int:
     from distill.runner import build_loss_terms
 
     build_loss_terms(recipe.losses, "embedding" if recipe.task in ("sts", "embedding") else "logits")
+    from distill.suite import check_tasks
+
+    check_tasks(recipe.evaluate.suite)
     missing = [f"{name} {path}" for name, path in _local_paths(recipe) if not path.exists()]
     if missing:
         raise DistillError(f"{args.recipe}: not found: {'; '.join(missing)}")

@@ -39,6 +39,7 @@ from distill.models.load import load_model, load_teacher
 from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
 from distill.report import write_report
+from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
 
 __all__ = [
@@ -321,6 +322,7 @@ def locked(folder: Path, main: bool = True) -> contextlib.AbstractContextManager
 
 
 def _run(recipe: Recipe, procs: PartialState) -> RunResult:
+    check_tasks(recipe.evaluate.suite)  # named now, not after training
     folder = _prepare_folder(recipe, procs)
     task = build_task(recipe.task, recipe.data)
     teacher = load_teacher(recipe)
@@ -365,6 +367,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     ``suite`` names evaluation-suite tasks to score them on (default: the recipe's ``evaluate.suite``).
     """
     recipe = recipe or load_recipe(folder / "recipe.yaml")
+    check_tasks(suite if suite is not None else recipe.evaluate.suite)  # a typo is named before minutes of work
     task = task or build_task(recipe.task, recipe.data)
     teacher = teacher or load_teacher(recipe)
     teacher.module.to("cpu")

@@ -30,6 +30,7 @@ from distill.tasks.base import spearman
 __all__ = [
     "SUITE_TASKS",
     "Encoder",
+    "check_tasks",
     "LabelledTexts",
     "probe_accuracy",
     "read_labelled_texts",
@@ -290,7 +291,8 @@ def score_probe(encode: Encoder, train: LabelledTexts, test: LabelledTexts, *, l
 # --- the suite -----------------------------------------------------------------------------
 
 
-def _check_tasks(tasks: list[str]) -> None:
+def check_tasks(tasks: list[str]) -> None:
+    """Raise ``RecipeError`` (with a did-you-mean) for a task name the suite does not know."""
     known = list(SUITE_TASKS)
     for task in tasks:
         if task not in known:
@@ -341,7 +343,7 @@ def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: P
         DataError: A missing or malformed data file.
     """
     paths = dict(paths or {})
-    _check_tasks(list(tasks) + list(paths))
+    check_tasks(list(tasks) + list(paths))
     folders = {task: _task_path(task, data_root, sts_root, paths) for task in tasks}
     for task, folder in folders.items():
         for required in _required_files(task, folder):

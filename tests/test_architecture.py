@@ -49,11 +49,17 @@ def _imports(name: str, path: Path) -> list[tuple[str, str | None]]:
 
 
 def _graph() -> dict[str, set[str]]:
+    """Module -> the modules importing it runs: the module itself and, since Python runs a
+    package's ``__init__`` first, every subpackage above it (not the root package, whose
+    ``__init__`` is the public surface and imports the orchestrators)."""
     graph: dict[str, set[str]] = {name: set() for name in MODULES}
     for name, path in MODULES.items():
         for target, _ in _imports(name, path):
-            if target in MODULES and target != name:
-                graph[name].add(target)
+            parts = target.split(".")
+            for end in range(2, len(parts) + 1):
+                above = ".".join(parts[:end])
+                if above in MODULES and above != name and not name.startswith(above + "."):
+                    graph[name].add(above)
     return graph
 
 
