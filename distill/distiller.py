@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from distill.config import LossSpec, TrainSpec
 from distill.engine import make_accelerator, train
+from distill.errors import RunFolderError
 from distill.pairing import build_loss_terms, prepare_pair
 from distill.tasks import Batch
 
@@ -73,9 +76,9 @@ class _LoaderTask:
         return F.mse_loss(out.float(), labels.float())
 
     @torch.inference_mode()
-    def evaluate(self, model: ModuleAdapter, split: str) -> float:
+    def evaluate(self, model: ModuleAdapter, split: str) -> float | None:
         if self.eval_loader is None or self.output != "logits":
-            return float("nan")
+            return None
         was_training = model.module.training
         model.module.eval()
         correct = total = 0
@@ -102,7 +105,9 @@ class Distiller:
         task_loss_weight: Weight of cross-entropy on ``y`` (0 for pure distillation).
         train: Loop settings (:class:`TrainSpec` or a dict of its fields).
         output: Name of what the models return (``logits`` or ``embedding``).
-        folder: Where checkpoints and metrics go; a rerun resumes from the last checkpoint.
+        folder: Where checkpoints and metrics go; by default a new folder under ``runs/``.
+        resume: Continue from the checkpoints ``folder`` holds (a fit never picks up an earlier
+            fit's weights unless asked).
         seed: Seed for dropout and any randomness of the loop.
 
     Example:
@@ -117,8 +122,9 @@ class Distiller:
         task_loss_weight: float = 0.0,
         train: TrainSpec | dict[str, Any] | None = None,
         output: str = "logits",
-        folder: str | Path = "runs/distiller",
+        folder: str | Path | None = None,
         seed: int = 0,
+        resume: bool = False,
     ) -> None:
         self.teacher = ModuleAdapter(teacher.eval().requires_grad_(False), output)
         self.student = ModuleAdapter(student, output)
@@ -129,11 +135,19 @@ class Distiller:
         self.task_loss_weight = task_loss_weight
         self.spec = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
         self.output = output
+        if folder is None:
+            Path("runs").mkdir(exist_ok=True)
+            folder = tempfile.mkdtemp(prefix=time.strftime("distiller-%Y%m%d-%H%M%S-"), dir="runs")
         self.folder = Path(folder)
+        self.resume = resume
         self.seed = seed
 
     def fit(self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None) -> dict[str, Any]:
         """Train; returns ``{"steps", "eval"}``. The trained student is ``self.student.module``."""
+        held = self.folder / "checkpoints"
+        if not self.resume and held.is_dir() and any(held.glob("step-*")):
+            raise RunFolderError(f"{self.folder} holds checkpoints of an earlier fit; pass resume=True to continue "
+                                 "it, or give another folder")
         accelerator = make_accelerator(self.spec)
         self.teacher.module.to(accelerator.device)
         task = _LoaderTask(self.output, eval_loader)

@@ -236,8 +236,9 @@ class _Loop:
         if self.accelerator.is_main_process and (step % spec.eval_every == 0 or step == self.steps):
             # The others go on to the next step and wait for this process there.
             score = self.task.evaluate(student, "eval")
-            self.metrics.write({"step": step, "split": "eval", self.task.metric: score})
-            self.bar.write(f"{self.desc} step {step}: eval {self.task.metric} {score:.2f}")
+            if score is not None:  # None: nothing to evaluate on (an API run without an eval loader)
+                self.metrics.write({"step": step, "split": "eval", self.task.metric: score})
+                self.bar.write(f"{self.desc} step {step}: eval {self.task.metric} {score:.2f}")
         if step % spec.checkpoint_every == 0 or step == self.steps:
             save_checkpoint(self.accelerator, self.ckpt_dir, self.state, spec.keep_checkpoints, self.step_module,
                             self.optimizer, self.scheduler)

@@ -33,8 +33,9 @@ class Task(Protocol):
         """The task's own loss on labels (used alone by the baseline)."""
         ...
 
-    def evaluate(self, model: Any, split: str, batch_size: int = 64) -> float:
-        """Quality of ``model`` (an adapter) on ``eval`` or ``test``, as a percentage."""
+    def evaluate(self, model: Any, split: str, batch_size: int = 64) -> float | None:
+        """Quality of ``model`` (an adapter) on ``eval`` or ``test``; ``None`` when there is no
+        data to evaluate on."""
         ...
 
     def sample_inputs(self, n: int) -> dict[str, Any]:
