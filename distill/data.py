@@ -203,6 +203,20 @@ def _hf_rows(source: str, split: str) -> list[tuple[dict, str]]:
     return [(r, f"{source}[{split}], row {i}") for i, r in enumerate(data)]
 
 
+def _record_rows(path: Path, fmt: str, split: str) -> list[tuple[dict, str]]:
+    """Every record of ``jsonl`` / ``parquet`` files (a file, or a folder's files in name order)
+    or of a ``hf-dataset``, with where it came from."""
+    if fmt == "hf-dataset":
+        return _hf_rows(str(_expand(path)) if _expand(path).exists() else str(path), split)
+    path = _expand(path)
+    suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
+    files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise DataError(f"{fmt} data not found: {path}")
+    reader = _jsonl_rows if fmt == "jsonl" else _parquet_rows
+    return [row for file in files for row in reader(file)]
+
+
 def read_records(path: Path, fmt: str, split: str = "train") -> list[dict]:
     """Training records for language modelling, each ``{"text"}``, ``{"prompt", "completion"}``
     or ``{"messages"}`` (a chat whose last message is the assistant's).
@@ -210,16 +224,7 @@ def read_records(path: Path, fmt: str, split: str = "train") -> list[dict]:
     ``fmt`` is ``jsonl`` or ``parquet`` (a file, or a folder whose files of that type are read in
     name order) or ``hf-dataset``. Every record must be of the same kind; other fields are dropped.
     """
-    if fmt == "hf-dataset":
-        rows = _hf_rows(str(_expand(path)) if _expand(path).exists() else str(path), split)
-    else:
-        path = _expand(path)
-        suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
-        files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
-        if not files or not files[0].is_file():
-            raise DataError(f"{fmt} data not found: {path}")
-        reader = _jsonl_rows if fmt == "jsonl" else _parquet_rows
-        rows = [row for file in files for row in reader(file)]
+    rows = _record_rows(path, fmt, split)
     if not rows:
         raise DataError(f"{path}: no records")
     kind = _record_kind(rows[0][0], rows[0][1])
@@ -281,16 +286,7 @@ def read_texts(path: Path, fmt: str, column: str = "text", split: str = "train")
     ``column`` field of ``jsonl`` / ``parquet`` / ``hf-dataset`` records; blank ones skipped."""
     if fmt == "text":
         return read_lines(path)
-    if fmt == "hf-dataset":
-        rows = _hf_rows(str(_expand(path)) if _expand(path).exists() else str(path), split)
-    else:
-        path = _expand(path)
-        suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
-        files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
-        if not files or not files[0].is_file():
-            raise DataError(f"{fmt} data not found: {path}")
-        reader = _jsonl_rows if fmt == "jsonl" else _parquet_rows
-        rows = [row for file in files for row in reader(file)]
+    rows = _record_rows(path, fmt, split)
     texts = []
     for record, where in rows:
         if column not in record:
