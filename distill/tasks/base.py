@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Task", "spearman"]
+__all__ = ["Batch", "Task", "TextBlocks", "spearman"]
 
 #: A batch: ``index`` (positions in the training set, for the cache), ``inputs`` for the
 #: adapters, ``labels`` for the task loss (or ``None``).
@@ -75,3 +76,22 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = float(np.sqrt((rx * rx).sum() * (ry * ry).sum()))
     return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+class TextBlocks:
+    """Texts as a data set (blocks of a corpus, or sentences): a batch is ``{"text": [...]}``
+    with no labels (a language model's targets are the texts' own next tokens; an embedding
+    student's are the teacher's outputs)."""
+
+    def __init__(self, blocks: list[str]) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        return {"index": torch.as_tensor(list(indices), dtype=torch.long),
+                "inputs": {"text": [self.blocks[i] for i in indices]}, "labels": None}
+
+    def items(self) -> list[Any]:
+        return self.blocks

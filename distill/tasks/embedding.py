@@ -11,7 +11,7 @@ whatever its width. Quality on real tasks comes from the evaluation suite
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,23 +22,9 @@ from torch import Tensor
 from distill.config import DataSpec
 from distill.data import mix_texts, read_texts, unique
 from distill.errors import DataError, RecipeError
-from distill.tasks.base import Batch, spearman
+from distill.tasks.base import Batch, TextBlocks, spearman
 
-__all__ = ["EmbeddingTask", "TextSet", "encode_texts"]
-
-
-class TextSet:
-    """Texts as a data set: a batch is ``{"text": [...]}`` with no labels."""
-
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def batch(self, indices: Sequence[int]) -> Batch:
-        return {"index": torch.as_tensor(list(indices), dtype=torch.long),
-                "inputs": {"text": [self.texts[i] for i in indices]}, "labels": None}
+__all__ = ["EmbeddingTask", "encode_texts"]
 
 
 @torch.inference_mode()
@@ -96,22 +82,22 @@ class EmbeddingTask:
         train = mix_texts([(main[:cut], spec.weight), *extra], seed)
         test = (unique(read_texts(spec.test_path, spec.format, spec.text_column)) if spec.test_path
                 else held[len(held) // 2 :])
-        self.train = TextSet(train[: spec.train_limit])
+        self.train = TextBlocks(train[: spec.train_limit])
         self.splits = {"eval": held[: len(held) // 2][: spec.eval_limit], "test": test[: spec.test_limit]}
         self._reference: dict[str, np.ndarray] = {}
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for text in self.train.texts:
+        for text in self.train.blocks:
             digest.update(text.encode() + b"\n")
         return digest.hexdigest()
 
     def lengths(self) -> list[int]:
-        return [len(t) for t in self.train.texts]
+        return [len(t) for t in self.train.blocks]
 
     def train_texts(self) -> list[str]:
         """Every training text (for vocabulary pruning and static students)."""
-        return self.train.texts
+        return self.train.blocks
 
     def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
         raise RecipeError("task 'embedding' has no labels and so no task loss; set task_loss_weight: 0 and "

@@ -16,27 +16,9 @@ from distill.config import DataSpec
 from distill.data import read_records, read_text
 from distill.errors import DataError
 from distill.losses.chunked import chunked_cross_entropy
-from distill.tasks.base import Batch
+from distill.tasks.base import Batch, TextBlocks
 
 __all__ = ["LanguageModelingTask", "Records", "TextBlocks"]
-
-
-class TextBlocks:
-    """Blocks of a text corpus as a data set: a batch is ``{"text": [...]}``, no labels (the
-    targets are the texts' own next tokens)."""
-
-    def __init__(self, blocks: list[str]) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def batch(self, indices: Sequence[int]) -> Batch:
-        return {"index": torch.as_tensor(list(indices), dtype=torch.long),
-                "inputs": {"text": [self.blocks[i] for i in indices]}, "labels": None}
-
-    def items(self) -> list[Any]:
-        return self.blocks
 
 
 class Records:

@@ -86,7 +86,7 @@ def test_embedding_task_holds_out_text_and_scores_agreement(tmp_path, data_dir, 
                     mix=[MixSpec(path=_corpus(tmp_path / "..", data_dir, 20), weight=0.5)])
     task = EmbeddingTask(spec)
     held = set(task.splits["eval"]) | set(task.splits["test"])
-    assert held and not held & set(task.train.texts)
+    assert held and not held & set(task.train.blocks)
     teacher = load_hf("hf-embedding", str(tiny_bert))
     task.use_teacher(teacher)
     assert task.evaluate(teacher, "eval") == pytest.approx(100.0)
