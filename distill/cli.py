@@ -192,14 +192,22 @@ def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from distill.runner import build_loss_terms
 
-    build_loss_terms(recipe.losses, "embedding" if recipe.task in ("sts", "embedding") else "logits")
+    stages = recipe.stage_recipes()
     from distill.suite import check_tasks
 
-    check_tasks(recipe.evaluate.suite)
-    missing = [f"{name} {path}" for name, path in _local_paths(recipe) if not path.exists()]
+    for each in [recipe, *stages]:
+        build_loss_terms(each.losses, "embedding" if each.task in ("sts", "embedding") else "logits")
+        check_tasks(each.evaluate.suite)
+    # A later stage's student is the one the stage before it trains: it does not exist yet.
+    paths = _local_paths(recipe) + [p for i, stage in enumerate(stages) for p in _local_paths(stage)
+                                    if not (i and p[0] == "student.source")]
+    missing = [f"{name} {path}" for name, path in dict.fromkeys(paths) if not path.exists()]
     if missing:
         raise DistillError(f"{args.recipe}: not found: {'; '.join(missing)}")
-    print(f"{args.recipe}: valid ({recipe.task}, {len(recipe.losses)} loss term(s), output {recipe.run_dir()})")
+    shown = f"{len(stages)} stages: " + ", ".join(f"{s.name} ({r.task})" for s, r in zip(recipe.stages, stages,
+                                                                                       strict=True)) if stages else (
+        f"{recipe.task}, {len(recipe.losses)} loss term(s)")
+    print(f"{args.recipe}: valid ({shown}, output {recipe.run_dir()})")
     return 0
 
 

@@ -29,6 +29,7 @@ from distill.specs import (
     ModelSpec,
     OnPolicySpec,
     Spec,
+    StageSpec,
     TrainSpec,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "ModelSpec",
     "OnPolicySpec",
     "Recipe",
+    "StageSpec",
     "TrainSpec",
     "load_recipe",
     "parse_recipe",
@@ -86,6 +88,13 @@ class Recipe(Spec):
     """Also train the same student without the teacher, on the task loss and the same budget."""
     evaluate: EvalSpec = EvalSpec()
     """Final evaluation settings."""
+    stages: list[StageSpec] = []
+    """Run the recipe in stages, e.g. general distillation on unlabelled text, then a
+    task-specific stage (TinyBERT's two stages). Each stage names the fields it changes; a field
+    a stage gives replaces the recipe's whole (a section too: give all the ``train`` settings
+    the stage needs). The first stage trains the recipe's student, each later one the student
+    the stage before it trained. Each stage is a run of its own in ``<run folder>/<stage name>``,
+    resumed or reused like any run; the run folder's report shows every stage's rows."""
 
     @field_validator("name")
     @classmethod
@@ -145,7 +154,43 @@ class Recipe(Spec):
             if self.cache.top_k is not None:
                 raise ValueError("on_policy: a logit cache holds the teacher's view of the data, not of text the "
                                  "student writes during training; set cache.top_k: null (the teacher runs online)")
+        if self.stages:
+            self.stage_recipes()  # each stage is a recipe of its own, checked now
         return self
+
+    def stage_recipes(self) -> list[Recipe]:
+        """The recipe of each stage, in order (empty for a recipe without stages).
+
+        Raises:
+            ValueError: A stage that changes a field stages cannot change, a repeated stage
+                name, or a stage whose recipe is invalid (named by the stage).
+        """
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: every stage needs its own name, got {names}")
+        base = self.model_dump(mode="json", exclude={"stages", "output_dir"})
+        recipes: list[Recipe] = []
+        for i, stage in enumerate(self.stages):
+            changes = stage.changes()
+            fixed = sorted(set(changes) & {"name", "output_dir", "stages", "student", "seed"})
+            if fixed:
+                raise ValueError(f"stages.{i}: stage '{stage.name}': {fixed} cannot change between stages (the student "
+                                 "of a later stage is the one the stage before it trained)")
+            data = {**base, **changes, "name": f"{self.name}.{stage.name}",
+                    "output_dir": str(self.run_dir() / stage.name)}
+            if recipes:
+                data["student"] = self._student_of(recipes[-1])
+            try:
+                recipes.append(Recipe.model_validate(data))
+            except ValidationError as exc:
+                lines = "; ".join(_format_error(dict(e)) for e in exc.errors())
+                raise ValueError(f"stages.{i}: stage '{stage.name}': {lines}") from None
+        return recipes
+
+    def _student_of(self, before: Recipe) -> dict[str, Any]:
+        """The student spec of the stage after ``before``: the student ``before`` trains."""
+        spec = self.student.model_dump(mode="json", exclude={"source", "arch", "arch_args", "derive", "init"})
+        return {**spec, "kind": self.student_kind, "source": str(before.run_dir() / "student")}
 
     @property
     def student_kind(self) -> str:

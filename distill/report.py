@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.suite import summarize_suite  # noqa: E402
 
-__all__ = ["count", "deployment_table", "megabytes", "summarize", "write_report"]
+__all__ = ["count", "deployment_table", "megabytes", "summarize", "write_report", "write_stages_report"]
 
 ROLES = ("teacher", "student", "baseline")
 
@@ -232,3 +233,28 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
         f"{_html_deployment(summary)}"
         f"{_img(folder / 'curves.png')}<br>{_img(folder / 'tradeoff.png')}</body></html>\n"
     )
+
+
+def write_stages_report(folder: Path, name: str, stages: list[tuple[str, Path]]) -> Path:
+    """The report of a staged run: each stage's report in turn, under its own heading.
+
+    Args:
+        folder: The staged run's folder.
+        name: The recipe's name.
+        stages: ``(stage name, stage run folder)`` in the order they ran; each has a report.
+    """
+    md = [f"# Distillation report: {name}, {len(stages)} stages", "",
+          "Each stage is a run of its own; each later stage starts from the student the stage before it trained.", ""]
+    pages = []
+    for i, (stage, path) in enumerate(stages, 1):
+        rel = path.relative_to(folder) if path.is_relative_to(folder) else path
+        text = (path / "report.md").read_text()
+        body = text.split("\n", 1)[1] if text.startswith("# ") else text
+        body = re.sub(r"^(#+) ", r"\1# ", body, flags=re.M)  # one level below the stage's heading
+        body = re.sub(r"\]\((?!https?:|/)([^)]+)\)", rf"]({rel}/\1)", body)  # links from here
+        md += [f"## Stage {i}: {stage} (`{rel}`)", body.strip(), ""]
+        pages.append(f'<li><a href="{html.escape(str(rel))}/report.html">stage {i}: {html.escape(stage)}</a></li>')
+    (folder / "report.md").write_text("\n".join(md))
+    (folder / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(name)}</title>"
+                                        f"<h1>Distillation report: {html.escape(name)}</h1><ol>{''.join(pages)}</ol>")
+    return folder / "report.md"

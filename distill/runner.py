@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import PartialState
 
 from distill.batches import ShuffledBatches, per_process_batch
@@ -38,7 +39,7 @@ from distill.models.adapters import Adapter
 from distill.models.load import load_model, load_teacher
 from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
-from distill.report import write_report
+from distill.report import write_report, write_stages_report
 from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
 
@@ -308,7 +309,7 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     procs = process_state(recipe.train)
     per_process_batch(recipe.train.batch_size, procs.num_processes)
     with locked(recipe.run_dir(), procs.is_main_process):
-        return _run(recipe, procs)
+        return _run_stages(recipe, procs) if recipe.stages else _run(recipe, procs)
 
 
 def locked(folder: Path, main: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -356,6 +357,37 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     return RunResult(folder, report, models)
 
 
+def _run_stages(recipe: Recipe, procs: PartialState) -> RunResult:
+    """Run each stage in turn (a finished stage is reused), then write the staged report."""
+    folder = _prepare_folder(recipe, procs)
+    stages = recipe.stage_recipes()
+    result = RunResult(folder, folder / "report.md", {})
+    for i, stage in enumerate(stages, 1):
+        log.info("stage %d of %d: %s (%s)", i, len(stages), recipe.stages[i - 1].name, stage.run_dir())
+        with locked(stage.run_dir(), procs.is_main_process):
+            result = _run(stage, procs)
+    if not procs.is_main_process:
+        return RunResult(folder, folder / "report.md", {})
+    return RunResult(folder, report_stages(recipe), result.models)
+
+
+def _staged(folder: Path) -> bool:
+    """Whether ``folder`` holds a staged run (its subfolders hold the stages' runs)."""
+    try:
+        return bool(yaml.safe_load((folder / "recipe.yaml").read_text()).get("stages"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+
+
+def report_stages(recipe: Recipe) -> Path:
+    """(Re)write the report of a staged run from its stages' reports."""
+    stages = [(spec.name, stage.run_dir()) for spec, stage in zip(recipe.stages, recipe.stage_recipes(), strict=True)]
+    missing = [str(path) for _, path in stages if not (path / "report.md").is_file()]
+    if missing:
+        raise RunFolderError(f"{recipe.run_dir()}: stages not finished yet: {', '.join(missing)}; run the recipe again")
+    return write_stages_report(recipe.run_dir(), recipe.name, stages)
+
+
 def _machine() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
@@ -368,6 +400,11 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     """
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     check_tasks(suite if suite is not None else recipe.evaluate.suite)  # a typo is named before minutes of work
+    if recipe.stages:  # a staged run: each stage is measured in its own folder
+        models: dict[str, dict[str, Any]] = {}
+        for stage in recipe.stage_recipes():
+            models = evaluate_run(stage.run_dir(), stage, suite=suite)
+        return models
     task = task or build_task(recipe.task, recipe.data)
     teacher = teacher or load_teacher(recipe)
     teacher.module.to("cpu")
@@ -411,6 +448,11 @@ def report_run(folder: Path) -> Path:
     """(Re)write the report of a run from its ``eval.json``, metrics and exports, and the
     student's model card (``student/README.md``)."""
     eval_file = folder / "eval.json"
+    if not eval_file.is_file() and _staged(folder):
+        recipe = load_recipe(folder / "recipe.yaml")
+        for stage in recipe.stage_recipes():
+            report_run(stage.run_dir())
+        return report_stages(recipe)
     if not eval_file.is_file():
         raise RunFolderError(f"{folder}: no eval.json; run 'distill eval {folder}' first")
     summary = json.loads(eval_file.read_text())

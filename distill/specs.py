@@ -24,6 +24,7 @@ __all__ = [
     "ModelSpec",
     "OnPolicySpec",
     "Spec",
+    "StageSpec",
     "TrainSpec",
 ]
 
@@ -310,3 +311,28 @@ class EvalSpec(Spec):
     """Folder holding the suite's data sets (``sts12-16/``, ``stsbenchmark/``, ``sst2/``, ``trec/``)."""
     probe_limit: int | None = Field(None, ge=1)
     """Train the suite's probes on at most this many examples (quicker; all by default)."""
+
+
+class StageSpec(BaseModel):
+    """One stage of a staged recipe: a name and the recipe fields this stage changes.
+
+    Every other field is the recipe's own. Sections (``train``, ``data``, ``evaluate``, ...) are
+    merged key by key; lists (``losses``) and plain values are replaced. The first stage trains
+    the recipe's student; each later stage starts from the student the stage before it trained.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    """The stage's name: its run is written to ``<run folder>/<name>``."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, name: str) -> str:
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"'{name}' is not a plain stage name (letters, digits, '-', '_')")
+        return name
+
+    def changes(self) -> dict[str, Any]:
+        """The recipe fields this stage sets."""
+        return dict(self.model_extra or {})

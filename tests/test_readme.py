@@ -47,3 +47,16 @@ def test_the_api_example_runs_and_the_student_learns(tmp_path, data_dir, monkeyp
 def test_every_recipe_the_readme_names_exists():
     named = set(re.findall(r"recipes/[\w.-]+\.yaml", README.read_text()))
     assert named and all((README.parent / r).is_file() for r in named)
+
+
+def test_the_stages_example_is_a_valid_two_stage_recipe():
+    import yaml
+
+    from distill.config import parse_recipe
+
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S) if "stages:" in b]
+    recipe = yaml.safe_load((README.parent / "recipes/minilm-general.yaml").read_text())
+    recipe.update(yaml.safe_load(block))
+    general, sts = parse_recipe(recipe).stage_recipes()
+    assert general.task == "embedding" and sts.task == "sts" and sts.task_loss_weight == 1.0
+    assert sts.student.source == str(general.run_dir() / "student")

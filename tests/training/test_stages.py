@@ -1,0 +1,108 @@
+"""Staged recipes: general distillation on unlabelled text, then a task-specific stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import distill
+from distill.config import parse_recipe
+from distill.errors import RecipeError
+
+
+def _staged(tmp_path, data_dir, tiny_bert):
+    from distill.data import read_stsb
+
+    pairs = read_stsb(data_dir / "stsbenchmark", "train", limit=150)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(pairs.first + pairs.second) + "\n")
+    fast = {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32}
+    return {
+        "name": "tiny-staged", "task": "embedding", "seed": 0,
+        "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
+        "student": {"derive": {"layers": [0], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"format": "text", "path": str(corpus), "eval_fraction": 0.1},
+        "losses": [{"name": "cosine", "projector": "pca"}, {"name": "mse", "projector": "pca"}],
+        "train": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "eval_every": 4, "checkpoint_every": 2},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": fast,
+        "stages": [
+            {"name": "general"},
+            {"name": "sts", "task": "sts",
+             "data": {"format": "stsb", "path": str(data_dir / "stsbenchmark"),
+                      "train_limit": 96, "eval_limit": 64, "test_limit": 64},
+             "losses": [{"name": "cosine", "projector": "always"}], "task_loss_weight": 1.0,
+             "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "eval_every": 4, "checkpoint_every": 2}},
+        ],
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def test_stages_are_recipes_of_their_own_checked_up_front(tmp_path, data_dir, tiny_bert):
+    spec = _staged(tmp_path, data_dir, tiny_bert)
+    general, sts = parse_recipe(spec).stage_recipes()
+    assert general.task == "embedding" and general.student.derive is not None
+    # The later stage trains what the first one trained; nothing else of the recipe changes.
+    assert sts.task == "sts" and sts.student.derive is None
+    assert sts.student.source == str(tmp_path / "run" / "general" / "student")
+    assert sts.teacher == general.teacher and sts.run_dir() == tmp_path / "run" / "sts"
+    spec["stages"][1]["lossses"] = []
+    with pytest.raises(RecipeError, match=r"stages.1: stage 'sts': lossses: unknown field.*did you mean 'losses'"):
+        parse_recipe(spec)
+    spec["stages"][1].pop("lossses")
+    spec["stages"][1]["student"] = {"derive": {"layers": [0]}}
+    with pytest.raises(RecipeError, match="cannot change between stages"):
+        parse_recipe(spec)
+    spec["stages"][1].pop("student")
+    spec["stages"].append({"name": "general"})
+    with pytest.raises(RecipeError, match="its own name"):
+        parse_recipe(spec)
+
+
+def test_a_staged_run_resumes_each_stage_after_sigkill_as_if_never_stopped(tmp_path, data_dir, tiny_bert):
+    spec = _staged(tmp_path, data_dir, tiny_bert)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(spec))
+
+    def cli(out, env=None):
+        return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--set", f"output_dir={out}"],
+                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+    kill = {"DISTILL_KILL_AT_STEP": "4"}
+    first = cli(tmp_path / "killed", kill)  # killed in the general stage, after step 4
+    assert first.returncode == -9, first.stderr
+    assert not (tmp_path / "killed/general/student/distill.json").exists()
+    second = cli(tmp_path / "killed", kill)  # the general stage resumes past step 4; killed in the second stage
+    assert second.returncode == -9, second.stderr
+    assert (tmp_path / "killed/general/student/distill.json").is_file()
+    assert not (tmp_path / "killed/sts/student/distill.json").exists()
+    third = cli(tmp_path / "killed")
+    assert third.returncode == 0, third.stderr
+    straight = cli(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    for stage in ("general", "sts"):
+        lines = {name: (tmp_path / name / stage / "train/student/metrics.jsonl").read_text().splitlines()
+                 for name in ("killed", "straight")}
+        assert lines["killed"] == lines["straight"] and lines["killed"], stage
+    report = (tmp_path / "killed" / "report.md").read_text()
+    assert "## Stage 1: general" in report and "## Stage 2: sts" in report
+    assert "### Evaluation suite" not in report and "](general/curves.png)" in report
+    assert report.count("| student |") == 2 and report.count("| baseline |") == 2
+
+
+def test_a_staged_run_in_process_and_its_report(tmp_path, data_dir, tiny_bert):
+    result = distill.run(_staged(tmp_path, data_dir, tiny_bert))
+    run = tmp_path / "run"
+    assert result.report == run / "report.md" and set(result.models) == {"teacher", "student", "baseline"}
+    first = json.loads((run / "general" / "eval.json").read_text())
+    second = json.loads((run / "sts" / "eval.json").read_text())
+    assert first["metric"] == "agreement" and second["metric"] == "spearman"
+    # A second run reuses both finished stages and trains nothing.
+    again = distill.run(_staged(tmp_path, data_dir, tiny_bert))
+    assert again.models["student"]["spearman"] == pytest.approx(result.models["student"]["spearman"])
+    assert (run / "report.html").read_text().count("report.html") == 2
