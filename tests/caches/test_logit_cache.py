@@ -181,3 +181,39 @@ def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair):
     two = [*recipe["losses"], {"name": "token_kd", "params": {"kind": "reverse_kl", "temperature": 1.0}}]
     with pytest.raises(distill.RecipeError, match="different temperatures"):
         build_logit_cache({**recipe, "losses": two})
+
+
+def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_path, data_dir, gpt_pair):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    teacher, student = gpt_pair
+    recipe = tiny_lm_recipe(
+        tmp_path, data_dir, teacher, student, name="tiny-lm-cache-resume", task_loss_weight=0.5, baseline=False,
+        data={"train_limit": 32, "eval_limit": 4, "test_limit": 4},
+        losses=[{"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 1.0}}],
+        cache={"enabled": True, "top_k": 8, "shard_size": 10},
+        train={"max_steps": 8, "batch_size": 4, "lr": 1e-3, "eval_every": 4, "checkpoint_every": 2},
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    def cli(out, env=None):
+        return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--set", f"output_dir={out}"],
+                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+    killed = cli(tmp_path / "killed", {"DISTILL_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    straight = cli(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    def metrics(name):
+        return (tmp_path / name / "train/student/metrics.jsonl").read_text().splitlines()
+
+    assert metrics("killed") == metrics("straight") and any("token_kd_loss" in x for x in metrics("straight"))
