@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Recipe, load_recipe
-from distill.report import count, deployment_table, megabytes, summarize
+from distill.report import count, deployment_table, megabytes, ratio, summarize
 
 __all__ = ["EXPORT_JSON", "model_card", "read_exports", "record_export", "write_model_card"]
 
@@ -107,11 +107,15 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
     higher = summary.get("higher_is_better", True)
     rows = {r["model"]: r for r in summarize(summary["models"], metric, higher)}
     s = rows["student"]
-    lines = [
-        f"# {summary['recipe']}: distilled student", "",
-        f"A `{kind}` model trained with distill to imitate the teacher `{summary['teacher']}`. "
-        f"Figures are on the test split of `{summary['data']}`; speeds on {summary['machine']}.", "",
-        f"- **teacher**: `{summary['teacher']}` ({count(rows['teacher']['parameters'])} parameters)",
+    where = f"Figures are on the test split of `{summary['data']}`; speeds on {summary['machine']}."
+    if "teacher" in rows:
+        lines = [f"# {summary['recipe']}: distilled student", "",
+                 f"A `{kind}` model trained with distill to imitate the teacher `{summary['teacher']}`. {where}", "",
+                 f"- **teacher**: `{summary['teacher']}` ({count(rows['teacher']['parameters'])} parameters)"]
+    else:
+        lines = [f"# {summary['recipe']}", "", f"A `{kind}` model trained with distill on labels alone. {where}", ""]
+    lines += [
+        f"- **model**: {summary['student']} ({count(s['parameters'])} parameters)" if "teacher" not in rows else
         f"- **student**: {summary['student']} ({count(s['parameters'])} parameters)",
         f"- **data**: `{summary['data']}` (task `{recipe.task}`)",
         f"- **method**: {summary['losses']}; {summary['steps']} steps",
@@ -122,12 +126,13 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
               f"| model | {metric} | retained | parameters | size (MB) | smaller | latency b1 (ms) | speed-up b1 |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
-        lines.append(f"| {r['model']} | {r[metric]:.2f} | {r['retention_pct']:.1f}% | {count(r['parameters'])} | "
-                     f"{megabytes(r['size_mb'] * 1e6)} | {r['smaller_x']:.2f}x | {r['latency_ms']:.2f} | "
-                     f"{r['speedup_latency_x']:.2f}x |")
-    text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is {s['smaller_x']:.2f}x smaller "
-            f"on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 on CPU.")
-    if "baseline" in rows:
+        lines.append(f"| {r['model']} | {r[metric]:.2f} | {ratio(r['retention_pct'], '%', 1)} | "
+                     f"{count(r['parameters'])} | {megabytes(r['size_mb'] * 1e6)} | {ratio(r['smaller_x'])} | "
+                     f"{r['latency_ms']:.2f} | {ratio(r['speedup_latency_x'])} |")
+    text = "" if "teacher" not in rows else (
+        f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is {s['smaller_x']:.2f}x smaller "
+        f"on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 on CPU.")
+    if "baseline" in rows and "teacher" in rows:
         text += (f" Trained without the teacher, the same student keeps {rows['baseline']['retention_pct']:.1f}%.")
     lines += ["", text]
     if "deployment" in exports:

@@ -218,7 +218,9 @@ def _local_paths(recipe: Any) -> list[tuple[str, Path]]:
         paths.append(("data.test_path", recipe.data.test_path))
     for role in ("teacher", "student"):
         source = getattr(recipe, role).source
-        if source and (source.startswith((".", "/", "~")) or Path(source).suffix in (".safetensors", ".gguf")):
+        # A Hub id is "name" or "owner/name"; anything deeper is a local folder (a run's student, say).
+        if source and (source.startswith((".", "/", "~")) or source.count("/") > 1
+                       or Path(source).suffix in (".safetensors", ".gguf")):
             paths.append((f"{role}.source", Path(source).expanduser()))
     if recipe.data.format == "hf-dataset" and not Path(recipe.data.path).exists():
         paths = [p for p in paths if p[0] != "data.path"]  # a Hub dataset id

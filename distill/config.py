@@ -136,11 +136,18 @@ class Recipe(Spec):
                 raise ValueError(f"{role}.kind: task '{self.task}' needs one of {sorted(expected)}, got '{k}'")
             if self.task == "classification" and k in ("hf-embedding", "hf-causal-lm"):
                 raise ValueError(f"{role}.kind: task 'classification' needs class logits, not '{k}' outputs")
-        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist"},
+        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist", *TEXT_LABELLED},
                    "embedding": {"text", "jsonl", "parquet", "hf-dataset"},
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
+        if self.task == "classification":
+            needs = "hf-classifier" if self.data.format in TEXT_LABELLED else "torch"
+            for role, k in (("teacher", self.teacher.kind), ("student", kind)):
+                if k != needs:
+                    raise ValueError(f"{role}.kind: data.format '{self.data.format}' is "
+                                     f"{'text' if needs != 'torch' else 'images'}, so the models are '{needs}', "
+                                     f"got '{k}'")
         if self.task == "embedding" and (self.task_loss_weight or not self.losses):
             raise ValueError("task_loss_weight: task 'embedding' has no labels, so no task loss; set it to 0 and give "
                              "distillation losses (e.g. cosine and mse to the teacher's embedding)")
@@ -209,6 +216,10 @@ class Recipe(Spec):
     def to_yaml(self) -> str:
         """The resolved recipe as YAML, every default written out."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+#: The labelled-text formats of task ``classification``.
+TEXT_LABELLED = ("labelled-text", "csv", "tsv", "jsonl", "parquet")
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

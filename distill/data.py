@@ -12,8 +12,8 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["SentencePairs", "mix_texts", "read_idx_images", "read_lines", "read_records", "read_stsb", "read_text",
-           "read_texts", "unique"]
+__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "labelled_file", "mix_texts", "read_idx_images", "read_labelled",
+           "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def _text_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     """Unlabelled texts, one a line: a ``.txt`` (or ``.txt.gz``) file, or a folder of them read in
     name order. Lines are read one at a time (a corpus of any size streams through), stripped,
     and blank ones skipped.
@@ -268,10 +268,11 @@ def read_lines(path: Path) -> list[str]:
             with opener(file, "rb") as handle:
                 for lineno, raw in enumerate(handle, 1):
                     try:
-                        line = raw.decode("utf-8").strip()
+                        line = raw.decode(encoding).strip()
                     except UnicodeDecodeError as exc:
-                        raise DataError(f"{file}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} "
-                                        "of the line)") from None
+                        raise DataError(f"{file}:{lineno}: not {encoding} text ({exc.reason} at byte {exc.start} "
+                                        "of the line); set data.encoding if the file is in another one "
+                                        "(e.g. latin-1)") from None
                     if line:
                         texts.append(line)
         except (OSError, EOFError) as exc:
@@ -318,3 +319,77 @@ def mix_texts(sources: list[tuple[list[str], float]], seed: int = 0) -> list[str
         if take:
             mixed += [texts[i] for i in np.sort(rng.choice(len(texts), take, replace=False))]
     return mixed
+
+
+#: Labelled-data formats of text classification, and the file suffixes a folder of them holds.
+LABELLED_SUFFIXES = {"labelled-text": (".txt", ".txt.gz"), "csv": (".csv",), "tsv": (".tsv",),
+                     "jsonl": (".jsonl",), "parquet": (".parquet",)}
+
+
+def labelled_file(folder: Path, fmt: str, split: str) -> Path | None:
+    """The file of ``split`` (``train``, ``dev``, ``test``) in a folder of labelled data, if any.
+
+    ``dev`` also answers to ``valid``, ``validation`` and ``val``.
+    """
+    stems = {"dev": ("dev", "valid", "validation", "val")}.get(split, (split,))
+    for stem in stems:
+        for suffix in LABELLED_SUFFIXES[fmt]:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def read_labelled(path: Path, fmt: str, text_column: str = "text", label_column: str = "label",
+                  encoding: str = "utf-8") -> tuple[list[str], list[str]]:
+    """Texts and their class labels (as written, not yet numbered) from one labelled file.
+
+    Formats: ``labelled-text``, one ``LABEL text`` a line (the label is the first word; fastText's
+    ``__label__`` prefix is dropped), as SST-2 and TREC ship; ``csv`` / ``tsv`` with a header
+    naming ``text_column`` and ``label_column``; ``jsonl`` / ``parquet`` records with those fields.
+
+    Raises:
+        DataError: A missing file or column, a line without a text, bytes that are not UTF-8
+            (file:line), or no examples.
+    """
+    path = _expand(path)
+    if fmt == "labelled-text":
+        pairs = []
+        for number, line in enumerate(read_lines(path, encoding), 1):
+            label, _, text = line.partition(" ")
+            if not text.strip():
+                raise DataError(f"{path}: example {number}: expected 'LABEL text', found {line[:40]!r}")
+            pairs.append((text.strip(), label.removeprefix("__label__")))
+    elif fmt in ("csv", "tsv"):
+        pairs = _delimited(path, "," if fmt == "csv" else "\t", text_column, label_column, encoding)
+    else:
+        pairs = []
+        for record, where in _record_rows(path, fmt, "train"):
+            missing = [c for c in (text_column, label_column) if c not in record]
+            if missing:
+                raise DataError(f"{where}: no field {missing} (found {sorted(record)}); set data.text_column and "
+                                "data.label_column")
+            pairs.append((str(record[text_column]).strip(), str(record[label_column]).strip()))
+    if not pairs:
+        raise DataError(f"{path}: no examples")
+    texts, labels = zip(*pairs, strict=True)
+    return list(texts), list(labels)
+
+
+def _delimited(path: Path, delimiter: str, text_column: str, label_column: str, encoding: str
+               ) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise DataError(f"labelled data not found: {path}")
+    try:
+        with path.open(newline="", encoding=encoding) as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            header = reader.fieldnames or []
+            missing = [c for c in (text_column, label_column) if c not in header]
+            if missing:
+                raise DataError(f"{path}: no column {missing} in the header {header}; set data.text_column and "
+                                "data.label_column")
+            return [((row[text_column] or "").strip(), (row[label_column] or "").strip())
+                    for row in reader if (row[text_column] or "").strip()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not {encoding} text ({exc.reason}); set data.encoding") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({exc})") from None

@@ -190,7 +190,8 @@ def _width_axis(x: Tensor) -> int:
 def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor], task: Any
                  ) -> nn.ModuleDict:
     """Check that each term can compare its outputs on a sample batch; build projectors where needed."""
-    task.check_outputs(t_out, "teacher")
+    if terms:
+        task.check_outputs(t_out, "teacher")
     task.check_outputs(s_out, "student")
     projectors = nn.ModuleDict()
     for i, term in enumerate(terms):
@@ -298,7 +299,8 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
         check_shared_vocabulary(student, teacher)
     student, teacher = tap_models(terms, student, teacher)
     with torch.no_grad():
-        s_out, t_out = student(sample["inputs"]), teacher(sample["inputs"])
+        # No loss terms: the student learns from labels alone and the teacher is never run.
+        s_out, t_out = student(sample["inputs"]), teacher(sample["inputs"]) if terms else {}
         try:
             _size_losses(specs, terms, s_out, t_out, num_examples)
             projectors = pair_outputs(terms, s_out, t_out, task)

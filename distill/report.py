@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.suite import summarize_suite  # noqa: E402
 
-__all__ = ["count", "deployment_table", "megabytes", "summarize", "write_report", "write_stages_report"]
+__all__ = ["count", "deployment_table", "megabytes", "ratio", "summarize", "write_report", "write_stages_report"]
 
 ROLES = ("teacher", "student", "baseline")
 
@@ -26,6 +26,11 @@ def count(n: float) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.2f}M"
     return f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def ratio(value: float | None, unit: str = "x", digits: int = 2) -> str:
+    """A ratio for a table, or ``-`` where there is none (no teacher to compare with)."""
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def megabytes(size_bytes: float) -> str:
@@ -40,26 +45,29 @@ def summarize(models: dict[str, dict[str, Any]], metric: str, higher_is_better: 
     Retention is the student's quality as a share of the teacher's: ``student / teacher`` for a
     metric where higher is better, ``teacher / student`` where lower is (perplexity).
     """
-    teacher = models["teacher"]
+    teacher = models.get("teacher")  # none in a run trained on labels alone: no ratios then
     rows = []
     for role in ROLES:
         if role not in models:
             continue
         m = models[role]
+        t = teacher or {}
         rows.append({
             "model": role,
             metric: m[metric],
-            "retention_pct": 100.0 * (m[metric] / teacher[metric] if higher_is_better else teacher[metric] / m[metric]),
+            "retention_pct": None if not t else 100.0 * (
+                m[metric] / t[metric] if higher_is_better else t[metric] / m[metric]),
             "parameters": m["parameters"],
             "size_mb": m["size_bytes"] / 1e6,
-            "smaller_x": teacher["size_bytes"] / m["size_bytes"],
+            "smaller_x": t["size_bytes"] / m["size_bytes"] if t else None,
             "latency_ms": m["latency_ms"],
-            "speedup_latency_x": teacher["latency_ms"] / m["latency_ms"],
+            "speedup_latency_x": t["latency_ms"] / m["latency_ms"] if t else None,
             "throughput": m["throughput"],
-            "speedup_throughput_x": m["throughput"] / teacher["throughput"],
+            "speedup_throughput_x": m["throughput"] / t["throughput"] if t else None,
             "throughput_unit": m.get("throughput_unit", "examples"),
         })
     return rows
+
 
 
 def _table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
@@ -67,10 +75,9 @@ def _table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[lis
     head = ["model", metric, "retained", "params", "size (MB)", "smaller", "latency b1 (ms)",
             "speed-up b1", f"throughput b64 ({unit}/s)", "speed-up b64"]
     body = [[
-        r["model"], f"{r[metric]:.2f}", f"{r['retention_pct']:.1f}%", count(r["parameters"]),
-        megabytes(r["size_mb"] * 1e6), f"{r['smaller_x']:.2f}x", f"{r['latency_ms']:.2f}",
-        f"{r['speedup_latency_x']:.2f}x",
-        f"{r['throughput']:.0f}", f"{r['speedup_throughput_x']:.2f}x",
+        r["model"], f"{r[metric]:.2f}", ratio(r["retention_pct"], "%", 1), count(r["parameters"]),
+        megabytes(r["size_mb"] * 1e6), ratio(r["smaller_x"]), f"{r['latency_ms']:.2f}",
+        ratio(r["speedup_latency_x"]), f"{r['throughput']:.0f}", ratio(r["speedup_throughput_x"]),
     ] for r in rows]
     return head, body
 
@@ -159,7 +166,8 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
 
 
 def _facts(summary: dict[str, Any]) -> str:
-    lines = [f"- teacher: `{summary['teacher']}`", f"- student: {summary['student']}",
+    teacher = f"`{summary['teacher']}`" if summary["teacher"] else "none: trained on labels alone"
+    lines = [f"- teacher: {teacher}", f"- student: {summary['student']}",
              f"- data: `{summary['data']}`", f"- losses: {summary['losses']}",
              f"- training: {summary['steps']} steps; measured on {summary['machine']}"]
     return "\n".join(lines)
@@ -173,6 +181,10 @@ _SUITE_NOTE = ("Tasks no training data comes from: STS12-16 and STS-B test (Spea
 def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True, untrained: bool = False) -> str:
     by = {r["model"]: r for r in rows}
     s = by["student"]
+    if s["retention_pct"] is None:
+        return (f"Trained on the labels alone (no distillation losses, so no teacher ran): {metric} {s[metric]:.2f}, "
+                f"{count(s['parameters'])} parameters, {megabytes(s['size_mb'] * 1e6)} MB, {s['latency_ms']:.2f} ms "
+                "at batch 1. Use it as the teacher of a distillation run.")
     text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is "
             f"{s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 "
             f"({s['speedup_throughput_x']:.2f}x at batch 64).")

@@ -410,8 +410,9 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     teacher.module.to("cpu")
     if isinstance(task, EmbeddingTask):
         task.use_teacher(teacher)
-    adapters: dict[str, Adapter] = {"teacher": teacher}
-    models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task)}
+    # Trained on labels alone (no losses), the run has no teacher to measure against.
+    adapters: dict[str, Adapter] = {"teacher": teacher} if recipe.losses else {}
+    models: dict[str, dict[str, Any]] = {"teacher": measure(teacher, task)} if recipe.losses else {}
     for role in ("student", "baseline"):
         saved = folder / role
         if (saved / "distill.json").is_file():
@@ -421,9 +422,10 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
     for role, timing in time_models(adapters, task, recipe.evaluate).items():
         models[role].update(timing)
-    losses = ", ".join(f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses)
+    parts = [f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses]
     if recipe.task_loss_weight:
-        losses += f", {recipe.task_loss_weight:g} x task loss"
+        parts.append(f"{recipe.task_loss_weight:g} x task loss")
+    losses = ", ".join(parts)
     if recipe.on_policy is not None:
         losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
     student = recipe.student.derive.model_dump(exclude_none=True) if recipe.student.derive else (
@@ -431,7 +433,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     steps = json.loads((folder / "student" / "distill.json").read_text())["steps"]
     summary = {
         "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
-        "teacher": recipe.teacher.source or recipe.teacher.arch,
+        "teacher": (recipe.teacher.source or recipe.teacher.arch) if recipe.losses else None,
         "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses, "steps": steps,
         "machine": _machine(), "models": models,
     }

@@ -109,7 +109,7 @@ class MixSpec(Spec):
 class DataSpec(Spec):
     """The data the student learns from and is evaluated on."""
 
-    format: Literal["stsb", "fashion-mnist", "text", "jsonl", "parquet", "hf-dataset"]
+    format: Literal["stsb", "fashion-mnist", "text", "jsonl", "parquet", "hf-dataset", "labelled-text", "csv", "tsv"]
     """``stsb``: STS Benchmark TSV files (sts-train.csv, sts-dev.csv, sts-test.csv);
     ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not; ``text``: one
     plain-text file (or a folder with ``input.txt``), the last ``eval_fraction`` held out;
@@ -117,7 +117,10 @@ class DataSpec(Spec):
     ``prompt`` and ``completion``, or chat ``messages`` (the loss then counts completion tokens
     only: the last assistant message of a chat). Task ``embedding`` reads unlabelled texts:
     ``text`` is one text a line (a ``.txt`` or ``.txt.gz`` file, or a folder of them); the
-    record formats read the ``text_column`` field."""
+    record formats read the ``text_column`` field. Task ``classification`` reads labelled texts
+    (a file, or a folder with ``train``, ``dev`` and ``test`` files): ``labelled-text`` is one
+    ``LABEL text`` a line (SST-2's and TREC's files); ``csv`` / ``tsv`` (with a header),
+    ``jsonl`` and ``parquet`` hold ``text_column`` and ``label_column``."""
     path: Path
     """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand).
     ``jsonl`` / ``parquet``: a file, or a folder of them; ``hf-dataset``: a folder written by
@@ -137,7 +140,12 @@ class DataSpec(Spec):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of the training set held out for validation when the data has no dev split."""
     text_column: str = "text"
-    """Task ``embedding``, record formats: the field holding each text."""
+    """Record and table formats: the field holding each text."""
+    encoding: str = "utf-8"
+    """Text encoding of text and table files (``latin-1`` for TREC's files, for example)."""
+    label_column: str = "label"
+    """Task ``classification``, record and table formats: the field holding each class label
+    (integers 0 .. n-1, or names numbered in sorted order)."""
     weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     """Task ``embedding``: how many times ``path``'s training texts are taken (see ``mix``)."""
     mix: list[MixSpec] = []

@@ -26,23 +26,34 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128,
-            dtype: str = "float32", trust_remote_code: bool = False, init: str = "pretrained") -> Any:
+            dtype: str = "float32", trust_remote_code: bool = False, init: str = "pretrained",
+            labels: list[str] | None = None) -> Any:
     """Load a Hugging Face model (local folder, Hub id or ``.gguf`` file) and its tokenizer into an adapter.
 
     ``init="random"`` builds the architecture of the source's config with fresh weights (drawn
-    from torch's current seed) instead of loading the saved ones.
+    from torch's current seed) instead of loading the saved ones. ``labels`` (classifiers) names
+    the classes: a saved head of another size is replaced by a fresh one of ``len(labels)``
+    outputs (an encoder without a head gets one), and the config carries the names.
     """
     transformers = require_transformers()
     auto = {"hf-embedding": transformers.AutoModel, "hf-causal-lm": transformers.AutoModelForCausalLM}.get(
         kind, transformers.AutoModelForSequenceClassification)
+    heads: dict[str, Any] = {}
+    if labels is not None and kind == "hf-classifier":
+        heads = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {name: i for i, name in enumerate(labels)}}
     try:
         folder, gguf = from_pretrained_args(source)  # a .gguf file is read from its folder by name
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
         if init == "random":
-            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf,
+                                                             **heads)
             module = auto.from_config(plain_config(config), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
         else:
-            module = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **gguf)
+            if heads:
+                heads["ignore_mismatched_sizes"] = True
+            module = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **gguf,
+                                          **heads)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
     if kind == "hf-embedding":
@@ -52,8 +63,9 @@ def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = 
     return HFClassifierAdapter(module, tokenizer, max_length)
 
 
-def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter:
-    """Load a teacher or student adapter from its spec (``source`` overrides the spec's)."""
+def load_model(spec: ModelSpec, kind: str, source: str | None = None, labels: list[str] | None = None) -> Adapter:
+    """Load a teacher or student adapter from its spec (``source`` overrides the spec's);
+    ``labels`` names a classifier's classes (see :func:`load_hf`)."""
     source = source or spec.source
     if kind == "torch":
         return load_torch_classifier(spec.arch, spec.arch_args, resolve_source(source) if source else None)
@@ -63,7 +75,7 @@ def load_model(spec: ModelSpec, kind: str, source: str | None = None) -> Adapter
         return load_static(resolve_source(source))
     return load_hf(kind, resolve_source(source), pooling=spec.pooling, normalize=spec.normalize,
                    max_length=spec.max_length, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                   init=spec.init if source == spec.source else "pretrained")
+                   init=spec.init if source == spec.source else "pretrained", labels=labels)
 
 
 def load_teacher(recipe: Recipe) -> Adapter:

@@ -71,16 +71,21 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
     """Derive the student from the teacher, or load/build it, with the recipe's seed."""
     set_seed(recipe.seed)
     spec = recipe.student.derive
+    labels = getattr(task, "label_names", None)  # a text classification task's classes
     if spec is None:
-        return load_model(recipe.student, recipe.student_kind)
+        return load_model(recipe.student, recipe.student_kind, labels=labels)
     texts = task.train_texts() if hasattr(task, "train_texts") else None
     keep = None
     if spec.vocab == "data":
         if texts is None:
             raise RecipeError("student.derive.vocab: 'data' needs a text task")
         keep = vocabulary_of(teacher.tokenizer, texts)  # type: ignore[attr-defined]
-    return derive_student(teacher, spec, _calibration(task, spec, recipe.train.batch_size), keep,
-                          kind=recipe.student_kind, texts=texts)
+    student = derive_student(teacher, spec, _calibration(task, spec, recipe.train.batch_size), keep,
+                             kind=recipe.student_kind, texts=texts)
+    config = getattr(student.module, "config", None)
+    if labels is not None and getattr(config, "num_labels", None) == len(labels):
+        config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+    return student
 
 
 @dataclass(frozen=True)

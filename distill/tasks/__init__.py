@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from distill.config import DataSpec
 from distill.tasks.base import Batch, Task, spearman
-from distill.tasks.classification import ClassificationTask, ImageSet
+from distill.tasks.classification import ClassificationTask, ImageSet, TextClassificationTask
 from distill.tasks.embedding import EmbeddingTask
 from distill.tasks.lm import LanguageModelingTask
 from distill.tasks.sts import STSTask
 
 __all__ = ["Batch", "ClassificationTask", "EmbeddingTask", "ImageSet", "LanguageModelingTask", "STSTask", "Task",
-           "build_task", "spearman"]
+           "TextClassificationTask", "build_task", "spearman"]
 
 
-def build_task(task: str, spec: DataSpec) -> STSTask | EmbeddingTask | ClassificationTask | LanguageModelingTask:
+def build_task(task: str, spec: DataSpec
+               ) -> STSTask | EmbeddingTask | ClassificationTask | TextClassificationTask | LanguageModelingTask:
     """The task object a recipe's ``task`` and ``data`` describe."""
     if task == "sts":
         return STSTask(spec)
@@ -25,4 +26,6 @@ def build_task(task: str, spec: DataSpec) -> STSTask | EmbeddingTask | Classific
         return EmbeddingTask(spec)
     if task == "lm":
         return LanguageModelingTask(spec)
+    if spec.format != "fashion-mnist":
+        return TextClassificationTask(spec)
     return ClassificationTask(spec)

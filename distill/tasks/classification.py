@@ -1,4 +1,4 @@
-"""Image classification (Fashion-MNIST's IDX files), scored by accuracy."""
+"""Classification scored by accuracy: images (Fashion-MNIST's IDX files) and texts (labelled files)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import DataSpec
-from distill.data import read_idx_images
+from distill.data import LABELLED_SUFFIXES, labelled_file, read_idx_images, read_labelled
 from distill.errors import DataError
 from distill.tasks.base import Batch
 
-__all__ = ["PIXEL_MEAN", "PIXEL_STD", "ClassificationTask", "ImageSet"]
+__all__ = ["PIXEL_MEAN", "PIXEL_STD", "ClassificationTask", "ImageSet", "TextClassificationTask", "TextSet"]
 
 #: Fashion-MNIST pixel statistics, used to standardise inputs.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
@@ -38,41 +38,13 @@ class ImageSet:
         return {"index": index, "inputs": {"x": x}, "labels": self.labels[index]}
 
 
-class ClassificationTask:
-    """Image classification scored by accuracy; the validation split is held out of train.
-
-    Args:
-        spec: Where the IDX files are, how much to use and what share to hold out.
-    """
+class _Accuracy:
+    """What image and text classification share: cross-entropy on labels, scored by accuracy."""
 
     output = "logits"
     metric = "accuracy"
-
-    def __init__(self, spec: DataSpec) -> None:
-        images, labels = read_idx_images(spec.path, "train")
-        n_eval = max(1, int(len(labels) * spec.eval_fraction))
-        train_images, train_labels = images[:-n_eval], labels[:-n_eval]
-        if spec.train_limit:
-            train_images, train_labels = train_images[: spec.train_limit], train_labels[: spec.train_limit]
-        self.train = ImageSet(train_images, train_labels)
-        self.num_classes = int(labels.max()) + 1
-        test_images, test_labels = read_idx_images(spec.path, "test", spec.test_limit)
-        if test_labels.max() >= self.num_classes:
-            raise DataError(
-                f"test labels go up to {int(test_labels.max())} but training labels only to {self.num_classes - 1}"
-            )
-        self.splits = {
-            "eval": ImageSet(images[-n_eval:][: spec.eval_limit], labels[-n_eval:][: spec.eval_limit]),
-            "test": ImageSet(test_images, test_labels),
-        }
-
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.train.images.numpy().tobytes())
-        digest.update(self.train.labels.numpy().tobytes())
-        return digest.hexdigest()
-
-    def lengths(self) -> list[int]:
-        return [1] * len(self.train)
+    num_classes: int
+    splits: dict[str, Any]
 
     def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
         logits = outputs["logits"]
@@ -103,3 +75,128 @@ class ClassificationTask:
 
     def sample_inputs(self, n: int) -> dict[str, Any]:
         return self.splits["test"].batch(range(min(n, len(self.splits["test"]))))["inputs"]
+
+
+class ClassificationTask(_Accuracy):
+    """Image classification scored by accuracy; the validation split is held out of train.
+
+    Args:
+        spec: Where the IDX files are, how much to use and what share to hold out.
+    """
+
+    def __init__(self, spec: DataSpec) -> None:
+        images, labels = read_idx_images(spec.path, "train")
+        n_eval = max(1, int(len(labels) * spec.eval_fraction))
+        train_images, train_labels = images[:-n_eval], labels[:-n_eval]
+        if spec.train_limit:
+            train_images, train_labels = train_images[: spec.train_limit], train_labels[: spec.train_limit]
+        self.train = ImageSet(train_images, train_labels)
+        self.num_classes = int(labels.max()) + 1
+        test_images, test_labels = read_idx_images(spec.path, "test", spec.test_limit)
+        if test_labels.max() >= self.num_classes:
+            raise DataError(
+                f"test labels go up to {int(test_labels.max())} but training labels only to {self.num_classes - 1}"
+            )
+        self.splits = {
+            "eval": ImageSet(images[-n_eval:][: spec.eval_limit], labels[-n_eval:][: spec.eval_limit]),
+            "test": ImageSet(test_images, test_labels),
+        }
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.train.images.numpy().tobytes())
+        digest.update(self.train.labels.numpy().tobytes())
+        return digest.hexdigest()
+
+    def lengths(self) -> list[int]:
+        return [1] * len(self.train)
+
+
+class TextSet:
+    """Texts and their class ids; a batch is ``{"text": [...]}`` with the labels."""
+
+    def __init__(self, texts: list[str], labels: np.ndarray) -> None:
+        self.texts = texts
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return {"index": index, "inputs": {"text": [self.texts[i] for i in index.tolist()]},
+                "labels": self.labels[index]}
+
+
+class TextClassificationTask(_Accuracy):
+    """Text classification from labelled files, scored by accuracy.
+
+    ``data.path`` is a file (the training set) or a folder holding ``train``, optionally ``dev``
+    (or ``valid``/``validation``/``val``) and ``test`` files of the format. Without a test file
+    (there or at ``data.test_path``) the test set is held out of the training file; without a
+    dev file the validation set is. Held-out examples are drawn by a fixed seeded shuffle, so
+    files sorted by class still split fairly.
+
+    Labels are class ids when every label is an integer (0 .. n-1), else names, numbered in
+    sorted order (:attr:`label_names`).
+
+    Args:
+        spec: Where the files are, their format and columns, how much to use and hold out.
+    """
+
+    def __init__(self, spec: DataSpec) -> None:
+        fmt, columns = spec.format, (spec.text_column, spec.label_column, spec.encoding)
+        folder = spec.path if spec.path.is_dir() else None
+        train_file = labelled_file(folder, fmt, "train") if folder else spec.path
+        if train_file is None:
+            raise DataError(f"{spec.path}: no train file ({' or '.join('train' + s for s in LABELLED_SUFFIXES[fmt])})")
+        test_file = spec.test_path or (labelled_file(folder, fmt, "test") if folder else None)
+        dev_file = labelled_file(folder, fmt, "dev") if folder else None
+        texts, raw = read_labelled(train_file, fmt, *columns)
+        order = np.random.default_rng(0).permutation(len(texts))
+        held: dict[str, tuple[list[str], list[str]]] = {}
+        for split, file in (("test", test_file), ("eval", dev_file)):
+            if file is not None:
+                held[split] = read_labelled(file, fmt, *columns)
+                continue
+            n = max(1, int(len(order) * spec.eval_fraction))
+            order, taken = order[:-n], order[-n:]
+            held[split] = ([texts[i] for i in taken], [raw[i] for i in taken])
+        train_texts, train_raw = [texts[i] for i in order], [raw[i] for i in order]
+        self.label_names, ids = _number_labels(train_raw, {split: labels for split, (_, labels) in held.items()})
+        self.num_classes = len(self.label_names)
+        limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
+        self.train = TextSet(train_texts[: limits["train"]], ids["train"][: limits["train"]])
+        self.splits = {split: TextSet(held[split][0][: limits[split]], ids[split][: limits[split]])
+                       for split in ("eval", "test")}
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256("\n".join(self.train.texts).encode())
+        digest.update(self.train.labels.numpy().tobytes())
+        return digest.hexdigest()
+
+    def lengths(self) -> list[int]:
+        return [len(text) for text in self.train.texts]
+
+    def train_texts(self) -> list[str]:
+        """Every training text (for vocabulary pruning)."""
+        return self.train.texts
+
+
+def _number_labels(train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Class names and ids: integer labels are ids already; names are numbered in sorted order."""
+    every = set(train).union(*held.values())
+    if all(label.lstrip("-").isdigit() for label in every):
+        top = max(int(label) for label in every)
+        if min(int(label) for label in every) < 0:
+            raise DataError("class labels are negative integers; integer labels are class ids 0 .. n-1")
+        names = [str(i) for i in range(top + 1)]
+    else:
+        names = sorted(set(train))
+    index = {name: i for i, name in enumerate(names)}
+    ids = {"train": np.array([index[x] for x in train])}
+    for split, labels in held.items():
+        unseen = sorted(set(labels) - set(index))
+        if unseen:
+            raise DataError(f"the {split} set has labels the training set never has: {unseen[:5]}")
+        ids[split] = np.array([index[x] for x in labels])
+    return names, ids

@@ -23,7 +23,7 @@ def test_text_corpus_skips_blank_lines_and_names_a_bad_byte(tmp_path):
     assert read_lines(good) == ["first line", "second line"]
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nalso fine\nbroken \xff here\n")
-    with pytest.raises(DataError, match=r"bad.txt:3: not UTF-8"):
+    with pytest.raises(DataError, match=r"bad.txt:3: not utf-8 text"):
         read_lines(bad)
     with pytest.raises(DataError, match="every line is blank"):
         (tmp_path / "empty.txt").write_text("\n\n")

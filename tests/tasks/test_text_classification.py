@@ -1,0 +1,140 @@
+"""Text classification from the user's labelled files: readers, splits, label names, a run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import distill
+from distill.config import DataSpec, parse_recipe
+from distill.data import read_labelled
+from distill.errors import DataError, RecipeError
+from distill.tasks import TextClassificationTask, build_task
+
+
+def test_labelled_files_in_every_format(tmp_path):
+    (tmp_path / "a.txt").write_text("__label__pos a fine film\n\nneg  a dull one \n")
+    assert read_labelled(tmp_path / "a.txt", "labelled-text") == (["a fine film", "a dull one"], ["pos", "neg"])
+    (tmp_path / "a.csv").write_text('sentence,y\n"good, really",1\nbad,0\n')
+    assert read_labelled(tmp_path / "a.csv", "csv", "sentence", "y") == (["good, really", "bad"], ["1", "0"])
+    (tmp_path / "a.tsv").write_text("text\tlabel\nfine\tpos\n")
+    assert read_labelled(tmp_path / "a.tsv", "tsv") == (["fine"], ["pos"])
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "fine", "label": 2}) + "\n")
+    assert read_labelled(tmp_path / "a.jsonl", "jsonl") == (["fine"], ["2"])
+    with pytest.raises(DataError, match=r"no column \['y'\] in the header \['text', 'label'\]"):
+        read_labelled(tmp_path / "a.tsv", "tsv", label_column="y")
+    with pytest.raises(DataError, match=r"line 1: no field \['labels'\] \(found \['label', 'text'\]\)"):
+        read_labelled(tmp_path / "a.jsonl", "jsonl", label_column="labels")
+    (tmp_path / "b.txt").write_text("pos good\nlonely\n")
+    with pytest.raises(DataError, match=r"b.txt: example 2: expected 'LABEL text'"):
+        read_labelled(tmp_path / "b.txt", "labelled-text")
+    (tmp_path / "c.txt").write_bytes(b"pos good\nneg \xff bad\n")
+    with pytest.raises(DataError, match=r"c.txt:2: not utf-8 text .*set data.encoding"):
+        read_labelled(tmp_path / "c.txt", "labelled-text")
+
+
+def test_a_folder_splits_and_names_its_labels(tmp_path):
+    rows = [("sports", f"match report {i}") for i in range(30)] + [("arts", f"gallery review {i}") for i in range(30)]
+    (tmp_path / "train.csv").write_text("label,text\n" + "".join(f"{y},{x}\n" for y, x in rows))  # sorted by class
+    (tmp_path / "test.csv").write_text("label,text\narts,an opera\nsports,a goal\n")
+    task = TextClassificationTask(DataSpec(format="csv", path=tmp_path, eval_fraction=0.2))
+    assert task.label_names == ["arts", "sports"] and task.num_classes == 2
+    assert len(task.splits["test"]) == 2 and task.splits["test"].labels.tolist() == [0, 1]
+    # No dev file: the validation set is a seeded draw from train, both classes in it.
+    assert len(task.splits["eval"]) == 12 and len(task.train) == 48
+    assert set(task.splits["eval"].labels.tolist()) == {0, 1}
+    assert not set(task.splits["eval"].texts) & set(task.train.texts)
+    batch = task.train.batch([0, 1])
+    assert len(batch["inputs"]["text"]) == 2 and batch["labels"].shape == (2,)
+    (tmp_path / "test.csv").write_text("label,text\nscience,a comet\n")
+    with pytest.raises(DataError, match=r"labels the training set never has: \['science'\]"):
+        TextClassificationTask(DataSpec(format="csv", path=tmp_path))
+
+
+def test_trec_reads_as_shipped(data_dir):
+    task = build_task("classification", DataSpec(format="labelled-text", path=data_dir / "trec",
+                                                         encoding="latin-1"))
+    assert isinstance(task, TextClassificationTask) and task.num_classes == 6
+    assert len(task.splits["test"]) == 500 and len(task.train) + len(task.splits["eval"]) == 5452
+
+
+def test_text_classification_recipes_are_checked():
+    base = {"name": "x", "task": "classification", "data": {"format": "labelled-text", "path": "trec"},
+            "teacher": {"kind": "hf-classifier", "source": "t"}, "student": {"derive": {"layers": [0]}},
+            "losses": [{"name": "kd"}]}
+    assert parse_recipe(base).data.format == "labelled-text"
+    with pytest.raises(RecipeError, match="teacher.kind: data.format 'labelled-text' is text, so the models are "
+                                          "'hf-classifier', got 'torch'"):
+        parse_recipe({**base, "teacher": {"kind": "torch", "arch": "convnet"}, "student": {"arch": "convnet"}})
+
+
+def _classifier(folder, tiny_bert, labels):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(tiny_bert, num_labels=labels)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return folder
+
+
+def test_a_text_classifier_distils_from_labelled_files(tmp_path, data_dir, tiny_bert):
+    teacher = _classifier(tmp_path / "teacher", tiny_bert, 6)
+    recipe = {
+        "name": "tiny-trec", "task": "classification", "seed": 0,
+        "teacher": {"kind": "hf-classifier", "source": str(teacher), "max_length": 32},
+        "student": {"derive": {"layers": [1], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"format": "labelled-text", "path": str(data_dir / "trec"), "encoding": "latin-1",
+                 "train_limit": 256, "eval_limit": 64,
+                 "test_limit": 64},
+        "losses": [{"name": "kd", "params": {"temperature": 2.0}}], "task_loss_weight": 1.0,
+        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "eval_every": 4, "checkpoint_every": 4},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = distill.run(recipe)
+    assert set(result.models) == {"teacher", "student", "baseline"}
+    for role in ("teacher", "student", "baseline"):
+        assert 0 <= result.models[role]["accuracy"] <= 100
+    assert result.models["student"]["parameters"] < result.models["teacher"]["parameters"]
+    records = [json.loads(x) for x in (tmp_path / "run/train/student/metrics.jsonl").read_text().splitlines()]
+    assert any("kd" in str(r) for r in records if "loss" in r)
+    assert "| student |" in (tmp_path / "run/report.md").read_text()
+
+
+def test_a_classifier_gets_a_head_of_the_data_s_classes_and_their_names(tmp_path, tiny_bert):
+    from distill.models.load import load_hf
+
+    encoder = load_hf("hf-classifier", str(tiny_bert), labels=["arts", "science", "sports"])  # no head saved
+    assert encoder({"text": ["a goal", "a comet"]})["logits"].shape == (2, 3)
+    assert encoder.module.config.id2label == {0: "arts", 1: "science", 2: "sports"}
+    six = _classifier(tmp_path / "six", tiny_bert, 6)
+    two = load_hf("hf-classifier", str(six), labels=["neg", "pos"])  # a saved head of another size is replaced
+    assert two({"text": ["fine"]})["logits"].shape == (1, 2) and two.module.config.label2id == {"neg": 0, "pos": 1}
+
+
+def test_a_model_trained_on_labels_alone_is_reported_without_a_teacher(tmp_path, data_dir, tiny_bert):
+    placeholder = _classifier(tmp_path / "two", tiny_bert, 2)  # two classes, TREC has six: never run
+    recipe = {
+        "name": "tiny-trec-teacher", "task": "classification", "seed": 0,
+        "teacher": {"kind": "hf-classifier", "source": str(placeholder)},
+        "student": {"kind": "hf-classifier", "source": str(tiny_bert), "max_length": 32},
+        "data": {"format": "labelled-text", "path": str(data_dir / "trec"), "encoding": "latin-1",
+                 "train_limit": 128, "eval_limit": 32, "test_limit": 32},
+        "task_loss_weight": 1.0, "baseline": False,
+        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "eval_every": 4, "checkpoint_every": 4},
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = distill.run(recipe)
+    assert set(result.models) == {"student"}
+    report = (tmp_path / "run/report.md").read_text()
+    assert "- teacher: none: trained on labels alone" in report and "- losses: 1 x task loss" in report
+    assert "Trained on the labels alone" in report and "| teacher |" not in report and "keeps" not in report
+    card = (tmp_path / "run/student/README.md").read_text()
+    assert "trained with distill on labels alone" in card and "imitate" not in card
+    saved = json.loads((tmp_path / "run/student/config.json").read_text())
+    assert saved["id2label"] == {str(i): str(i) for i in range(6)}
