@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from distill.cache import file_sha256
+from distill.errors import TrainingError
 from distill.step import StepModule
 
 __all__ = ["MANIFEST", "MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint"]
@@ -116,17 +118,25 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, state: TrainState, k
         final = folder / f"step-{state.step:08d}"
         tmp = folder / f".tmp-step-{state.step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(step.student, str(tmp / "student.safetensors"))
-        save_model(step.projectors, str(tmp / "projectors.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler, "rng": rng}, tmp / "state.pt")
-        info = {**asdict(state), "processes": accelerator.num_processes}
-        (tmp / "trainer_state.json").write_text(json.dumps(info) + "\n")
-        # Written last: a checkpoint without it, or whose files do not match it, is not resumed from.
-        digests = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps(digests, indent=1) + "\n")
+        try:
+            tmp.mkdir(parents=True)
+            save_model(step.student, str(tmp / "student.safetensors"))
+            save_model(step.projectors, str(tmp / "projectors.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler, "rng": rng}, tmp / "state.pt")
+            info = {**asdict(state), "processes": accelerator.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(info) + "\n")
+            # Written last: a checkpoint without it, or whose files do not match it, is not resumed from.
+            digests = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps(digests, indent=1) + "\n")
+        # A full disk: safetensors and torch.save report it as their own errors, not as OSError.
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = " ".join(str(exc).split())  # one line
+            raise TrainingError(f"step {state.step}: cannot write the checkpoint {final} ({reason}); is the disk "
+                                "full? The checkpoints before it are kept: free some space and run the same command "
+                                "again to resume") from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(folder)[:-keep]:

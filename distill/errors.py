@@ -30,4 +30,4 @@ class CacheError(DistillError):
 
 
 class TrainingError(DistillError):
-    """Training cannot go on: a loss or gradient that is not finite."""
+    """Training cannot go on: a loss or gradient that is not finite, or a checkpoint that cannot be written."""

@@ -18,6 +18,7 @@ checksum on open and rebuilt.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -52,11 +53,20 @@ def _ids_dtype(vocab: int) -> np.dtype:
 def _write_array(path: Path, array: np.ndarray) -> str:
     """Write ``array`` to ``path`` through a temporary name; return the file's SHA-256."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+            # np.save writes the data through a C stream and does not check its last flush: on a
+            # full disk a short file would pass for a whole one (and be checksummed as such).
+            written, size = os.fstat(handle.fileno()).st_size, handle.tell()
+            if written != size:
+                raise OSError(errno.EIO, f"only {written} of {size} bytes were written (is the disk full?)", str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return file_sha256(path)
 
 
@@ -218,8 +228,12 @@ class TokenLogitCache:
     def _save_meta(self) -> None:
         path = self.folder / self._meta_file
         tmp = path.with_name(f"{self._meta_file}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.meta, indent=1) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.meta, indent=1) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def open_or_build(
