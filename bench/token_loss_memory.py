@@ -6,7 +6,13 @@ memory, runs loss + backward, and reports how far the peak rose above that: the 
 loss itself needed, logits, softmaxes and gradients included. Time is the median over repeats
 of loss + backward in that process. For each vocabulary the naive loss runs first, then the
 chunked one with autograd per chunk (``closed_form=False``), then the chunked one as distill
-runs it, with each chunk's gradient in closed form.
+runs it (the default path: each chunk's gradient in closed form).
+
+The children run with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): by default the
+threshold rises after large blocks are freed, later blocks of up to 32 MiB then come from the
+heap, and the peak resident memory depends on fragmentation, not only on what the loss holds
+(the same command gave 0.113x and 0.164x for one variant in two runs). With the threshold
+fixed every large tensor is mapped and unmapped on its own, and the peak is what was alive.
 
     python bench/token_loss_memory.py [--vocab 32000 128000] [--tokens 2048] [--hidden 576] [--chunk N] \\
         [--kind forward_kl] [--repeats 3]
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -75,7 +82,8 @@ def main() -> None:
 
     chunk = args.chunk or f"{CHUNK_ELEMENTS:,} logits (rows: that // vocab)"
     print(f"{args.tokens} tokens, hidden {args.hidden}, chunk {chunk}, {args.kind}, "
-          f"{torch.get_num_threads()} torch threads, float32, CPU")
+          f"{torch.get_num_threads()} torch threads, float32, CPU; distill's default path: 'chunked' "
+          "(closed-form gradient per chunk)")
     for vocab in args.vocab:
         results = {}
         for variant in ("naive", "chunked-autograd", "chunked"):
@@ -83,7 +91,8 @@ def main() -> None:
                        "--hidden", str(args.hidden), "--kind", args.kind, "--repeats", str(args.repeats)]
             if args.chunk:
                 command += ["--chunk", str(args.chunk)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         naive = results["naive"]
         for variant in ("chunked-autograd", "chunked"):

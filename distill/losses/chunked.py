@@ -74,13 +74,54 @@ def token_loss(
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
+def _loss_and_grads(s_hidden: Tensor, s_weight: Tensor, s_bias: Tensor | None, mask: Tensor, chunk: int,
+                    row_loss: Callable[[Tensor, slice], Tensor], row_grad: RowGrad | None
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor | None]]:
+    """The loss and its gradients with respect to hidden states, head and bias, chunk by chunk."""
+    rows = s_hidden.shape[0]
+    acc = wide(s_hidden).dtype
+    count = mask.sum().clamp_min(1).to(acc)
+    weight = s_weight.detach().to(acc)
+    bias = s_bias.detach().to(acc) if s_bias is not None else None
+    grad_h = torch.zeros(s_hidden.shape, dtype=acc, device=s_hidden.device)
+    grad_w = torch.zeros_like(weight) if s_weight.requires_grad else None
+    grad_b = torch.zeros_like(bias) if bias is not None and s_bias.requires_grad else None  # type: ignore[union-attr]
+    total = torch.zeros((), dtype=acc, device=s_hidden.device)
+    for start in range(0, rows, chunk):
+        part = slice(start, min(start + chunk, rows))
+        keep = mask[part].to(acc)
+        if not keep.any():
+            continue
+        h = s_hidden[part].detach().to(acc)
+        if row_grad is not None:
+            per_token, grad_rows = row_grad(head_logits(h, weight, bias), part)
+            loss = (per_token * keep).sum() / count
+            grad_logits = grad_rows * (keep / count)[:, None]
+        else:
+            logits = head_logits(h, weight, bias).requires_grad_(True)
+            with torch.enable_grad():
+                per_token = row_loss(logits, part)
+                loss = (per_token * keep).sum() / count
+                (grad_logits,) = torch.autograd.grad(loss, logits)
+        total += loss.detach()
+        grad_h[part] = grad_logits @ weight
+        if grad_w is not None:
+            grad_w.addmm_(grad_logits.T, h)
+        if grad_b is not None:
+            grad_b += grad_logits.sum(0)
+    return total, (grad_h.to(s_hidden.dtype), None if grad_w is None else grad_w.to(s_weight.dtype),
+                   None if grad_b is None else grad_b.to(s_bias.dtype))  # type: ignore[union-attr]
+
+
 class _Chunked(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them.
 
     Per chunk only the logits' gradient is needed: in closed form when a ``row_grad`` gives it
     (every unrestricted divergence, cross-entropy), else by autograd over that chunk. The
     gradients of the hidden states, head and bias follow from it by two matrix products, the
-    head's accumulated in place, so no head-sized temporary is made per chunk.
+    head's accumulated in place, so no head-sized temporary is made per chunk. Backward scales
+    them in place and hands them over (a head-sized copy would double the peak); a graph
+    differentiated again (``retain_graph``, ``gradcheck``) recomputes them.
     """
 
     @staticmethod
@@ -94,46 +135,16 @@ class _Chunked(torch.autograd.Function):
         row_loss: Callable[[Tensor, slice], Tensor],
         row_grad: RowGrad | None = None,
     ) -> Tensor:
-        rows = s_hidden.shape[0]
-        acc = wide(s_hidden).dtype
-        count = mask.sum().clamp_min(1).to(acc)
-        weight = s_weight.detach().to(acc)
-        bias = s_bias.detach().to(acc) if s_bias is not None else None
-        grad_h = torch.zeros(s_hidden.shape, dtype=acc, device=s_hidden.device)
-        grad_w = torch.zeros_like(weight) if s_weight.requires_grad else None
-        grad_b = torch.zeros_like(bias) if bias is not None and s_bias.requires_grad else None  # type: ignore[union-attr]
-        total = torch.zeros((), dtype=acc, device=s_hidden.device)
-        for start in range(0, rows, chunk):
-            part = slice(start, min(start + chunk, rows))
-            keep = mask[part].to(acc)
-            if not keep.any():
-                continue
-            h = s_hidden[part].detach().to(acc)
-            if row_grad is not None:
-                per_token, grad_rows = row_grad(head_logits(h, weight, bias), part)
-                loss = (per_token * keep).sum() / count
-                grad_logits = grad_rows * (keep / count)[:, None]
-            else:
-                logits = head_logits(h, weight, bias).requires_grad_(True)
-                with torch.enable_grad():
-                    per_token = row_loss(logits, part)
-                    loss = (per_token * keep).sum() / count
-                    (grad_logits,) = torch.autograd.grad(loss, logits)
-            total += loss.detach()
-            grad_h[part] = grad_logits @ weight
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.T, h)
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0)
-        ctx.grads = (grad_h.to(s_hidden.dtype), None if grad_w is None else grad_w.to(s_weight.dtype),
-                     None if grad_b is None else grad_b.to(s_bias.dtype))  # type: ignore[union-attr]
+        total, ctx.grads = _loss_and_grads(s_hidden, s_weight, s_bias, mask, chunk, row_loss, row_grad)
+        ctx.inputs = (s_hidden, s_weight, s_bias, mask, chunk, row_loss, row_grad)
         return total
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # type: ignore[override]
-        # Scaled copies, not in place: a graph kept with retain_graph may be differentiated again.
-        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]  # type: ignore[attr-defined]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        grads = ctx.grads if ctx.grads is not None else _loss_and_grads(*ctx.inputs)[1]  # type: ignore[attr-defined]
+        ctx.grads = None  # type: ignore[attr-defined]
+        scaled = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
+        return scaled[0], scaled[1], scaled[2], None, None, None, None
 
 
 #: Logit elements per chunk when no chunk size is given: 8M float32 values, 32 MiB per copy
