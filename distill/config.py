@@ -209,8 +209,12 @@ class Recipe(Spec):
         return self.output_dir or Path("runs") / self.name
 
     def identity(self) -> str:
-        """Hash of everything that changes results (not where they are written)."""
-        data = self.model_dump(mode="json", exclude={"output_dir"})
+        """Hash of everything that changes results: not where they are written, not which
+        checkpoints are kept, and not fields left at their defaults (so that a field added to
+        distill later, with a default, leaves the identity of earlier runs as it was)."""
+        data = self.model_dump(mode="json", exclude={"output_dir": True, "train": {"keep_checkpoints"}},
+                               exclude_defaults=True)
+        data = {key: value for key, value in data.items() if value != {}}  # a section left with nothing set
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -240,8 +240,8 @@ class _Loop:
                 self.metrics.write({"step": step, "split": "eval", self.task.metric: score})
                 self.bar.write(f"{self.desc} step {step}: eval {self.task.metric} {score:.2f}")
         if step % spec.checkpoint_every == 0 or step == self.steps:
-            save_checkpoint(self.accelerator, self.ckpt_dir, self.state, spec.keep_checkpoints, self.step_module,
-                            self.optimizer, self.scheduler)
+            save_checkpoint(self.accelerator, self.ckpt_dir, self.state, spec.checkpoints_while_training(),
+                            self.step_module, self.optimizer, self.scheduler)
         self.aside += time.perf_counter() - paused
 
 

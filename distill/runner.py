@@ -27,6 +27,7 @@ from accelerate import PartialState
 from distill.batches import ShuffledBatches, per_process_batch
 from distill.cache import TeacherCache, model_fingerprint
 from distill.card import read_exports, write_model_card
+from distill.checkpoint import checkpoints
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
@@ -146,8 +147,17 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
     if accelerator.is_main_process:
         _save_atomic(pair.student, saved)
         (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
+        _drop_checkpoints(folder / "train" / role / "checkpoints", recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return pair.student
+
+
+def _drop_checkpoints(folder: Path, keep: int | str) -> None:
+    """Once a model is saved, delete the checkpoints ``train.keep_checkpoints`` does not keep."""
+    if isinstance(keep, int):
+        return
+    for old in checkpoints(folder)[: -1 if keep == "final" else None]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 #: Training examples the teacher runs on to fit a ``projector: pca`` map when there is no cache.

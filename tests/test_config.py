@@ -101,10 +101,16 @@ def test_overrides_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def test_identity_ignores_output_dir_only():
+def test_identity_ignores_where_and_what_is_kept_not_what_changes_results():
     a = parse_recipe(with_(output_dir="a"))
     assert a.identity() == parse_recipe(with_(output_dir="b")).identity()
     assert a.identity() != parse_recipe(with_(seed=1)).identity()
+    kept = parse_recipe(with_(train={**BASE.get("train", {}), "keep_checkpoints": "none"}))
+    assert kept.identity() == parse_recipe(with_()).identity()
+    # A default written out is the same recipe as one left out.
+    same = parse_recipe(with_(data={**BASE["data"], "encoding": "utf-8"}))
+    assert same.identity() == parse_recipe(with_()).identity()
+
 
 
 def test_resolved_recipe_round_trips():

@@ -116,6 +116,19 @@ def test_recipe_without_losses_trains_as_the_baseline_does(tmp_path, data_dir, t
     assert "task_loss" in first and not any(k.endswith("_loss") and k != "task_loss" for k in first)
 
 
+@pytest.mark.parametrize("keep, left", [("final", ["step-00000012"]), ("none", []),
+                                        (2, ["step-00000009", "step-00000012"])])
+def test_finished_runs_keep_the_checkpoints_asked_for(tmp_path, data_dir, tiny_teacher, keep, left):
+    train = {"max_steps": 12, "batch_size": 32, "eval_every": 5, "checkpoint_every": 3, "lr": 1e-2,
+             "keep_checkpoints": keep}
+    distill.run(recipe(tmp_path, data_dir, tiny_teacher, train=train))
+    for role in ("student", "baseline"):
+        assert sorted(p.name for p in (tmp_path / "run/train" / role / "checkpoints").iterdir()) == left
+    # Which checkpoints are kept changes nothing in the results: the finished run is reused.
+    again = distill.run(recipe(tmp_path, data_dir, tiny_teacher, train={**train, "keep_checkpoints": 3}))
+    assert again.models["student"]["accuracy"] >= 0
+
+
 def test_run_folder_of_another_recipe_is_refused(tmp_path, data_dir, tiny_teacher):
     distill.run(recipe(tmp_path, data_dir, tiny_teacher, baseline=False))
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
