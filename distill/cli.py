@@ -213,14 +213,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _local_paths(recipe: Any) -> list[tuple[str, Path]]:
     """The recipe's paths on this machine that must exist (sources that are not Hub ids or packages)."""
+    from distill.models.sources import RUNS
+
     paths = [("data.path", recipe.data.path)] + [(f"data.mix.{i}.path", m.path) for i, m in enumerate(recipe.data.mix)]
     if recipe.data.test_path is not None:
         paths.append(("data.test_path", recipe.data.test_path))
     for role in ("teacher", "student"):
         source = getattr(recipe, role).source
         # A Hub id is "name" or "owner/name"; anything deeper is a local folder (a run's student, say).
-        if source and (source.startswith((".", "/", "~")) or source.count("/") > 1
-                       or Path(source).suffix in (".safetensors", ".gguf")):
+        if source and source.startswith("run:"):
+            paths.append((f"{role}.source", RUNS / source[len("run:"):] / "student" / "distill.json"))
+        elif source and (source.startswith((".", "/", "~")) or source.count("/") > 1
+                         or Path(source).suffix in (".safetensors", ".gguf")):
             paths.append((f"{role}.source", Path(source).expanduser()))
     if recipe.data.format == "hf-dataset" and not Path(recipe.data.path).exists():
         paths = [p for p in paths if p[0] != "data.path"]  # a Hub dataset id

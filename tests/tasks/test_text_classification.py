@@ -138,3 +138,28 @@ def test_a_model_trained_on_labels_alone_is_reported_without_a_teacher(tmp_path,
     assert "trained with distill on labels alone" in card and "imitate" not in card
     saved = json.loads((tmp_path / "run/student/config.json").read_text())
     assert saved["id2label"] == {str(i): str(i) for i in range(6)}
+
+
+def test_a_run_names_its_teacher_by_the_run_that_trained_it(tmp_path, monkeypatch):
+    from distill.cli import main
+    from distill.errors import ModelError
+    from distill.models.sources import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"runs/trec-teacher/student holds no trained student yet; run that recipe"):
+        resolve_source("run:trec-teacher")
+    with pytest.raises(ModelError, match="takes a run name"):
+        resolve_source("run:../elsewhere")
+    student = tmp_path / "runs/trec-teacher/student"
+    student.mkdir(parents=True)
+    (student / "distill.json").write_text("{}")
+    assert resolve_source("run:trec-teacher") == "runs/trec-teacher/student"
+    recipe = {"name": "x", "task": "classification", "teacher": {"kind": "hf-classifier", "source": "run:other"},
+              "student": {"derive": {"layers": [0]}}, "losses": [{"name": "kd"}],
+              "data": {"format": "labelled-text", "path": str(tmp_path)}}
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    assert main(["validate", str(path)]) == 2  # the named run has not trained a student
+    recipe["teacher"]["source"] = "run:trec-teacher"
+    path.write_text(json.dumps(recipe))
+    assert main(["validate", str(path)]) == 0
