@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from _markdown import write_section
-from sts_family import Model2VecAdapter, speed
+from sts_family import Model2VecAdapter, speeds_in_turn
 
 import distill
 from distill.config import load_recipe
@@ -100,13 +100,7 @@ def main() -> None:
     first, second, _ = read_stsb_test(Path(recipe.evaluate.suite_data) / "stsbenchmark")
     texts = sorted(set(first + second), key=len)
     batches = [texts[i : i + 1024] for i in range(0, len(texts), 1024)]
-    for model in models.values():
-        model.module.eval()
-        speed(model, batches)  # warm-up
-    speeds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            speeds[name].append(speed(model, batches))
+    speeds = speeds_in_turn(models, batches, args.repeats)
     for r in [*rows, m2v]:
         if r["name"] in speeds:
             r["speed"] = statistics.median(speeds[r["name"]])

@@ -86,6 +86,19 @@ def speed(encode: Callable[[dict[str, Any]], Any], batches: list[list[str]]) -> 
     return sum(map(len, batches)) / (time.perf_counter() - start)
 
 
+def speeds_in_turn(models: dict[str, Any], batches: list[list[str]], repeats: int) -> dict[str, list[float]]:
+    """Each model's sentences per second, per repeat; the models take turns within each repeat,
+    so a change in machine load hits them alike."""
+    for model in models.values():
+        model.module.eval()
+        speed(model, batches)  # warm-up
+    speeds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            speeds[name].append(speed(model, batches))
+    return speeds
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     teacher = rows[0]
     head = (
@@ -165,13 +178,7 @@ def main() -> None:
     test = task.splits["test"]
     texts = sorted(test.first + test.second, key=len)
     batches = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
-    for model in models.values():
-        model.module.eval()
-        speed(model, batches)  # warm-up
-    speeds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            speeds[name].append(speed(model, batches))
+    speeds = speeds_in_turn(models, batches, args.repeats)
     for row in rows:
         values = speeds[row["name"]]
         ratios = [s / t for s, t in zip(values, speeds["teacher"], strict=True)]

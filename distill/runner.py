@@ -76,7 +76,7 @@ def _prepare_folder(recipe: Recipe, procs: PartialState) -> Path:
     identity = recipe.identity()
     if marker.is_file():
         held = json.loads(marker.read_text())
-        if held.get("identity") != identity:
+        if held.get("identity") != identity and _holds_results(folder):
             raise RunFolderError(
                 f"{folder} holds a run of another recipe ('{held.get('name')}', identity {held.get('identity')}; "
                 f"this one is '{recipe.name}', identity {identity}). Nothing was changed: pick another "
@@ -91,6 +91,14 @@ def _prepare_folder(recipe: Recipe, procs: PartialState) -> Path:
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
     procs.wait_for_everyone()
     return folder
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether a claimed run folder holds anything a run produced. A run that stopped before
+    producing anything (a model or data that did not load) leaves only its claim, and a
+    corrected recipe may take the folder over."""
+    claim = {"run.json", "recipe.yaml"}
+    return any(p.is_file() and p.name not in claim and not p.name.endswith(".lock") for p in folder.rglob("*"))
 
 
 def _save_atomic(model: Adapter, target: Path) -> None:

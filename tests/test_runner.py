@@ -153,6 +153,9 @@ def test_missing_teacher_and_data(tmp_path, data_dir, tiny_teacher):
     bad["data"]["path"] = str(tmp_path / "missing")
     with pytest.raises(DataError, match="IDX file not found"):
         distill.run(bad)
+    # The failed runs produced nothing: the corrected recipe (another identity) takes the folder over.
+    fixed = recipe(tmp_path, data_dir, tiny_teacher, output_dir=str(tmp_path / "r2"), baseline=False)
+    assert distill.run(fixed).models["student"]["accuracy"] >= 0
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
