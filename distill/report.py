@@ -220,6 +220,14 @@ def _html_suite(summary: dict[str, Any]) -> str:
     return f"<h2>Evaluation suite</h2><p>{html.escape(_SUITE_NOTE)}</p><table>{rows}</table>"
 
 
+def _inline_code(text: str) -> str:
+    """Markdown's `code` spans as HTML <code>, everything else escaped."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: show it as written
+        return html.escape(text)
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
@@ -231,7 +239,7 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
     verdict = _verdict(rows, metric, summary.get("higher_is_better", True), summary.get("baseline_untrained", False))
     table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in line) + "</tr>" for line in body)
-    facts = "".join(f"<li>{esc(line[2:])}</li>" for line in _facts(summary).splitlines())
+    facts = "".join(f"<li>{_inline_code(line[2:])}</li>" for line in _facts(summary).splitlines())
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>distill report: {esc(summary['recipe'])}</title><style>"
@@ -240,7 +248,7 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
         "</style></head><body>"
         f"<h1>Distillation report: {esc(summary['recipe'])}</h1><ul>{facts}</ul>"
         f"<table>{table}</table>"
-        f"<p>{esc(verdict)}</p>"
+        f"<p>{_inline_code(verdict)}</p>"
         f"{_html_suite(summary)}"
         f"{_html_deployment(summary)}"
         f"{_img(folder / 'curves.png')}<br>{_img(folder / 'tradeoff.png')}</body></html>\n"

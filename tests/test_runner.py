@@ -63,6 +63,8 @@ def test_end_to_end_writes_run_folder_and_report(tmp_path, data_dir, tiny_teache
 
     ConvNet(width=2).load_state_dict(load_file(str(run / "student/model.safetensors")))
     assert "| student |" in (run / "report.md").read_text()
+    page = (run / "report.html").read_text()
+    assert "<code>" in page and "`" not in page.split("<body>")[1].split("<img")[0]  # code spans, not backticks
 
 
 def _cli(args, env=None):
