@@ -8,12 +8,15 @@ each time the report is.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 from distill.config import Recipe, load_recipe
+from distill.models.zoo import ARCHITECTURES
 from distill.report import count, deployment_table, megabytes, ratio, summarize
+from distill.tasks.classification import PIXEL_MEAN, PIXEL_STD
 
 __all__ = ["EXPORT_JSON", "model_card", "read_exports", "record_export", "write_model_card"]
 
@@ -58,7 +61,8 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
                 f"model = AutoModelForSequenceClassification.from_pretrained(\"{student}\").eval()\n"
                 f"batch = tokenizer([\"A fine film.\"], padding=True, truncation=True, max_length={spec.max_length}, "
-                f"return_tensors=\"pt\")\nwith torch.no_grad():\n    logits = model(**batch).logits\n")
+                f"return_tensors=\"pt\")\nwith torch.no_grad():\n    logits = model(**batch).logits\n"
+                f"label = model.config.id2label[int(logits.argmax(-1)[0])]  # the class names are in config.json\n")
     if kind == "hf-causal-lm":
         return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
@@ -69,10 +73,25 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
         return (f"from model2vec import StaticModel\n\nmodel = StaticModel.from_pretrained(\"{student}\")\n"
                 f"embedding = model.encode([\"A man is playing a guitar.\"])\n")
     arch = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
-    return (f"from safetensors.torch import load_file\nfrom distill.models.zoo import ARCHITECTURES\n\n"
-            f"model = ARCHITECTURES.get(\"{arch.get('arch')}\")(**{arch.get('arch_args', {})!r})\n"
+    cls = ARCHITECTURES.get(arch.get("arch", "convnet"))
+    return (f"import torch\nfrom safetensors.torch import load_file\nfrom torch import Tensor, nn\n\n\n"
+            f"{_architecture_source(cls)}\n\n"
+            f"model = {cls.__name__}(**{arch.get('arch_args', {})!r})\n"
             f"model.load_state_dict(load_file(\"{student / 'model.safetensors'}\"))\n"
-            f"logits = model.eval()(images)  # (N, 1, 28, 28), standardised as in training\n")
+            f"images = torch.rand(4, 1, 28, 28)  # your images: (N, 1, 28, 28), pixels scaled to [0, 1]\n"
+            f"x = (images - {PIXEL_MEAN}) / {PIXEL_STD}  # standardised as in training (the data's mean and std)\n"
+            f"with torch.no_grad():\n    logits = model.eval()(x)\n")
+
+
+def _architecture_source(cls: type) -> str:
+    """The class's source and the module-level functions it calls: a card that runs without distill."""
+    module = inspect.getmodule(cls)
+    if module is None or not module.__name__.startswith("distill."):
+        return f"from {cls.__module__} import {cls.__name__}"  # the user's own architecture
+    source = inspect.getsource(cls)
+    helpers = [inspect.getsource(f) for name, f in vars(module).items()
+               if inspect.isfunction(f) and f.__module__ == module.__name__ and f"{name}(" in source]
+    return "\n\n".join([*helpers, source]).strip()
 
 
 def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any]) -> str:
@@ -81,7 +100,9 @@ def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any]) -> str:
     if kind == "torch":
         return (f"import numpy as np\nimport onnxruntime as ort\n\n"
                 f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")\n"
-                f"logits = session.run(None, {{\"x\": images.astype(np.float32)}})[0]  # (N, 1, 28, 28)\n")
+                f"images = np.random.rand(4, 1, 28, 28)  # your images: (N, 1, 28, 28), pixels scaled to [0, 1]\n"
+                f"x = ((images - {PIXEL_MEAN}) / {PIXEL_STD}).astype(np.float32)  # standardised as in training\n"
+                f"logits = session.run(None, {{\"x\": x}})[0]\n")
     special = ", add_special_tokens=False" if kind == "static-embedding" else ""
     what = {"hf-embedding": "embedding", "static-embedding": "embedding"}.get(kind, "logits")
     return (f"import onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
