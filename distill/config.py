@@ -223,7 +223,7 @@ class Recipe(Spec):
 
 
 #: The labelled-text formats of task ``classification``.
-TEXT_LABELLED = ("labelled-text", "csv", "tsv", "jsonl", "parquet")
+TEXT_LABELLED = ("labelled-text", "csv", "tsv", "jsonl", "parquet", "hf-dataset")
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

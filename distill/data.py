@@ -12,8 +12,8 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "labelled_file", "mix_texts", "read_idx_images", "read_labelled",
-           "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
+__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "labelled_file", "mix_texts", "read_idx_images",
+           "read_labelled", "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,19 @@ def _hf_rows(source: str, split: str) -> list[tuple[dict, str]]:
     return [(r, f"{source}[{split}], row {i}") for i, r in enumerate(data)]
 
 
+def dataset_splits(source: Path | str) -> list[str]:
+    """The split names of a Hugging Face dataset (``[]`` for a single split saved alone)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data.format 'hf-dataset' needs the datasets package: pip install datasets") from None
+    local = Path(source)
+    if local.is_dir():
+        data = datasets.load_from_disk(str(local))
+        return sorted(data) if isinstance(data, datasets.DatasetDict) else []
+    return sorted(datasets.get_dataset_split_names(str(source)))
+
+
 def _record_rows(path: Path, fmt: str, split: str) -> list[tuple[dict, str]]:
     """Every record of ``jsonl`` / ``parquet`` files (a file, or a folder's files in name order)
     or of a ``hf-dataset``, with where it came from."""
@@ -340,18 +353,19 @@ def labelled_file(folder: Path, fmt: str, split: str) -> Path | None:
 
 
 def read_labelled(path: Path, fmt: str, text_column: str = "text", label_column: str = "label",
-                  encoding: str = "utf-8") -> tuple[list[str], list[str]]:
+                  encoding: str = "utf-8", split: str = "train") -> tuple[list[str], list[str]]:
     """Texts and their class labels (as written, not yet numbered) from one labelled file.
 
     Formats: ``labelled-text``, one ``LABEL text`` a line (the label is the first word; fastText's
     ``__label__`` prefix is dropped), as SST-2 and TREC ship; ``csv`` / ``tsv`` with a header
-    naming ``text_column`` and ``label_column``; ``jsonl`` / ``parquet`` records with those fields.
+    naming ``text_column`` and ``label_column``; ``jsonl`` / ``parquet`` records with those fields;
+    ``hf-dataset``: the ``split`` of a dataset (a ``save_to_disk`` folder or a Hub id).
 
     Raises:
         DataError: A missing file or column, a line without a text, bytes that are not UTF-8
             (file:line), or no examples.
     """
-    path = _expand(path)
+    path = _expand(path) if fmt != "hf-dataset" else path
     if fmt == "labelled-text":
         pairs = []
         for number, line in enumerate(read_lines(path, encoding), 1):
@@ -363,7 +377,7 @@ def read_labelled(path: Path, fmt: str, text_column: str = "text", label_column:
         pairs = _delimited(path, "," if fmt == "csv" else "\t", text_column, label_column, encoding)
     else:
         pairs = []
-        for record, where in _record_rows(path, fmt, "train"):
+        for record, where in _record_rows(path, fmt, split):
             missing = [c for c in (text_column, label_column) if c not in record]
             if missing:
                 raise DataError(f"{where}: no field {missing} (found {sorted(record)}); set data.text_column and "

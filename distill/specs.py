@@ -122,7 +122,8 @@ class DataSpec(Spec):
     record formats read the ``text_column`` field. Task ``classification`` reads labelled texts
     (a file, or a folder with ``train``, ``dev`` and ``test`` files): ``labelled-text`` is one
     ``LABEL text`` a line (SST-2's and TREC's files); ``csv`` / ``tsv`` (with a header),
-    ``jsonl`` and ``parquet`` hold ``text_column`` and ``label_column``."""
+    ``jsonl``, ``parquet`` and ``hf-dataset`` (its ``split``, and its ``validation`` and ``test``
+    splits) hold ``text_column`` and ``label_column``."""
     path: Path
     """Folder holding the files (relative to the working directory; ``~`` and ``$VARS`` expand).
     ``jsonl`` / ``parquet``: a file, or a folder of them; ``hf-dataset``: a folder written by

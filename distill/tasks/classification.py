@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import DataSpec
-from distill.data import LABELLED_SUFFIXES, labelled_file, read_idx_images, read_labelled
+from distill.data import LABELLED_SUFFIXES, dataset_splits, labelled_file, read_idx_images, read_labelled
 from distill.errors import DataError
 from distill.tasks.base import Batch
 
@@ -145,18 +146,15 @@ class TextClassificationTask(_Accuracy):
 
     def __init__(self, spec: DataSpec) -> None:
         fmt, columns = spec.format, (spec.text_column, spec.label_column, spec.encoding)
-        folder = spec.path if spec.path.is_dir() else None
-        train_file = labelled_file(folder, fmt, "train") if folder else spec.path
-        if train_file is None:
-            raise DataError(f"{spec.path}: no train file ({' or '.join('train' + s for s in LABELLED_SUFFIXES[fmt])})")
-        test_file = spec.test_path or (labelled_file(folder, fmt, "test") if folder else None)
-        dev_file = labelled_file(folder, fmt, "dev") if folder else None
-        texts, raw = read_labelled(train_file, fmt, *columns)
+        sources = _sources(spec)
+        path, split_name = sources["train"]  # type: ignore[misc]
+        texts, raw = read_labelled(path, fmt, *columns, split=split_name)
         order = np.random.default_rng(0).permutation(len(texts))
         held: dict[str, tuple[list[str], list[str]]] = {}
-        for split, file in (("test", test_file), ("eval", dev_file)):
-            if file is not None:
-                held[split] = read_labelled(file, fmt, *columns)
+        for split in ("test", "eval"):
+            source = sources[split]
+            if source is not None:
+                held[split] = read_labelled(source[0], fmt, *columns, split=source[1])
                 continue
             n = max(1, int(len(order) * spec.eval_fraction))
             order, taken = order[:-n], order[-n:]
@@ -180,6 +178,25 @@ class TextClassificationTask(_Accuracy):
     def train_texts(self) -> list[str]:
         """Every training text (for vocabulary pruning)."""
         return self.train.texts
+
+
+def _sources(spec: DataSpec) -> dict[str, tuple[Path, str] | None]:
+    """Where each split's examples are, as ``(path, split name)``: files of a folder (or the one
+    file, and ``test_path``), or the splits of a Hugging Face dataset; ``None`` to hold it out."""
+    fmt = spec.format
+    if fmt == "hf-dataset":
+        names = dataset_splits(spec.path)
+        dev = next((n for n in ("validation", "dev", "valid") if n in names), None)
+        return {"train": (spec.path, spec.split), "test": (spec.path, "test") if "test" in names else None,
+                "eval": (spec.path, dev) if dev else None}
+    folder = spec.path if spec.path.is_dir() else None
+    train = labelled_file(folder, fmt, "train") if folder else spec.path
+    if train is None:
+        raise DataError(f"{spec.path}: no train file ({' or '.join('train' + s for s in LABELLED_SUFFIXES[fmt])})")
+    test = spec.test_path or (labelled_file(folder, fmt, "test") if folder else None)
+    dev = labelled_file(folder, fmt, "dev") if folder else None
+    return {"train": (train, "train"), "test": (test, "train") if test else None,
+            "eval": (dev, "train") if dev else None}
 
 
 def _number_labels(train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:

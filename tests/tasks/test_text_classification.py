@@ -163,3 +163,21 @@ def test_a_run_names_its_teacher_by_the_run_that_trained_it(tmp_path, monkeypatc
     recipe["teacher"]["source"] = "run:trec-teacher"
     path.write_text(json.dumps(recipe))
     assert main(["validate", str(path)]) == 0
+
+
+def test_a_hugging_face_dataset_with_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"sentence": [f"a fine film {i}" for i in range(20)] + [f"a dull film {i}" for i in range(20)],
+            "y": ["pos"] * 20 + ["neg"] * 20}
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                   "validation": datasets.Dataset.from_dict({"sentence": ["fine", "dull"],
+                                                                             "y": ["pos", "neg"]}),
+                                   "test": datasets.Dataset.from_dict({"sentence": ["dull"], "y": ["neg"]})})
+    splits.save_to_disk(str(tmp_path / "ds"))
+    task = TextClassificationTask(DataSpec(format="hf-dataset", path=tmp_path / "ds", text_column="sentence",
+                                           label_column="y"))
+    assert task.label_names == ["neg", "pos"] and len(task.train) == 40
+    assert task.splits["eval"].texts == ["fine", "dull"] and task.splits["test"].labels.tolist() == [0]
+    assert parse_recipe({"name": "x", "task": "classification", "data": {"format": "hf-dataset", "path": "ds"},
+                         "teacher": {"kind": "hf-classifier", "source": "t"}, "student": {"derive": {"layers": [0]}},
+                         "losses": [{"name": "kd"}]}).data.format == "hf-dataset"
