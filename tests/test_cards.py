@@ -67,17 +67,35 @@ def _embedding_run(tmp_path, data_dir, tiny_bert):
             "train": {"max_steps": 2, "batch_size": 32}}
 
 
+def _static_run(tmp_path, data_dir, tiny_bert):
+    pytest.importorskip("model2vec")  # the static student's card loads it with Model2Vec's package
+    return {**_embedding_run(tmp_path, data_dir, tiny_bert), "name": "card-static",
+            "student": {"kind": "static-embedding", "derive": {"hidden_size": 16}}, "losses": [{"name": "cosine"}]}
+
+
+def _language_model_run(tmp_path, data_dir, gpt_pair):
+    from conftest import tiny_lm_recipe
+
+    recipe = tiny_lm_recipe(tmp_path, data_dir, *gpt_pair, baseline=False, train={"max_steps": 2})
+    return {**recipe, "name": "card-lm"}
+
+
 #: What each kind's snippet must leave behind, checked after it runs.
 CHECKS = {
     "card-image": "assert tuple(logits.shape) == (4, 10) and bool(torch.isfinite(logits).all()); print('ok')",
     "card-text": "assert tuple(logits.shape) == (1, 6) and label in {str(i) for i in range(6)}; print('ok')",
     "card-embedding": "assert tuple(embedding.shape) == (1, 16); print('ok')",
+    "card-static": "assert tuple(embedding.shape) == (1, 16); print('ok')",
+    "card-lm": "assert isinstance(text, str) and text; print('ok')",
 }
 
 
-@pytest.mark.parametrize("make", [_image_run, _text_classifier_run, _embedding_run])
-def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, make):
-    recipe = make(tmp_path, data_dir, tiny_bert) if make is not _image_run else make(tmp_path, data_dir)
+@pytest.mark.parametrize("make", [_image_run, _text_classifier_run, _embedding_run, _static_run, _language_model_run])
+def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, gpt_pair, make):
+    if make is _image_run:
+        recipe = make(tmp_path, data_dir)
+    else:
+        recipe = make(tmp_path, data_dir, gpt_pair if make is _language_model_run else tiny_bert)
     recipe.update(output_dir=str(tmp_path / "run"), cache={"dir": str(tmp_path / "cache")}, evaluate=FAST)
     distill.run(recipe)
     card = (tmp_path / "run/student/README.md").read_text()
