@@ -114,3 +114,14 @@ def tiny_lm_recipe(tmp_path: Path, data_dir: Path, teacher_dir: Path, student_di
         "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 4},
     }
     return _merged(base, changes)
+
+
+def run_recipe_cli(recipe: Path, out: Path, env: dict | None = None):  # noqa: ANN201 - a CompletedProcess
+    """``distill run RECIPE --set output_dir=OUT`` in a child process (``env`` adds variables, e.g. the
+    ``DISTILL_KILL_AT_STEP`` test hook), its output captured."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(recipe), "--set", f"output_dir={out}"],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lm_recipe
+from conftest import run_recipe_cli, tiny_lm_recipe
 
 import distill
 from distill.config import DataSpec
@@ -184,10 +184,6 @@ def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair):
 
 
 def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_path, data_dir, gpt_pair):
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
     teacher, student = gpt_pair
@@ -202,8 +198,7 @@ def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_p
     path.write_text(yaml.safe_dump(recipe))
 
     def cli(out, env=None):
-        return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--set", f"output_dir={out}"],
-                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+        return run_recipe_cli(path, out, env)
 
     killed = cli(tmp_path / "killed", {"DISTILL_KILL_AT_STEP": "5"})
     assert killed.returncode == -9, killed.stderr

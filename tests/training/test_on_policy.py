@@ -4,9 +4,6 @@ Tiny GPT-2 teacher and student (conftest ``gpt_pair``) sharing a BPE tokenizer.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from distill.models.load import load_hf
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import tiny_lm_recipe  # noqa: E402
+from conftest import run_recipe_cli, tiny_lm_recipe  # noqa: E402
 
 
 def _texts(data_dir, n=4, size=200):
@@ -144,8 +141,7 @@ def test_on_policy_run_resumes_after_sigkill_as_if_never_stopped(tmp_path, data_
     path.write_text(yaml.safe_dump(spec))
 
     def cli(out, env=None):
-        return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--set", f"output_dir={out}"],
-                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+        return run_recipe_cli(path, out, env)
 
     killed = cli(tmp_path / "killed", {"DISTILL_KILL_AT_STEP": "4"})
     assert killed.returncode == -9, killed.stderr

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
+from conftest import run_recipe_cli
 
 import distill
 from distill.config import parse_recipe
@@ -70,8 +68,7 @@ def test_a_staged_run_resumes_each_stage_after_sigkill_as_if_never_stopped(tmp_p
     path.write_text(yaml.safe_dump(spec))
 
     def cli(out, env=None):
-        return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--set", f"output_dir={out}"],
-                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+        return run_recipe_cli(path, out, env)
 
     kill = {"DISTILL_KILL_AT_STEP": "4"}
     first = cli(tmp_path / "killed", kill)  # killed in the general stage, after step 4
