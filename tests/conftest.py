@@ -125,3 +125,21 @@ def run_recipe_cli(recipe: Path, out: Path, env: dict | None = None):  # noqa: A
 
     return subprocess.run([sys.executable, "-m", "distill.cli", "run", str(recipe), "--set", f"output_dir={out}"],
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def killed_then_resumed(recipe: dict, folder: Path, step: int):  # noqa: ANN201 - (lines, lines, CompletedProcess)
+    """Run ``recipe`` through the CLI killed (SIGKILL) after ``step``, resume it, and run it again
+    uninterrupted in another folder; returns both runs' student metrics lines and the resume's process."""
+    import yaml
+
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    killed = run_recipe_cli(path, folder / "killed", {"DISTILL_KILL_AT_STEP": str(step)})
+    assert killed.returncode == -9, killed.stderr
+    resumed = run_recipe_cli(path, folder / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_recipe_cli(path, folder / "straight")
+    assert straight.returncode == 0, straight.stderr
+    killed_lines, straight_lines = ((folder / name / "train/student/metrics.jsonl").read_text().splitlines()
+                                    for name in ("killed", "straight"))
+    return killed_lines, straight_lines, resumed

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_recipe_cli, tiny_lm_recipe
+from conftest import killed_then_resumed, tiny_lm_recipe
 
 import distill
 from distill.config import DataSpec
@@ -184,8 +184,6 @@ def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair):
 
 
 def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_path, data_dir, gpt_pair):
-    import yaml
-
     teacher, student = gpt_pair
     recipe = tiny_lm_recipe(
         tmp_path, data_dir, teacher, student, name="tiny-lm-cache-resume", task_loss_weight=0.5, baseline=False,
@@ -194,21 +192,6 @@ def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_p
         cache={"enabled": True, "top_k": 8, "shard_size": 10},
         train={"max_steps": 8, "batch_size": 4, "lr": 1e-3, "eval_every": 4, "checkpoint_every": 2},
     )
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-
-    def cli(out, env=None):
-        return run_recipe_cli(path, out, env)
-
-    killed = cli(tmp_path / "killed", {"DISTILL_KILL_AT_STEP": "5"})
-    assert killed.returncode == -9, killed.stderr
-    resumed = cli(tmp_path / "killed")
-    assert resumed.returncode == 0, resumed.stderr
+    killed, straight, resumed = killed_then_resumed(recipe, tmp_path, step=5)
     assert "resuming from" in resumed.stderr + resumed.stdout
-    straight = cli(tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
-
-    def metrics(name):
-        return (tmp_path / name / "train/student/metrics.jsonl").read_text().splitlines()
-
-    assert metrics("killed") == metrics("straight") and any("token_kd_loss" in x for x in metrics("straight"))
+    assert killed == straight and any("token_kd_loss" in x for x in straight)

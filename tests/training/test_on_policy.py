@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 import distill
 from distill.config import OnPolicySpec, parse_recipe
@@ -18,7 +17,7 @@ from distill.models.load import load_hf
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import run_recipe_cli, tiny_lm_recipe  # noqa: E402
+from conftest import killed_then_resumed, tiny_lm_recipe  # noqa: E402
 
 
 def _texts(data_dir, n=4, size=200):
@@ -137,24 +136,9 @@ def test_on_policy_run_resumes_after_sigkill_as_if_never_stopped(tmp_path, data_
     teacher, student = gpt_pair
     spec = tiny_lm_recipe(tmp_path, data_dir, teacher, student, baseline=False, seed=1,
                      on_policy={"fraction": 0.5, "max_new_tokens": 6})
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(spec))
-
-    def cli(out, env=None):
-        return run_recipe_cli(path, out, env)
-
-    killed = cli(tmp_path / "killed", {"DISTILL_KILL_AT_STEP": "4"})
-    assert killed.returncode == -9, killed.stderr
-    resumed = cli(tmp_path / "killed")
-    assert resumed.returncode == 0, resumed.stderr
-    straight = cli(tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
-
-    def metrics(name):
-        return (tmp_path / name / "train/student/metrics.jsonl").read_text().splitlines()
-
+    killed, straight, _ = killed_then_resumed(spec, tmp_path, step=4)
     # The student's samples after the resume are the ones it would have written: same losses.
-    assert metrics("killed") == metrics("straight")
+    assert killed == straight
 
 
 @pytest.mark.parametrize("change, message", [
