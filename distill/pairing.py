@@ -22,6 +22,7 @@ from distill.config import LossSpec
 from distill.errors import ModelError, RecipeError
 from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
 from distill.losses import LOSSES
+from distill.models.layout import channels_last_for_inference
 from distill.registry import suggest
 from distill.step import LossTerm, loss_extras, projector_key, teacher_map_key
 
@@ -295,6 +296,8 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     ``num_examples`` (the training-set size) sizes the memory banks of losses that keep one.
     """
     terms = build_loss_terms(specs, default_on, student, teacher)
+    if terms:
+        channels_last_for_inference(teacher.module)  # the teacher only runs forward passes from here on
     if any(term.loss.traits.uses_head for term in terms):
         check_shared_vocabulary(student, teacher)
     student, teacher = tap_models(terms, student, teacher)
