@@ -26,7 +26,8 @@ from distill.cache import file_sha256
 from distill.errors import TrainingError
 from distill.step import StepModule
 
-__all__ = ["MANIFEST", "MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint"]
+__all__ = ["MANIFEST", "TIMING", "MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint",
+           "without_timing"]
 
 log = logging.getLogger(__name__)
 #: The file of a checkpoint that lists its other files with their SHA-256.
@@ -40,6 +41,16 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+
+
+#: Fields of a metrics record that differ between two runs of the same recipe: the wall-clock
+#: time it was written at and the throughput since the record before.
+TIMING = ("time", "examples_per_s", "tokens_per_s")
+
+
+def without_timing(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its :data:`TIMING` fields: what two runs of one recipe agree on exactly."""
+    return {k: v for k, v in record.items() if k not in TIMING}
 
 
 class MetricsLog:

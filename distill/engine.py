@@ -30,6 +30,7 @@ from distill.models.adapters import Adapter
 from distill.progress import progress
 from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
 from distill.tasks import Batch, Task
+from distill.tracking import Trackers
 
 __all__ = ["make_accelerator", "on_policy_turn", "student_written", "train", "use_cpu"]
 
@@ -104,6 +105,16 @@ def _mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> 
     return dict(zip(keys, accelerator.reduce(local, "mean").tolist(), strict=True))
 
 
+def _examples(batch: Batch) -> int:
+    """Examples in this process's batch."""
+    for value in (batch.get("index"), batch.get("labels")):
+        if value is not None:
+            return len(value)
+    inputs = batch["inputs"]
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    return len(first)
+
+
 def _kill_point() -> int | None:
     """Test hook: ``DISTILL_KILL_AT_STEP=N`` sends this process SIGKILL after step N."""
     value = os.environ.get("DISTILL_KILL_AT_STEP")
@@ -138,8 +149,15 @@ class _Loop:
     state: TrainState
     steps: int
     desc: str
+    trackers: Trackers
     bar: Any = None
     running: dict[str, float] = field(default_factory=dict)
+    units: float = 0.0
+    unit: str = "examples"
+    """Examples (or tokens, for token-level losses) this process trained on since the last record."""
+    clock: float = field(default_factory=time.perf_counter)
+    """When the last record was written (throughput is measured from there, evaluations left out)."""
+    grad_norm: float | None = None
     tokens: float | None = None
     """Tokens of the optimizer step so far, this process (``None`` when the loss is not token-level)."""
     combined: bool = False
@@ -166,24 +184,31 @@ class _Loop:
             count = parts.pop(TOKENS, None)
             if count is None:
                 weight = share / self.spec.grad_accum
+                self.units += _examples(batch)
                 accelerator.backward(parts["loss"] * share if share != 1.0 else parts["loss"])
             else:
                 weight = float(count)
                 self.tokens = (self.tokens or 0.0) + weight
+                self.units, self.unit = self.units + weight, "tokens"
                 accelerator.backward(parts["loss"] * (weight * self.spec.grad_accum))  # a sum over the tokens
             for key, value in parts.items():
                 self.running[key] = self.running.get(key, 0.0) + float(value.detach()) * weight
             if accelerator.sync_gradients:
                 self.per_token()
-                if self.spec.max_grad_norm:
-                    norm = accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm)
-                    if norm is not None and not math.isfinite(float(norm)):
-                        raise TrainingError(f"step {self.state.step + 1}: the gradient norm is {float(norm)}; "
-                                            "training stopped before the optimizer step (lower train.lr or the "
-                                            "loss weights). The last checkpoint is kept; nothing was saved after it")
+                self.clip()
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.state.batch += 1
+
+    def clip(self) -> None:
+        """Measure the gradient norm (logged) and clip to ``max_grad_norm``; stop on a non-finite norm."""
+        # An infinite limit scales every gradient by exactly 1: the norm, with no clipping.
+        norm = self.accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm or math.inf)
+        self.grad_norm = None if norm is None else float(norm)
+        if self.grad_norm is not None and not math.isfinite(self.grad_norm):
+            raise TrainingError(f"step {self.state.step + 1}: the gradient norm is {self.grad_norm}; "
+                                "training stopped before the optimizer step (lower train.lr or the "
+                                "loss weights). The last checkpoint is kept; nothing was saved after it")
 
     def check_finite(self, parts: dict[str, Tensor]) -> None:
         """Stop, naming the step and the loss terms, when the loss is not finite (before its backward)."""
@@ -221,13 +246,26 @@ class _Loop:
         self.combined = False
         record = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[0],
                   **self.running}
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
         if on_policy:
             record["on_policy"] = self.written_in_step / self.spec.grad_accum
             self.written, self.written_in_step = self.written + self.written_in_step, 0
+        record.update(self.timing())
         self.metrics.write(record)
+        self.trackers.log(record, "train")
         self.bar.set_postfix(loss=f"{self.running['loss']:.4f}", refresh=False)
         self.bar.update(1)
         self.running = {}
+
+    def timing(self) -> dict[str, float]:
+        """Wall-clock time and throughput since the last record: the two fields of a record that
+        differ between two runs of the same recipe (:data:`~distill.checkpoint.TIMING`)."""
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        rate = self.units * self.accelerator.num_processes / max(seconds, 1e-9)
+        self.units = 0.0
+        return {"time": round(time.time(), 3), f"{self.unit}_per_s": round(rate, 1)}
 
     def evaluate_and_save(self, student: Adapter) -> None:
         """Evaluate (main process) and checkpoint when the schedule says so."""
@@ -237,12 +275,16 @@ class _Loop:
             # The others go on to the next step and wait for this process there.
             score = self.task.evaluate(student, "eval")
             if score is not None:  # None: nothing to evaluate on (an API run without an eval loader)
-                self.metrics.write({"step": step, "split": "eval", self.task.metric: score})
+                record = {"step": step, "split": "eval", self.task.metric: score}
+                self.metrics.write(record)
+                self.trackers.log(record, "eval")
                 self.bar.write(f"{self.desc} step {step}: eval {self.task.metric} {score:.2f}")
         if step % spec.checkpoint_every == 0 or step == self.steps:
             save_checkpoint(self.accelerator, self.ckpt_dir, self.state, spec.checkpoints_while_training(),
                             self.step_module, self.optimizer, self.scheduler)
-        self.aside += time.perf_counter() - paused
+        aside = time.perf_counter() - paused
+        self.aside += aside
+        self.clock += aside  # evaluations and checkpoints do not count against throughput
 
 
 def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], projectors: nn.ModuleDict,
@@ -265,8 +307,12 @@ def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], pr
     metrics = MetricsLog(folder / "metrics.jsonl", main)
     ckpt_dir = folder / "checkpoints"
     state = resume(accelerator, ckpt_dir, metrics, step_module, optimizer, scheduler)
+    config = {"role": desc, "seed": seed, "task_weight": task_weight, "steps": steps,
+              **{f"loss.{i}.{term.name}": term.weight for i, term in enumerate(terms)},
+              **spec.model_dump(exclude={"log_with", "project"})}
+    trackers = Trackers(accelerator, spec, folder, config)
     loop = _Loop(accelerator, spec, task, model, step_module, optimizer, scheduler, params, metrics, ckpt_dir, state,
-                 steps, desc)
+                 steps, desc, trackers)
     loop.bar = progress(total=steps, initial=state.step, desc=desc, unit="step", show=main)
     return loop
 
@@ -324,7 +370,10 @@ def train(
     loop = _start(student, task, batches, terms, projectors, task_weight, spec, seed, folder, accelerator, desc)
     loop.model.train()
     started, first_step = time.perf_counter(), loop.state.step
-    first_seconds = _run(loop, batches, student, teacher, cache, bool(terms), seed, on_policy)
+    try:
+        first_seconds = _run(loop, batches, student, teacher, cache, bool(terms), seed, on_policy)
+    finally:
+        loop.trackers.finish()
     loop.bar.close()
     return _result(loop, started, first_step, first_seconds, on_policy is not None)
 

@@ -263,6 +263,13 @@ class TrainSpec(Spec):
     vocabulary table as derived from the teacher and makes each step cheaper)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for PyTorch; ``null`` keeps PyTorch's default."""
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                           "trackio"]] = Field(default_factory=list)
+    """Experiment trackers that get every logged value (loss parts, learning rate, gradient norm,
+    throughput, evaluations), through Accelerate's integrations; each needs its own package
+    (``pip install tensorboard``). TensorBoard writes under ``runs/NAME/train/<role>/tracking``."""
+    project: str | None = None
+    """Project (or experiment) name in the trackers; ``null``: the role's name (``student``, ``baseline``)."""
     shard_teacher: bool = False
     """With several processes, shard the frozen teacher's weights across them (FSDP,
     ``torch.distributed.fsdp.fully_shard``, one unit per transformer block): each process keeps

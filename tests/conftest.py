@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -127,6 +128,15 @@ def run_recipe_cli(recipe: Path, out: Path, env: dict | None = None):  # noqa: A
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
+def metrics_lines(folder):
+    """``folder/metrics.jsonl`` as JSON lines without their timing fields (time, throughput):
+    what two runs of one recipe write alike, byte for byte."""
+    from distill.checkpoint import without_timing
+
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.dumps(without_timing(json.loads(line))) for line in lines]
+
+
 def killed_then_resumed(recipe: dict, folder: Path, step: int):  # noqa: ANN201 - (lines, lines, CompletedProcess)
     """Run ``recipe`` through the CLI killed (SIGKILL) after ``step``, resume it, and run it again
     uninterrupted in another folder; returns both runs' student metrics lines and the resume's process."""
@@ -140,6 +150,5 @@ def killed_then_resumed(recipe: dict, folder: Path, step: int):  # noqa: ANN201 
     assert resumed.returncode == 0, resumed.stderr
     straight = run_recipe_cli(path, folder / "straight")
     assert straight.returncode == 0, straight.stderr
-    killed_lines, straight_lines = ((folder / name / "train/student/metrics.jsonl").read_text().splitlines()
-                                    for name in ("killed", "straight"))
+    killed_lines, straight_lines = (metrics_lines(folder / name / "train/student") for name in ("killed", "straight"))
     return killed_lines, straight_lines, resumed

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import metrics_lines
 
 import distill
 from distill.errors import DataError, ModelError, RunFolderError
@@ -89,8 +90,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, data_dir, tiny
     assert straight.returncode == 0, straight.stderr
 
     def metrics(name):
-        lines = (tmp_path / name / "train/student/metrics.jsonl").read_text().splitlines()
-        return [json.loads(x) for x in lines]
+        return metrics_lines(tmp_path / name / "train/student")
 
     assert metrics("killed") == metrics("straight")
     a = json.loads((tmp_path / "killed/eval.json").read_text())["models"]["student"]

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_lm_recipe
+from conftest import metrics_lines, tiny_lm_recipe
 from safetensors.torch import load_file
 from test_engine import Items  # a dataset of indices
 
@@ -144,7 +144,7 @@ def tiny(tmp_path_factory, data_dir):
 
 
 def _metrics(folder):
-    return [json.loads(line) for line in (folder / "train/student/metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in metrics_lines(folder / "train/student")]
 
 
 def _same_training(a, b):

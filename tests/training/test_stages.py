@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_recipe_cli
+from conftest import metrics_lines, run_recipe_cli
 
 import distill
 from distill.config import parse_recipe
@@ -83,8 +83,7 @@ def test_a_staged_run_resumes_each_stage_after_sigkill_as_if_never_stopped(tmp_p
     straight = cli(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     for stage in ("general", "sts"):
-        lines = {name: (tmp_path / name / stage / "train/student/metrics.jsonl").read_text().splitlines()
-                 for name in ("killed", "straight")}
+        lines = {name: metrics_lines(tmp_path / name / stage / "train/student") for name in ("killed", "straight")}
         assert lines["killed"] == lines["straight"] and lines["killed"], stage
     report = (tmp_path / "killed" / "report.md").read_text()
     assert "## Stage 1: general" in report and "## Stage 2: sts" in report
