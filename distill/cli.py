@@ -49,6 +49,17 @@ def _add_run(sub: Subparsers) -> None:
                      "or accelerate launch instead")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. --set train.lr=1e-3 (repeatable)")
+    run.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                     help="run the recipe once per seed (folders runs/NAME-sSEED), then write the aggregate "
+                     "report, mean +- std and a row per seed, to runs/NAME-seeds/")
+
+
+def _add_compare(sub: Subparsers) -> None:
+    compare = sub.add_parser("compare", help="compare finished runs in one table and plot (runs of one recipe "
+                             "that differ only in seed are aggregated: mean +- std)")
+    compare.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
+    compare.add_argument("--out", type=Path, default=Path("runs/comparison"),
+                         help="folder for report.md, report.json and tradeoff.png (default: runs/comparison)")
 
 
 def _add_cache(sub: Subparsers) -> None:
@@ -176,8 +187,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_cache, _add_validate, _add_eval_and_report, _add_inspect, _add_names, _add_export,
-                _add_generate):
+    for add in (_add_run, _add_cache, _add_validate, _add_eval_and_report, _add_compare, _add_inspect, _add_names,
+                _add_export, _add_generate):
         add(sub)
     return parser
 
@@ -279,9 +290,25 @@ def _cache(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from distill import runner
 
+    if args.seeds:
+        from distill.seeds import run_seeds
+
+        report = run_seeds(args.recipe, args.seeds, args.overrides)
+        if _rank() == 0:
+            print(f"\n{report.read_text().split(chr(10) + '![')[0]}\nreport over the seeds: {report}")
+        return 0
     result = runner.run(args.recipe, args.overrides)
     if _rank() == 0:
         print(f"\nreport: {result.report}\n        {result.report.with_suffix('.html')}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from distill.compare import write_comparison
+
+    report = write_comparison(args.runs, args.out, "Comparison of " + ", ".join(str(r) for r in args.runs))
+    print(report.read_text().split("\n![")[0])
+    print(f"table and plot: {report}, {report.parent / 'tradeoff.png'}")
     return 0
 
 
@@ -354,6 +381,7 @@ def _generate_teacher(args: argparse.Namespace, sampling: Sampling) -> Teacher:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run, "cache": _cache, "validate": _validate, "eval": _eval_or_report, "report": _eval_or_report,
     "inspect": _inspect, "losses": _losses, "models": _models, "export": _export, "generate": _generate,
+    "compare": _compare,
 }
 
 

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.suite import summarize_suite  # noqa: E402
 
-__all__ = ["count", "deployment_table", "megabytes", "ratio", "summarize", "write_report", "write_stages_report"]
+__all__ = ["ROLES", "count", "deployment_table", "megabytes", "ratio", "summarize", "write_report",
+           "write_stages_report"]
 
 ROLES = ("teacher", "student", "baseline")
 

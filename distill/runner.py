@@ -46,6 +46,7 @@ from distill.tasks import EmbeddingTask, build_task
 
 __all__ = [
     "RunResult",
+    "as_recipe",
     "build_loss_terms",
     "evaluate_run",
     "locked",
@@ -272,7 +273,7 @@ def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | No
 def build_logit_cache(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None
                       ) -> TokenLogitCache:
     """``distill cache``: build (or finish, or verify) a language-model recipe's logit cache."""
-    recipe = _coerce(recipe, overrides)
+    recipe = as_recipe(recipe, overrides)
     if recipe.task != "lm":
         raise RecipeError(f"distill cache: writes language-model logits; this recipe's task is '{recipe.task}'")
     task = build_task(recipe.task, recipe.data)
@@ -306,7 +307,8 @@ def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | Token
     return open_teacher_cache(recipe, pair.teacher, task, names)
 
 
-def _coerce(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None) -> Recipe:
+def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """A recipe object from an object, a dict or a YAML path, with ``overrides`` (``key=value``) applied."""
     if isinstance(recipe, Recipe):
         if overrides:
             return parse_recipe(apply_overrides(recipe.model_dump(mode="json"), overrides))
@@ -324,7 +326,7 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     teacher cache and the training; the main process alone then evaluates and writes the
     report, and the others return when training is done, with no measured ``models``.
     """
-    recipe = _coerce(recipe, overrides)
+    recipe = as_recipe(recipe, overrides)
     procs = process_state(recipe.train)
     per_process_batch(recipe.train.batch_size, procs.num_processes)
     with locked(recipe.run_dir(), procs.is_main_process):
