@@ -102,19 +102,32 @@ def deployment_table(deployment: dict[str, Any]) -> tuple[list[str], list[list[s
     return head, body
 
 
-def _plot_curves(histories: dict[str, list[dict[str, Any]]], metric: str, path: Path) -> None:
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
+def _plot_curves(histories: dict[str, list[dict[str, Any]]], metric: str, path: Path, task_weight: float = 1.0
+                 ) -> None:
+    """Like against like: the task loss of every model on one axis (the student's divided by its
+    weight, ``task_weight``), the student's distillation terms on their own, the validation metric on a third."""
+    fig, (ax_task, ax_kd, ax_eval) = plt.subplots(1, 3, figsize=(14, 3.5))
     for role, records in histories.items():
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if r.get("split") == "eval"]
-        if train:
-            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=role, lw=0.8)
+        task = [r for r in train if "task_loss" in r]
+        if task:
+            scale = task_weight if role == "student" and task_weight > 0 else 1.0
+            ax_task.plot([r["step"] for r in task], [r["task_loss"] / scale for r in task], label=role, lw=0.8)
+        terms = sorted({k for r in train for k in r if k.endswith("_loss") and k != "task_loss"})
+        for term in terms:
+            points = [r for r in train if term in r]
+            ax_kd.plot([r["step"] for r in points], [r[term] for r in points], label=f"{role}: {term}", lw=0.8)
         if evals:
             ax_eval.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o", label=role)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
+    ax_task.set(xlabel="step", ylabel="task loss", title="task loss (labels)", yscale="log")
+    ax_kd.set(xlabel="step", ylabel="loss term", title="distillation terms", yscale="log")
     ax_eval.set(xlabel="step", ylabel=f"validation {metric}", title=f"validation {metric}")
-    for ax in (ax_loss, ax_eval):
-        ax.legend()
+    for ax in (ax_task, ax_kd, ax_eval):
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "none in this run", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -146,7 +159,7 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
     rows = summarize(summary["models"], metric, higher)
     report = {**summary, "table": rows}
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot_curves(histories, metric, folder / "curves.png")
+    _plot_curves(histories, metric, folder / "curves.png", summary.get("task_loss_weight", 1.0))
     _plot_tradeoff(rows, metric, folder / "tradeoff.png")
     head, body = _table(rows, metric)
     md = [f"# Distillation report: {summary['recipe']}", "", _facts(summary), "",

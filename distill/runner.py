@@ -455,7 +455,8 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     summary = {
         "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
         "teacher": (recipe.teacher.source or recipe.teacher.arch) if recipe.losses else None,
-        "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses, "steps": steps,
+        "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses,
+        "task_loss_weight": recipe.task_loss_weight, "steps": steps,
         "machine": _machine(), "models": models,
     }
     tasks = suite if suite is not None else recipe.evaluate.suite

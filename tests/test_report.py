@@ -1,0 +1,23 @@
+"""The report's plots compare like with like."""
+
+from distill import report
+
+
+def test_curves_put_the_task_losses_on_one_axis_unweighted_and_the_distillation_terms_on_another(tmp_path,
+                                                                                                  monkeypatch):
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    histories = {
+        "student": [{"step": 1, "loss": 0.9, "kd_loss": 0.4, "task_loss": 0.5},
+                    {"step": 2, "loss": 0.7, "kd_loss": 0.3, "task_loss": 0.4},
+                    {"step": 2, "split": "eval", "accuracy": 80.0}],
+        "baseline": [{"step": 1, "loss": 1.2, "task_loss": 1.2}, {"step": 2, "loss": 1.0, "task_loss": 1.0},
+                     {"step": 2, "split": "eval", "accuracy": 78.0}],
+    }
+    report._plot_curves(histories, "accuracy", tmp_path / "curves.png", task_weight=0.5)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    task, terms, evals = figures[0].axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in task.lines}
+    assert lines == {"student": [1.0, 0.8], "baseline": [1.2, 1.0]}  # the student's 0.5 x CE, divided by 0.5
+    assert {line.get_label(): list(line.get_ydata()) for line in terms.lines} == {"student: kd_loss": [0.4, 0.3]}
+    assert [list(line.get_ydata()) for line in evals.lines] == [[80.0], [78.0]]
