@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from distill.config import Recipe, load_recipe
 from distill.models.zoo import ARCHITECTURES
 from distill.report import count, deployment_table, megabytes, ratio, summarize
 from distill.tasks.classification import PIXEL_MEAN, PIXEL_STD
 
-__all__ = ["EXPORT_JSON", "model_card", "read_exports", "record_export", "write_model_card"]
+__all__ = ["EXPORT_JSON", "front_matter", "model_card", "read_exports", "record_export", "write_model_card"]
 
 EXPORT_JSON = Path("export") / "export.json"
 """Where a run folder records its exports, relative to the folder."""
@@ -114,6 +117,46 @@ def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any]) -> str:
             + ("  # pooled and normalised\n" if what == "embedding" else "\n"))
 
 
+#: The Hub's library and pipeline tags per kind of student (``None``: the task decides).
+_LIBRARY = {"torch": "pytorch", "hf-classifier": "transformers", "hf-embedding": "sentence-transformers",
+            "hf-causal-lm": "transformers", "static-embedding": "model2vec"}
+_PIPELINE = {"classification": None, "sts": "sentence-similarity", "embedding": "sentence-similarity",
+             "lm": "text-generation"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_id(source: str | None) -> str | None:
+    """``source`` when it reads as a Hub id (``owner/name``) and is no local path, else ``None``."""
+    if not source or not _HUB_ID.match(source) or Path(source).exists() or source.startswith(("runs/", "run:")):
+        return None
+    return source
+
+
+def front_matter(summary: dict[str, Any], recipe: Recipe) -> str:
+    """The card's YAML header, as the Hugging Face Hub reads it: library, pipeline, tags, the
+    teacher as ``base_model`` (when it is a Hub id), the dataset (a Hub dataset), and a
+    ``model-index`` with the test figures of the student, the teacher and the baseline."""
+    kind = recipe.student_kind
+    pipeline = _PIPELINE.get(recipe.task) or (
+        "image-classification" if kind == "torch" else "text-classification")
+    meta: dict[str, Any] = {"library_name": _LIBRARY.get(kind, "pytorch"), "pipeline_tag": pipeline,
+                            "tags": ["distill", "distillation", "knowledge-distillation"]}
+    teacher = _hub_id(str(summary["teacher"])) if summary.get("teacher") else None
+    if teacher:
+        meta["base_model"] = teacher  # the teacher; the Hub has no relation type for a distilled student
+    dataset = recipe.data.path if recipe.data.format == "hf-dataset" else None
+    if dataset is not None and _hub_id(str(dataset)):
+        meta["datasets"] = [str(dataset)]
+    metric = summary["metric"]
+    results = [{"type": metric, "name": f"{role} {metric}", "value": round(float(figures[metric]), 4)}
+               for role, figures in summary["models"].items() if metric in figures]
+    meta["model-index"] = [{"name": summary["recipe"], "results": [{
+        "task": {"type": pipeline},
+        "dataset": {"name": str(recipe.data.path), "type": str(dataset or recipe.data.format)},
+        "metrics": results}]}]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
+
+
 def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: dict[str, Any]) -> str:
     """The student's README.md: where it comes from, how good, small and fast it is, how to load it.
 
@@ -172,7 +215,7 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
     else:
         folder = student.parent
         lines += ["", f"For onnxruntime, export it first: `distill export {folder} --format onnx --int8`."]
-    return "\n".join(lines) + "\n"
+    return front_matter(summary, recipe) + "\n".join(lines) + "\n"
 
 
 def write_model_card(folder: Path, summary: dict[str, Any]) -> Path | None:

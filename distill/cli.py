@@ -62,6 +62,13 @@ def _add_compare(sub: Subparsers) -> None:
                          help="folder for report.md, report.json and tradeoff.png (default: runs/comparison)")
 
 
+def _add_push(sub: Subparsers) -> None:
+    push = sub.add_parser("push", help="upload a run's student and model card to the Hugging Face Hub")
+    push.add_argument("run_dir", type=Path, metavar="RUN", help="run folder")
+    push.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="Hub model repository (created if new)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+
+
 def _add_cache(sub: Subparsers) -> None:
     cache = sub.add_parser("cache", help="write the teacher's top-k next-token log-probabilities for a "
                            "language-model recipe (resumes a killed build)")
@@ -188,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_cache, _add_validate, _add_eval_and_report, _add_compare, _add_inspect, _add_names,
-                _add_export, _add_generate):
+                _add_export, _add_push, _add_generate):
         add(sub)
     return parser
 
@@ -303,6 +310,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from distill import runner
+    from distill.push import push_run
+
+    with runner.locked(args.run_dir):
+        print(f"pushed: {push_run(args.run_dir, args.repo_id, private=args.private)}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from distill.compare import write_comparison
 
@@ -381,7 +397,7 @@ def _generate_teacher(args: argparse.Namespace, sampling: Sampling) -> Teacher:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run, "cache": _cache, "validate": _validate, "eval": _eval_or_report, "report": _eval_or_report,
     "inspect": _inspect, "losses": _losses, "models": _models, "export": _export, "generate": _generate,
-    "compare": _compare,
+    "compare": _compare, "push": _push,
 }
 
 
