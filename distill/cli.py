@@ -115,11 +115,13 @@ def _add_names(sub: Subparsers) -> None:
 
 def _add_export(sub: Subparsers) -> None:
     export = sub.add_parser(
-        "export", help="export a run's student (ONNX, transformers folder, safetensors, TorchScript), checked "
+        "export", help="export a run's student (ONNX, transformers folder, safetensors, TorchScript, GGUF), checked "
         "against PyTorch; ONNX also measured against the teacher", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", type=Path, help="run folder (runs/<name>)")
-    export.add_argument("--format", required=True, choices=["onnx", "hf", "safetensors", "torchscript"])
+    export.add_argument("--format", required=True, choices=["onnx", "hf", "safetensors", "torchscript", "gguf"])
+    export.add_argument("--quant", default="q8_0", choices=["q8_0", "f16"],
+                        help="GGUF: 8-bit blocks (q8_0, default) or half precision (f16)")
     export.add_argument("--int8", action="store_true", help="also write an int8 ONNX model (dynamic quantization)")
     export.add_argument("--out", type=Path, help="output folder (default RUN/export/FORMAT)")
     export.add_argument("--tolerance", type=float, default=1e-4,
@@ -279,7 +281,8 @@ def _export(args: argparse.Namespace) -> int:
 
     with locked(args.run_dir):
         print(format_export(export_run(args.run_dir, args.format, int8=args.int8, out=args.out,
-                                       tolerance=args.tolerance, measure=args.measure, rounds=args.rounds)))
+                                       tolerance=args.tolerance, measure=args.measure, rounds=args.rounds,
+                                       quant=args.quant)))
     return 0
 
 

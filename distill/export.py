@@ -56,12 +56,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "hf", "safetensors", "torchscript")
+FORMATS = ("onnx", "hf", "safetensors", "torchscript", "gguf")
 """Everything ``distill export --format`` knows."""
 
 KIND_FORMATS: dict[str, tuple[str, ...]] = {
-    "hf-embedding": FORMATS,
-    "hf-classifier": FORMATS,
+    "hf-embedding": ("onnx", "hf", "safetensors", "torchscript"),
+    "hf-classifier": ("onnx", "hf", "safetensors", "torchscript"),
     "hf-causal-lm": FORMATS,
     "torch": ("onnx", "safetensors", "torchscript"),
     "static-embedding": ("onnx", "safetensors", "torchscript"),

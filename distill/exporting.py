@@ -17,6 +17,7 @@ from distill.config import Recipe, load_recipe
 from distill.deploy import measure_deployment
 from distill.errors import RunFolderError
 from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
+from distill.export_gguf import export_gguf, gguf_logprob_gap
 from distill.models.load import load_model
 from distill.runner import report_run
 from distill.tasks import build_task
@@ -24,8 +25,13 @@ from distill.tasks import build_task
 __all__ = ["EXPORT_MARK", "export_run"]
 
 
+#: Largest log-probability difference a GGUF file may show against the PyTorch student, per quantisation.
+GGUF_TOLERANCE = {"f16": 0.05, "q8_0": 0.5}
+
+
 def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None = None,
-               tolerance: float = TOLERANCE, measure: bool = True, rounds: int = 1) -> dict[str, Any]:
+               tolerance: float = TOLERANCE, measure: bool = True, rounds: int = 1, quant: str = "q8_0"
+               ) -> dict[str, Any]:
     """``distill export``: export a finished run's student and record it in ``folder/export/export.json``.
 
     ``onnx`` and ``torchscript`` exports are checked against PyTorch on real test inputs; an
@@ -35,13 +41,15 @@ def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None =
     Args:
         folder: The run folder.
         fmt: ``onnx``, ``hf`` (a copy of the saved transformers folder), ``safetensors`` (the
-            weights file) or ``torchscript``.
+            weights file), ``torchscript`` or ``gguf`` (a Llama-shaped causal LM, for llama.cpp).
         int8: Also write an int8 ONNX model (onnxruntime dynamic quantization).
         out: Where to write; default ``folder/export/<fmt>``.
         tolerance: Largest absolute difference from PyTorch's outputs allowed.
         measure: Measure size, latency and quality of the ONNX models against the teacher.
         rounds: Timing rounds; the medians are reported (a machine shared with other jobs
             gives noisy timings).
+        quant: GGUF: ``q8_0`` or ``f16``; the file is read back by ``transformers`` and its
+            next-token log-probabilities checked against PyTorch (:data:`GGUF_TOLERANCE`).
 
     Returns:
         The record of this export (files, check, deployment figures).
@@ -60,6 +68,8 @@ def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None =
     record: dict[str, Any] = {"format": fmt, "path": str(out)}
     if fmt in ("hf", "safetensors"):
         record.update(copy_saved(folder / "student", fmt, out))
+    elif fmt == "gguf":
+        record.update(_export_gguf(folder, recipe, out, quant))
     else:
         record.update(_export_student(folder, recipe, fmt, out, int8, tolerance, measure, rounds))
     record_export(folder, fmt, record)
@@ -102,6 +112,22 @@ def _check_student_folder(saved: Path, kind: str) -> None:
         if tokens > rows:
             raise RunFolderError(f"{saved}: the tokenizer has {tokens:,} tokens but the embedding table {rows:,} "
                                  "rows; they do not belong together")
+
+
+def _export_gguf(folder: Path, recipe: Recipe, out: Path, quant: str) -> dict[str, Any]:
+    """The student as ``out/model-QUANT.gguf``, read back and checked on three test examples."""
+    path = out / f"model-{quant}.gguf"
+    record = export_gguf(folder / "student", path, quant)
+    inputs = build_task(recipe.task, recipe.data).sample_inputs(3)
+    fields = [v for v in inputs.values() if isinstance(v, list) and v and isinstance(v[0], str)]
+    texts = ["".join(parts) for parts in zip(*fields, strict=True)] or ["The quick brown fox jumps over the lazy dog."]
+    gap = gguf_logprob_gap(folder / "student", path, texts)
+    record.update({"max_abs_diff": gap, "tolerance": GGUF_TOLERANCE[quant]})
+    if gap > GGUF_TOLERANCE[quant]:
+        path.unlink()
+        raise RunFolderError(f"the GGUF file's next-token log-probabilities differ from PyTorch's by {gap:.3g} "
+                             f"(tolerance {GGUF_TOLERANCE[quant]} for {quant}); it was removed")
+    return record
 
 
 def _export_student(folder: Path, recipe: Recipe, fmt: str, out: Path, int8: bool, tolerance: float,
