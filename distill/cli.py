@@ -62,6 +62,19 @@ def _add_compare(sub: Subparsers) -> None:
                          help="folder for report.md, report.json and tradeoff.png (default: runs/comparison)")
 
 
+def _add_plan(sub: Subparsers) -> None:
+    plan = sub.add_parser("plan", help="measure candidate students of a recipe's teacher on this machine (no "
+                          "training), mark those meeting a target and write a recipe for the largest of them")
+    plan.add_argument("recipe", type=Path, help="recipe YAML file (its teacher and data)")
+    plan.add_argument("--speedup", type=float, help="target: throughput at --batch-size, x the teacher's")
+    plan.add_argument("--latency-ms", type=float, help="target: batch-1 latency in ms")
+    plan.add_argument("--size-mb", type=float, help="target: weights on disk in MB")
+    plan.add_argument("--batch-size", type=int, help="throughput batch (default: the recipe's evaluate.batch_size)")
+    plan.add_argument("--repeats", type=int, default=10, help="timed batch-1 passes per model (default 10)")
+    plan.add_argument("--write", type=Path, metavar="RECIPE", help="write the recipe with the chosen student here")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
 def _add_push(sub: Subparsers) -> None:
     push = sub.add_parser("push", help="upload a run's student and model card to the Hugging Face Hub")
     push.add_argument("run_dir", type=Path, metavar="RUN", help="run folder")
@@ -197,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_cache, _add_validate, _add_eval_and_report, _add_compare, _add_inspect, _add_names,
-                _add_export, _add_push, _add_generate):
+                _add_plan, _add_export, _add_push, _add_generate):
         add(sub)
     return parser
 
@@ -313,6 +326,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from distill.plan import Target, plan, plan_table, planned_recipe
+
+    target = Target(args.speedup, args.latency_ms, args.size_mb)
+    rows, teacher = plan(args.recipe, target, args.overrides, args.batch_size, args.repeats)
+    print(plan_table(rows, teacher))
+    chosen = planned_recipe(args.recipe, rows)
+    if chosen is None:
+        print("\nno candidate meets the target" if target != Target() else "")
+        return 0
+    print(f"\nchosen (* meets the target; the one with the most parameters): {chosen['student']}")
+    if args.write:
+        args.write.write_text(yaml.safe_dump(chosen, sort_keys=False))
+        print(f"recipe: {args.write}")
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from distill import runner
     from distill.push import push_run
@@ -400,7 +432,7 @@ def _generate_teacher(args: argparse.Namespace, sampling: Sampling) -> Teacher:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run, "cache": _cache, "validate": _validate, "eval": _eval_or_report, "report": _eval_or_report,
     "inspect": _inspect, "losses": _losses, "models": _models, "export": _export, "generate": _generate,
-    "compare": _compare, "push": _push,
+    "compare": _compare, "push": _push, "plan": _plan,
 }
 
 
