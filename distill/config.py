@@ -226,19 +226,25 @@ class Recipe(Spec):
 TEXT_LABELLED = ("labelled-text", "csv", "tsv", "jsonl", "parquet", "hf-dataset")
 
 
+def _item(node: list[Any], key: str, dotted: str) -> int:
+    if int(key) >= len(node):
+        raise RecipeError(f"--set {dotted}: there is no item {key}; the list has {len(node)}")
+    return int(key)
+
+
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
         if key.isdigit() and isinstance(node, list):
-            node = node[int(key)]
+            node = node[_item(node, key, dotted)]
             continue
         node = node.setdefault(key, {})
         if not isinstance(node, dict | list):
             raise RecipeError(f"--set {dotted}: '{key}' is not a section")
     last = keys[-1]
     if isinstance(node, list) and last.isdigit():
-        node[int(last)] = value
+        node[_item(node, last, dotted)] = value
     else:
         node[last] = value
 
@@ -249,7 +255,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set '{item}': expected key=value, for example train.lr=1e-3")
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise RecipeError(f"--set {item}: the value is not valid YAML ({problem}); quote text, close brackets: "
+                              "losses=[{name: kd}]") from None
+        _set_path(data, key.strip(), value)
     return data
 
 

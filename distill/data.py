@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "labelled_file", "mix_texts", "read_idx_images",
+__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "decoded_lines", "labelled_file", "mix_texts",
+           "read_idx_images",
            "read_labelled", "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
 
 
@@ -41,34 +43,45 @@ def _expand(folder: Path) -> Path:
     return Path(os.path.expandvars(str(folder))).expanduser()
 
 
+def decoded_lines(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The lines of a text file, line ends kept; a line that is not ``encoding`` text stops with a
+    :class:`DataError` naming ``file:line``."""
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                yield raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not {encoding} text ({exc.reason} at byte {exc.start} of the "
+                                "line)") from None
+
+
 def read_stsb(folder: Path, split: str, limit: int | None = None) -> SentencePairs:
     """Read ``sts-<split>.csv``: tab-separated genre, file, year, id, score, sentence1, sentence2.
 
     Lines may carry extra columns after the seventh; they are ignored.
 
     Raises:
-        DataError: Missing file, too few columns, or a score that is not a number.
+        DataError: Missing file, a line that is not UTF-8, too few columns, or a score that is not a number.
     """
     path = _expand(folder) / f"sts-{split}.csv"
     if not path.is_file():
         raise DataError(f"STS Benchmark file not found: {path} (expected sts-train.csv, sts-dev.csv, sts-test.csv)")
     first, second, scores = [], [], []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if len(row) < 7:
-                raise DataError(
-                    f"{path}:{lineno}: expected 7 tab-separated columns (genre, file, year, id, score, "
-                    f"sentence1, sentence2), found {len(row)}"
-                )
-            try:
-                score = float(row[4])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: column 5 (score) is not a number: {row[4]!r}") from None
-            first.append(row[5])
-            second.append(row[6])
-            scores.append(score)
-            if limit is not None and len(scores) >= limit:
-                break
+    for lineno, row in enumerate(csv.reader(decoded_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+        if len(row) < 7:
+            raise DataError(
+                f"{path}:{lineno}: expected 7 tab-separated columns (genre, file, year, id, score, "
+                f"sentence1, sentence2), found {len(row)}"
+            )
+        try:
+            score = float(row[4])
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: column 5 (score) is not a number: {row[4]!r}") from None
+        first.append(row[5])
+        second.append(row[6])
+        scores.append(score)
+        if limit is not None and len(scores) >= limit:
+            break
     if not scores:
         raise DataError(f"{path}: no sentence pairs")
     return SentencePairs(first, second, np.asarray(scores, dtype=np.float32))
@@ -84,8 +97,8 @@ def _open_idx(folder: Path, stem: str) -> tuple[Path, bytes]:
             raw = path.read_bytes()
             try:
                 return path, gzip.decompress(raw) if name.endswith(".gz") else raw
-            except OSError as exc:
-                raise DataError(f"{path}: not a valid gzip file: {exc}") from None
+            except (OSError, EOFError) as exc:
+                raise DataError(f"{path}: not a valid gzip file, or truncated ({exc})") from None
     raise DataError(f"IDX file not found: {folder / stem}(.gz)")
 
 
@@ -166,17 +179,16 @@ def _jsonl_rows(path: Path) -> list[tuple[dict, str]]:
     import json
 
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object")
-            rows.append((record, f"{path}, line {number}"))
+    for number, line in enumerate(decoded_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object")
+        rows.append((record, f"{path}, line {number}"))
     return rows
 
 

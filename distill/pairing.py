@@ -89,6 +89,9 @@ def build_loss_terms(specs: list[LossSpec], default_on: str, student: Any = None
                        if v.default is inspect.Parameter.empty and p not in params]
             if not bad and missing:
                 raise RecipeError(f"losses.{i}.params: loss '{spec.name}' needs {missing}") from None
+            if not bad:  # every name is known: a value of the wrong type
+                raise RecipeError(f"losses.{i}.params: loss '{spec.name}' cannot take {spec.params}: "
+                                  "a value has the wrong type (numbers are written as 2.0, lists as [0, 5])") from None
             hint = suggest(bad[0], allowed) if bad else ""
             raise RecipeError(
                 f"losses.{i}.params: loss '{spec.name}' has no parameter {bad};{hint} "

@@ -76,7 +76,12 @@ def _prepare_folder(recipe: Recipe, procs: PartialState) -> Path:
     marker = folder / "run.json"
     identity = recipe.identity()
     if marker.is_file():
-        held = json.loads(marker.read_text())
+        try:
+            held = json.loads(marker.read_text())
+            if not isinstance(held, dict):
+                raise ValueError(marker)
+        except ValueError:  # a damaged marker: the folder is this recipe's unless it holds results
+            held = {"name": "?", "identity": f"unknown: {marker} is damaged"}
         if held.get("identity") != identity and _holds_results(folder):
             raise RunFolderError(
                 f"{folder} holds a run of another recipe ('{held.get('name')}', identity {held.get('identity')}; "

@@ -200,3 +200,16 @@ def test_eval_and_report_commands_on_a_finished_run(tmp_path, data_dir, tiny_tea
     assert main(["eval", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run/report.md").is_file()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_damaged_run_json_is_replaced_unless_the_folder_holds_results(tmp_path, data_dir, tiny_teacher):
+    spec = recipe(tmp_path, data_dir, tiny_teacher, baseline=False)
+    spec["train"]["max_steps"] = 2
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{garbage")
+    distill.run(spec)  # nothing else there: the folder is this recipe's
+    assert json.loads((run / "run.json").read_text())["name"] == "tiny"
+    (run / "run.json").write_text("{garbage")
+    with pytest.raises(RunFolderError, match=r"run.json is damaged"):
+        distill.run({**spec, "seed": 1})  # results there, and no telling whose

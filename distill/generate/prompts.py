@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.data import decoded_lines
 from distill.errors import DataError, DistillError
 
 __all__ = ["PromptRow", "parse_shard", "prompt_key", "read_prompts", "select_shard", "unique_prompts"]
@@ -79,15 +80,14 @@ def read_prompts(path: Path) -> list[PromptRow]:
     if not path.is_file():
         raise DataError(f"prompts file not found: {path}")
     rows: list[PromptRow] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            rows.append(_prompt_row(record, len(rows), f"{path}:{lineno}"))
+    for lineno, line in enumerate(decoded_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        rows.append(_prompt_row(record, len(rows), f"{path}:{lineno}"))
     if not rows:
         raise DataError(f"{path}: no prompts")
     return rows

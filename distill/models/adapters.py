@@ -8,6 +8,7 @@ of inputs, get ``{"logits": ...}`` or ``{"embedding": ...}`` (text models add ``
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from distill.errors import ModelError
 from distill.models.hf import HFTextAdapter, device_of, pool, unwrap
 from distill.models.zoo import ARCHITECTURES
+from distill.registry import suggest
 
 __all__ = [
     "Adapter",
@@ -99,7 +101,15 @@ def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: s
         path = path / "model.safetensors"
     if arch is None:
         raise ModelError("torch model: give arch (an architecture name) or a folder distill saved")
-    module = ARCHITECTURES.get(arch)(**arch_args)
+    cls = ARCHITECTURES.get(arch)
+    try:
+        module = cls(**arch_args)
+    except TypeError:
+        allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
+        bad = [k for k in arch_args if k not in allowed]
+        hint = suggest(bad[0], allowed) if bad else ""
+        raise ModelError(f"arch_args of '{arch}': {bad or arch_args} not accepted;{hint} it takes "
+                         f"{', '.join(allowed)}") from None
     if path is not None:
         if not path.is_file():
             raise ModelError(f"torch model: weights file not found: {path}")

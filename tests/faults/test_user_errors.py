@@ -65,3 +65,58 @@ def test_validate_names_paths_that_do_not_exist(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not found: data.path" in err and "teacher.source no-teacher" in err
+
+
+def _recipe_file(tmp_path, recipe):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(("override", "told"), [
+    ("losses=[{name: kd", "--set losses=[{name: kd: the value is not valid YAML"),
+    ("losses.5.weight=1", "--set losses.5.weight: there is no item 5; the list has 1"),
+])
+def test_bad_overrides_are_one_line(tmp_path, capsys, override, told):
+    assert main(["validate", str(_recipe_file(tmp_path, BASE)), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"distill: error: {told}") and len(err.strip().splitlines()) == 1
+
+
+def test_a_loss_parameter_of_the_wrong_type_is_named():
+    from distill.pairing import build_loss_terms
+
+    with pytest.raises(distill.RecipeError, match=r"losses.0.params: loss 'kd' cannot take \{'temperature': 'hot'\}"):
+        build_loss_terms(parse_recipe({**BASE, "losses": [{"name": "kd", "params": {"temperature": "hot"}}]}).losses,
+                         "logits")
+
+
+def test_a_typo_in_arch_args_is_named_with_a_suggestion():
+    from distill.models.adapters import load_torch_classifier
+
+    with pytest.raises(distill.ModelError, match=r"\['widht'\] not accepted; did you mean 'width'\? it takes width"):
+        load_torch_classifier("convnet", {"widht": 4}, None)
+
+
+def test_damaged_data_files_are_named(tmp_path, data_dir):
+    import shutil
+
+    from distill.data import read_idx_images, read_records, read_stsb
+
+    shutil.copytree(data_dir / "stsbenchmark", tmp_path / "sts")
+    train = tmp_path / "sts/sts-train.csv"
+    lines = train.read_bytes().split(b"\n")
+    lines[2] = lines[2][:40] + b"\xff" + lines[2][40:]
+    train.write_bytes(b"\n".join(lines))
+    with pytest.raises(distill.DataError, match=r"sts-train.csv:3: not utf-8 text"):
+        read_stsb(tmp_path / "sts", "train")
+    (tmp_path / "r.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(distill.DataError, match=r"r.jsonl:2: not utf-8 text"):
+        read_records(tmp_path / "r.jsonl", "jsonl")
+    shutil.copytree(data_dir / "fashion-mnist", tmp_path / "fm")
+    for gz in (tmp_path / "fm").glob("t10k-images*.gz"):
+        gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    with pytest.raises(distill.DataError, match=r"not a valid gzip file, or truncated"):
+        read_idx_images(tmp_path / "fm", "test")
