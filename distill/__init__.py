@@ -4,6 +4,7 @@ from distill.config import LossSpec, Recipe, TrainSpec, load_recipe
 from distill.distiller import Distiller
 from distill.errors import DataError, DistillError, ModelError, RecipeError, RunFolderError, TrainingError
 from distill.losses import LOSSES
+from distill.models.student import derive
 from distill.runner import RunResult, run
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "RunResult",
     "TrainSpec",
     "TrainingError",
+    "derive",
     "load_recipe",
     "run",
 ]

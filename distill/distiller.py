@@ -23,7 +23,10 @@ __all__ = ["Distiller"]
 
 
 class ModuleAdapter:
-    """Wraps a plain module so that ``module(inputs["x"])`` becomes ``{output: tensor}``."""
+    """Wraps a module so that a batch's inputs become ``{output: tensor}``: ``module(x)`` for
+    ``(x, y)`` batches, ``module(**inputs)`` for dict batches (a ``transformers`` model's
+    ``input_ids``, ``attention_mask``, ...), whose output's ``logits`` (or attribute named
+    ``output``) is taken."""
 
     def __init__(self, module: nn.Module, output: str = "logits") -> None:
         self.module = module
@@ -31,7 +34,14 @@ class ModuleAdapter:
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         device = next(self.module.parameters()).device
-        return {self.output: self.module(inputs["x"].to(device))}
+        if set(inputs) == {"x"}:
+            out = self.module(inputs["x"].to(device))
+        else:
+            out = self.module(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()})
+        if not isinstance(out, Tensor):  # a ModelOutput (or a tuple: its first item)
+            found = getattr(out, self.output, None)
+            out = found if isinstance(found, Tensor) else out[0]
+        return {self.output: out}
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -41,9 +51,17 @@ class ModuleAdapter:
         save_file(state, str(folder / "model.safetensors"))
 
 
+#: Keys of a dict batch that are not model inputs.
+_NOT_INPUTS = ("y", "labels", "label", "index")
+
+
 def _to_batch(item: Any) -> Batch:
-    if isinstance(item, dict):
+    if isinstance(item, dict) and "x" in item:
         return {"index": item.get("index"), "inputs": {"x": item["x"]}, "labels": item.get("y")}
+    if isinstance(item, dict):  # a transformers-style batch: input_ids, attention_mask, ..., labels
+        labels = next((item[k] for k in ("labels", "label", "y") if item.get(k) is not None), None)
+        inputs = {k: v for k, v in item.items() if k not in _NOT_INPUTS}
+        return {"index": item.get("index"), "inputs": inputs, "labels": labels}
     x, y = item[0], (item[1] if len(item) > 1 else None)
     return {"index": None, "inputs": {"x": x}, "labels": y}
 
@@ -94,8 +112,12 @@ class _LoaderTask:
 class Distiller:
     """Train ``student`` to imitate ``teacher`` on batches from a data loader.
 
-    Batches are ``(x, y)`` tuples or ``{"x": ..., "y": ...}`` dicts; ``y`` may be ``None``
-    when ``task_loss_weight`` is 0. The teacher runs online on every batch.
+    Batches are ``(x, y)`` tuples, ``{"x": ..., "y": ...}`` dicts, or the dicts a
+    ``transformers`` collator makes (``input_ids``, ``attention_mask``, ..., ``labels``), which
+    are passed to the models as keyword arguments (their output's ``logits`` is used). ``y`` /
+    ``labels`` may be absent when ``task_loss_weight`` is 0. The teacher runs online on every
+    batch, and not at all when there are no distillation losses. A ``transformers`` student
+    can be derived from the teacher with :func:`distill.derive`.
 
     Args:
         teacher: The frozen model to imitate.

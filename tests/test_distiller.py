@@ -40,3 +40,73 @@ def test_the_default_folder_is_new_for_every_distiller(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a, b = (distill.Distiller(MLP(hidden=8, depth=1), MLP(hidden=4, depth=1)) for _ in range(2))
     assert a.folder.parent.name == "runs" and a.folder != b.folder
+
+
+def _trec(data_dir, tokenizer, n=256):
+    from distill.data import read_labelled
+
+    texts, raw = read_labelled(data_dir / "trec" / "train.txt", "labelled-text", encoding="latin-1")
+    texts, raw = texts[:n], raw[:n]
+    names = sorted(set(raw))
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    labels = torch.tensor([names.index(label) for label in raw])
+    return [{"input_ids": enc["input_ids"][i : i + 32], "attention_mask": enc["attention_mask"][i : i + 32],
+             "labels": labels[i : i + 32]} for i in range(0, n, 32)], len(names), texts
+
+
+def test_transformers_models_dict_batches_and_a_derived_student(tmp_path, data_dir, tiny_bert):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    batches, classes, texts = _trec(data_dir, tokenizer)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=classes)
+    student = distill.derive(teacher, tokenizer, layers=[1], hidden_size=16, num_attention_heads=2, texts=texts)
+    assert type(student) is BertForSequenceClassification and student.config.num_hidden_layers == 1
+    assert student.config.hidden_size == 16
+    # Layer 1 of the teacher, kept whole, is the student's layer 0.
+    whole = distill.derive(teacher, tokenizer, layers=[1])
+    kept, source = whole.bert.encoder.layer[0], teacher.bert.encoder.layer[1]
+    assert torch.equal(kept.output.dense.weight, source.output.dense.weight)
+
+    def agreement():
+        with torch.no_grad():
+            same = [(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+                     == student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1))
+                    for b in batches]
+        return float(torch.cat(same).float().mean())
+
+    before = agreement()
+    result = distill.Distiller(teacher, student, losses=[{"name": "kd", "params": {"temperature": 2.0}}],
+                               train={"epochs": 6, "lr": 3e-3}, folder=tmp_path / "fit").fit(batches)
+    records = [json.loads(x) for x in (tmp_path / "fit/metrics.jsonl").read_text().splitlines()]
+    assert result["steps_run"] == 48 and records[-1]["kd_loss"] < records[0]["kd_loss"] / 2
+    assert agreement() > max(before, 0.6)
+
+
+def test_without_distillation_losses_the_teacher_never_runs(tmp_path, data_dir, tiny_bert):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    batches, classes, _ = _trec(data_dir, tokenizer, n=64)
+    student = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=classes)
+
+    class Refuses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **inputs):
+            raise AssertionError("the teacher ran")
+
+    result = distill.Distiller(Refuses(), student, losses=[], task_loss_weight=1.0, train={"epochs": 1},
+                               folder=tmp_path / "fit").fit(batches)
+    assert result["steps_run"] == 2
+
+
+def test_narrowing_without_calibration_texts_is_refused(tiny_bert):
+    from transformers import AutoTokenizer, BertModel
+
+    with pytest.raises(distill.RecipeError, match="pass texts="):
+        distill.derive(BertModel.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert), hidden_size=16,
+                       num_attention_heads=2)

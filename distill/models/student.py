@@ -16,17 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import set_seed
+from torch import nn
 
 from distill.config import DeriveSpec, Recipe
 from distill.errors import RecipeError
-from distill.models.adapters import Adapter
+from distill.models.adapters import Adapter, HFClassifierAdapter, HFEmbeddingAdapter
 from distill.models.causal_lm import HFCausalLMAdapter
 from distill.models.derive import derive_encoder
 from distill.models.derive_lm import derive_causal_lm
 from distill.models.load import load_model
 from distill.models.static import derive_static, vocabulary_of
 
-__all__ = ["BuiltStudent", "build_student", "derive_student"]
+__all__ = ["BuiltStudent", "build_student", "derive", "derive_student"]
 
 
 def derive_student(teacher: Any, spec: DeriveSpec, calibration: Iterable[dict[str, Any]],
@@ -58,6 +59,43 @@ def derive_student(teacher: Any, spec: DeriveSpec, calibration: Iterable[dict[st
                               "(token-level losses compare whole next-token distributions)")
         return derive_causal_lm(teacher, spec, calibration)
     return derive_encoder(teacher, spec, calibration, keep_tokens)
+
+
+def derive(teacher: nn.Module, tokenizer: Any, *, layers: list[int] | None = None, hidden_size: int | None = None,
+           num_attention_heads: int | None = None, intermediate_size: int | None = None,
+           texts: list[str] | None = None, max_length: int = 128, batch_size: int = 16) -> nn.Module:
+    """A student derived from a ``transformers`` teacher, for the Python API (``distill.derive``):
+    what ``student.derive`` does in a recipe. Layers are kept as copies of the teacher's; a
+    narrower width keeps the channels, heads and neurons most active on ``texts``.
+
+    Args:
+        teacher: A ``transformers`` encoder (``AutoModel``), sequence classifier or causal LM.
+        tokenizer: Its tokenizer.
+        layers, hidden_size, num_attention_heads, intermediate_size: As in a recipe's ``student.derive``.
+        texts: Calibration texts (needed only when the width shrinks; 8 batches are read).
+        max_length: Truncation of the calibration texts, in tokens.
+        batch_size: Calibration batch size.
+
+    Returns:
+        The student module, of the teacher's class (it shares the teacher's tokenizer).
+    """
+    spec = DeriveSpec(layers=layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                      intermediate_size=intermediate_size)
+    narrower = any(v is not None for v in (hidden_size, num_attention_heads, intermediate_size))
+    if narrower and not texts:
+        raise RecipeError("derive: a narrower student keeps the channels most active on calibration texts; "
+                          "pass texts=[...] (a few hundred of the training texts)")
+    name = type(teacher).__name__
+    adapter: Any
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        adapter = HFCausalLMAdapter(teacher, tokenizer, max_length)
+    elif name.endswith("ForSequenceClassification"):
+        adapter = HFClassifierAdapter(teacher, tokenizer, max_length)
+    else:
+        adapter = HFEmbeddingAdapter(teacher, tokenizer, "mean", True, max_length)
+    calibration = [{"text": list(texts[i : i + batch_size])} for i in range(0, min(len(texts), 8 * batch_size),
+                                                                              batch_size)] if texts else []
+    return derive_student(adapter, spec, calibration).module
 
 
 def _calibration(task: Any, spec: DeriveSpec, batch_size: int) -> Iterator[dict[str, Any]]:
