@@ -43,7 +43,10 @@ of the optimizer step of the epoch's last batch (a global optimizer step hook), 
 checkpoints between epochs are not counted. What still differs between the runs: the hint
 regressor's initial weights and the dropout masks come from different random draws in the two
 tools, and distill's loop also writes a metrics line and a progress-bar update every step
-(counted, as part of its cost). On the 54,000 training images one epoch is 422 steps.
+(counted, as part of its cost). distill runs the frozen teacher as it always does, with its
+convolution weights in channels-last memory order (``distill.models.layout``); torchdistill runs
+the teacher as loaded, in PyTorch's default order. Each tool loads its own copy of the teacher.
+On the 54,000 training images one epoch is 422 steps.
 
 Installing torchdistill without touching the venv's torch (2.13.0+cpu)::
 
