@@ -41,6 +41,8 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    skipped: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient (``train.on_nonfinite: skip``)."""
 
 
 #: Fields of a metrics record that differ between two runs of the same recipe: the wall-clock
@@ -184,7 +186,7 @@ def _load(checkpoint: Path, accelerator: Accelerator, step: StepModule, optimize
     if accelerator.process_index < len(saved["rng"]):
         _set_rng_state(saved["rng"][accelerator.process_index])
     info = json.loads((checkpoint / "trainer_state.json").read_text())
-    return TrainState(step=info["step"], epoch=info["epoch"], batch=info["batch"])
+    return TrainState(step=info["step"], epoch=info["epoch"], batch=info["batch"], skipped=info.get("skipped", 0))
 
 
 def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: StepModule, optimizer: Any,

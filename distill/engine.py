@@ -158,6 +158,9 @@ class _Loop:
     clock: float = field(default_factory=time.perf_counter)
     """When the last record was written (throughput is measured from there, evaluations left out)."""
     grad_norm: float | None = None
+    nonfinite: bool = False
+    """This optimizer step met a non-finite loss or gradient (``on_nonfinite: skip``)."""
+    skipped_now: bool = False
     tokens: float | None = None
     """Tokens of the optimizer step so far, this process (``None`` when the loss is not token-level)."""
     combined: bool = False
@@ -196,9 +199,31 @@ class _Loop:
             if accelerator.sync_gradients:
                 self.per_token()
                 self.clip()
-            self.optimizer.step()
+                self.skip_if_nonfinite()
+            if not self.nonfinite:
+                self.optimizer.step()
             self.optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                self.nonfinite = False
         self.state.batch += 1
+
+    def skip_if_nonfinite(self) -> None:
+        """With ``on_nonfinite: skip``, agree across processes on skipping this step, count it and
+        mark its record; stop once more than ``max_skipped`` steps were skipped."""
+        if self.spec.on_nonfinite != "skip":
+            return
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(self.nonfinite)], device=self.accelerator.device)
+            self.nonfinite = bool(self.accelerator.reduce(flag, "max").item())
+        if not self.nonfinite:
+            return
+        self.state.skipped += 1
+        self.skipped_now = True
+        if self.state.skipped > self.spec.max_skipped:
+            raise TrainingError(f"step {self.state.step + 1}: {self.state.skipped} steps skipped for a non-finite "
+                                f"loss or gradient, more than train.max_skipped ({self.spec.max_skipped}); training "
+                                "stopped (lower train.lr or the loss weights, or check the data). The last checkpoint "
+                                "is kept")
 
     def clip(self) -> None:
         """Measure the gradient norm (logged) and clip to ``max_grad_norm``; stop on a non-finite norm."""
@@ -206,6 +231,9 @@ class _Loop:
         norm = self.accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm or math.inf)
         self.grad_norm = None if norm is None else float(norm)
         if self.grad_norm is not None and not math.isfinite(self.grad_norm):
+            if self.spec.on_nonfinite == "skip":
+                self.nonfinite = True
+                return
             raise TrainingError(f"step {self.state.step + 1}: the gradient norm is {self.grad_norm}; "
                                 "training stopped before the optimizer step (lower train.lr or the "
                                 "loss weights). The last checkpoint is kept; nothing was saved after it")
@@ -213,6 +241,9 @@ class _Loop:
     def check_finite(self, parts: dict[str, Tensor]) -> None:
         """Stop, naming the step and the loss terms, when the loss is not finite (before its backward)."""
         if bool(torch.isfinite(parts["loss"].detach()).all()):
+            return
+        if self.spec.on_nonfinite == "skip":  # the backward still runs, so that processes stay in step
+            self.nonfinite = True
             return
         bad = [f"{k} = {float(v.detach())}" for k, v in parts.items()
                if k not in ("loss", TOKENS) and not bool(torch.isfinite(v.detach()).all())]
@@ -248,6 +279,8 @@ class _Loop:
                   **self.running}
         if self.grad_norm is not None:
             record["grad_norm"] = self.grad_norm
+        if self.skipped_now:
+            record["skipped"], self.skipped_now = True, False
         if on_policy:
             record["on_policy"] = self.written_in_step / self.spec.grad_accum
             self.written, self.written_in_step = self.written + self.written_in_step, 0

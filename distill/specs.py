@@ -231,6 +231,12 @@ class TrainSpec(Spec):
     """Share of steps with a linear warm-up."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate decay after warm-up."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: ``stop`` the run there (naming the step and the loss
+    term; the last checkpoint is kept), or ``skip`` that optimizer step (no update; the record
+    says ``"skipped": true``), up to ``max_skipped`` steps, after which the run stops."""
+    max_skipped: int = Field(10, ge=1)
+    """With ``on_nonfinite: skip``: how many steps may be skipped in the whole run."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip gradients to this norm; ``null`` disables clipping."""
     eval_every: int = Field(200, ge=1)
