@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -123,18 +124,44 @@ def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: floa
     return "\n".join(lines + notes)
 
 
+def seeds_table(folders: dict[int, dict[str, Path]]) -> str:
+    """Test perplexity per method, mean +- std over seeds, and how often the teacher helped."""
+    per: dict[str, list[float]] = {}
+    base: list[float] = []
+    for methods in folders.values():
+        for i, (method, folder) in enumerate(methods.items()):
+            models = json.loads((folder / "eval.json").read_text())["models"]
+            per.setdefault(method, []).append(models["student"]["perplexity"])
+            if i == 0:
+                base.append(models["baseline"]["perplexity"])
+                teacher = models["teacher"]["perplexity"]
+    seeds = " / ".join(str(s) for s in folders)
+    lines = [f"| model | WikiText-2 test perplexity, seeds {seeds} | mean +- std | vs data alone, mean | "
+             "better than data alone |", "|---|---|---|---|---|",
+             f"| teacher | {teacher:.2f} | | | |"]
+    for name, values in [*((NAMES[m], v) for m, v in per.items()), ("same student, data alone", base)]:
+        ratio = [v / b for v, b in zip(values, base, strict=True)]
+        wins = sum(r < 1 for r in ratio)
+        lines.append(f"| {name} | {' / '.join(f'{v:.2f}' for v in values)} | {statistics.mean(values):.2f} +- "
+                     f"{statistics.stdev(values) if len(values) > 1 else 0:.2f} | "
+                     f"{statistics.mean(ratio):.3f}x | {wins}/{len(ratio)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", required=True, help="path to SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf, or a model folder")
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-wikitext.yaml"))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
                         help="folder with WikiText-2 valid.txt and test.txt")
     parser.add_argument("--out", default=str(REPO / "runs" / "smollm2-wikitext"), help="run folder")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--context", type=int, default=256, help="tokens per block (longer blocks are truncated)")
     parser.add_argument("--test-blocks", type=int, default=64, help="test blocks scored; 0 for the whole test set")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per seed (folders OUT-sSEED); with several, a mean +- std table")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="distillation losses to train with (the first also trains the baseline)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field")
@@ -144,19 +171,26 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    folders, ran = {}, False
-    for i, method in enumerate(args.methods):
-        suffix, changes = METHODS[method]
-        folder = Path(args.out + suffix).resolve()
-        if (folder / "eval.json").is_file():
-            print(f"{method}: reusing the finished run in {folder}")
-        else:
-            changes = changes if i == 0 or "baseline=false" in changes else [*changes, "baseline=false"]
-            distill.run(args.recipe, [*_overrides(args), *changes, f"output_dir={folder}"])
-            ran = True
-        folders[method] = folder
+    ran = False
+    folders: dict[int, dict[str, Path]] = {}
+    for seed in args.seeds:
+        folders[seed] = {}
+        for i, method in enumerate(args.methods):
+            suffix, changes = METHODS[method]
+            folder = Path(f"{args.out}{suffix}-s{seed}").resolve()
+            if (folder / "eval.json").is_file():
+                print(f"{method}, seed {seed}: reusing the finished run in {folder}")
+            else:
+                changes = changes if i == 0 or "baseline=false" in changes else [*changes, "baseline=false"]
+                distill.run(args.recipe, [*_overrides(args), *changes, f"seed={seed}", f"output_dir={folder}"])
+                ran = True
+            folders[seed][method] = folder
     first, *rest = args.methods
-    print(table(folders[first], {m: folders[m] for m in rest}, time.perf_counter() - start if ran else None))
+    runs = folders[args.seeds[0]]
+    print(table(runs[first], {m: runs[m] for m in rest}, time.perf_counter() - start if ran else None))
+    if len(args.seeds) > 1:
+        print()
+        print(seeds_table(folders))
 
 
 if __name__ == "__main__":
