@@ -1,8 +1,8 @@
 """Runs side by side: ``distill compare RUN...`` and the report of one recipe over several seeds.
 
 Runs whose recipes differ only in ``seed`` (and where they were written) form one group: its
-quality is reported as mean +- std over the seeds, with one row per seed below, and the plot
-draws the spread as error bars.
+quality is reported as mean +- std over the seeds (the sample standard deviation, n - 1), with
+one row per seed below, and the plot draws the spread as error bars.
 """
 
 from __future__ import annotations
