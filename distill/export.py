@@ -473,6 +473,10 @@ def export_traced(adapter: Any, fmt: str, out: Path, sample: dict[str, Any], int
 def format_export(record: dict[str, Any]) -> str:
     """What ``distill export`` prints."""
     lines = [f"{record['format']}: {record.get('file', record['path'])}"]
+    if "mean_kl" in record:
+        lines.append(f"  against pytorch on test examples: mean KL {record['mean_kl']:.2e} nats/token (tolerance "
+                     f"{record['tolerance']:g}), same top token {record['top1_agreement']:.1%}, max |log p diff| on "
+                     f"the top 10 {record['max_abs_diff_top10']:.3f}; {record['bytes'] / 1e6:.1f} MB")
     if "max_abs_diff" in record:
         lines.append(f"  max |export - pytorch| {record['max_abs_diff']:.2e} on sample inputs "
                      f"(tolerance {record['tolerance']:g})")

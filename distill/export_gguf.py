@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 
 from distill.errors import ModelError
 
-__all__ = ["GGUF_QUANTS", "export_gguf", "gguf_logprob_gap"]
+__all__ = ["GGUF_QUANTS", "export_gguf", "gguf_agreement"]
 
 GGUF_QUANTS = ("q8_0", "f16")
 _BLOCK = 32  # Q8_0 block length
@@ -141,19 +140,26 @@ def export_gguf(student: Path, path: Path, quant: str = "q8_0") -> dict[str, Any
 
 
 @torch.inference_mode()
-def gguf_logprob_gap(student: Path, path: Path, texts: list[str]) -> float:
-    """Largest absolute difference of next-token log-probabilities between the saved student and
-    the GGUF file as ``transformers`` reads it, on ``texts``."""
+def gguf_agreement(student: Path, path: Path, texts: list[str]) -> dict[str, float]:
+    """How the GGUF file, as ``transformers`` reads it, predicts against the saved student on
+    ``texts``: the mean KL divergence of its next-token distribution from the student's (nats
+    per token), the share of positions where both pick the same top token, and the largest
+    log-probability difference on the student's 10 likeliest tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(student))
     reference = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32).eval()
     exported = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                     dtype=torch.float32).eval()
-    gap = 0.0
+    kl, same, gap, positions = 0.0, 0, 0.0, 0
     for text in texts:
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        a = torch.log_softmax(reference(input_ids=ids).logits, -1)
-        b = torch.log_softmax(exported(input_ids=ids).logits, -1)
-        gap = max(gap, float((a - b).abs().max()))
-    return gap if math.isfinite(gap) else math.inf
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=256)["input_ids"]
+        a = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)[0]
+        b = torch.log_softmax(exported(input_ids=ids).logits.float(), -1)[0]
+        kl += float((a.exp() * (a - b)).sum())
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        top = a.topk(min(10, a.shape[-1]), -1).indices
+        gap = max(gap, float((a.gather(-1, top) - b.gather(-1, top)).abs().max()))
+        positions += a.shape[0]
+    return {"mean_kl": kl / max(positions, 1), "top1_agreement": same / max(positions, 1),
+            "max_abs_diff_top10": gap}
