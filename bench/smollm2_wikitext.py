@@ -40,10 +40,10 @@ NAMES = {"forward_kl": "distilled student (forward KL)",
          "forward_kl+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy)"}
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
+def _overrides(args: argparse.Namespace, teacher: Path) -> list[str]:
     data = Path(args.data).resolve()
     sets = [
-        f"teacher.source={Path(args.gguf).resolve()}",
+        f"teacher.source={teacher}",
         f"data.path={data / 'valid.txt'}",
         f"data.test_path={data / 'test.txt'}",
         f"data.test_limit={args.test_blocks or 'null'}",
@@ -78,7 +78,7 @@ def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: floa
     from transformers import AutoConfig
 
     from distill.config import load_recipe
-    from distill.models.gguf import from_pretrained_args
+    from distill.models.gguf import from_pretrained_args, is_gguf
     from distill.tasks import build_task
 
     summary = json.loads((run_folder / "eval.json").read_text())
@@ -92,7 +92,9 @@ def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: floa
     folder, gguf = from_pretrained_args(str(recipe.teacher.source))
     teacher_shape = _shape(AutoConfig.from_pretrained(folder, **gguf))
     student_shape = _shape(AutoConfig.from_pretrained(student_dir))
-    rows = [("teacher (GGUF Q4_1, dequantised)", models["teacher"], teacher_shape, True),
+    name = ("teacher (GGUF Q4_1, dequantised)" if is_gguf(str(recipe.teacher.source))
+            else f"teacher (corrected: `{recipe.teacher.source}`)")
+    rows = [(name, models["teacher"], teacher_shape, True),
             (NAMES["forward_kl"], models["student"], student_shape, True)]
     for method, other in (others or {}).items():
         rows.append((NAMES[method], json.loads((other / "eval.json").read_text())["models"]["student"],
@@ -165,13 +167,27 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="distillation losses to train with (the first also trains the baseline)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field")
+    parser.add_argument("--correct-steps", type=int, default=0, metavar="N",
+                        help="teacher correction first: train the teacher N steps on the text "
+                             "(recipes/smollm2-teacher-correction.yaml, folder OUT-teacher) and distil from it")
     args = parser.parse_args()
 
     import distill
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    ran = False
+    teacher, ran = Path(args.gguf).resolve(), False
+    if args.correct_steps:
+        corrected = Path(f"{args.out}-teacher").resolve()
+        if not (corrected / "eval.json").is_file():
+            data = Path(args.data).resolve()
+            distill.run(REPO / "recipes" / "smollm2-teacher-correction.yaml", [
+                f"teacher.source={teacher}", f"student.source={teacher}", f"data.path={data / 'valid.txt'}",
+                f"data.test_path={data / 'test.txt'}", f"data.test_limit={args.test_blocks or 'null'}",
+                f"train.max_steps={args.correct_steps}", f"train.threads={args.threads}",
+                f"output_dir={corrected}"])
+            ran = True
+        teacher = corrected / "student"
     folders: dict[int, dict[str, Path]] = {}
     for seed in args.seeds:
         folders[seed] = {}
@@ -182,7 +198,8 @@ def main() -> None:
                 print(f"{method}, seed {seed}: reusing the finished run in {folder}")
             else:
                 changes = changes if i == 0 or "baseline=false" in changes else [*changes, "baseline=false"]
-                distill.run(args.recipe, [*_overrides(args), *changes, f"seed={seed}", f"output_dir={folder}"])
+                distill.run(args.recipe, [*_overrides(args, teacher), *changes, f"seed={seed}",
+                                          f"output_dir={folder}"])
                 ran = True
             folders[seed][method] = folder
     first, *rest = args.methods

@@ -12,8 +12,8 @@ def channels_last_for_inference(module: nn.Module) -> bool:
     """Store the weights of a model with 2-D convolutions in channels-last order, in place.
 
     A convolution whose weight is channels-last writes channels-last outputs, which the CPU
-    (oneDNN) and GPU (cuDNN) kernels run faster than the default layout: about 1.5x for the
-    Fashion-MNIST ConvNet teacher on CPU (``bench/torchdistill_compare.py``). Values agree with
+    (oneDNN) and GPU (cuDNN) kernels run faster than the default layout (measured with
+    ``bench/torchdistill_compare.py``, whose teacher is a ConvNet). Values agree with
     the default layout to float rounding; shapes and layer names do not change, so hooks on
     named layers still work. Training a student this way is left alone: its checkpoints and
     saved weights keep the default layout.
