@@ -50,8 +50,8 @@ def _overrides(args: argparse.Namespace, teacher: Path) -> list[str]:
         f"teacher.max_length={args.context}",
         f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch_size}",
-        f"train.eval_every={max(1, args.steps // 2)}",
-        f"train.checkpoint_every={max(1, args.steps // 4)}",
+        f"train.eval_every={max(1, args.steps // 5)}",
+        f"train.checkpoint_every={max(1, args.steps // 2)}",
         f"train.threads={args.threads}",
         f"output_dir={Path(args.out).resolve()}",
     ]
