@@ -104,6 +104,18 @@ class Recipe(Spec):
                              "it names the run folder under runs/; give output_dir to write elsewhere")
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_reads_as_teacher(cls, data: Any) -> Any:
+        """A derived student reads what its teacher reads: its ``max_length`` is the teacher's
+        unless the recipe gives one."""
+        if isinstance(data, dict):
+            student, teacher = data.get("student"), data.get("teacher")
+            if (isinstance(student, dict) and isinstance(teacher, dict) and student.get("derive") is not None
+                    and "max_length" not in student and "max_length" in teacher):
+                data = {**data, "student": {**student, "max_length": teacher["max_length"]}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if not self.losses and not self.task_loss_weight:

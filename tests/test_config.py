@@ -118,3 +118,12 @@ def test_resolved_recipe_round_trips():
 
     recipe = parse_recipe(BASE)
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+def test_a_derived_student_reads_as_many_tokens_as_its_teacher_unless_told():
+    base = {"name": "lm", "task": "lm", "teacher": {"kind": "hf-causal-lm", "source": "t", "max_length": 256},
+            "student": {"derive": {"layers": [0]}}, "data": {"format": "text", "path": "x"},
+            "losses": [{"name": "token_kd"}]}
+    assert parse_recipe(base).student.max_length == 256
+    assert parse_recipe({**base, "student": {"derive": {"layers": [0]}, "max_length": 64}}).student.max_length == 64
+    assert parse_recipe({**base, "student": {"source": "s"}}).student.max_length == 128  # not derived: its own default
