@@ -153,14 +153,14 @@ class _Loop:
     bar: Any = None
     running: dict[str, float] = field(default_factory=dict)
     units: float = 0.0
-    unit: str = "examples"
     """Examples (or tokens, for token-level losses) this process trained on since the last record."""
+    unit: str = "examples"
     clock: float = field(default_factory=time.perf_counter)
     """When the last record was written (throughput is measured from there, evaluations left out)."""
     grad_norm: float | None = None
     nonfinite: bool = False
-    """This optimizer step met a non-finite loss or gradient (``on_nonfinite: skip``)."""
-    skipped_now: bool = False
+    """This optimizer step met a non-finite loss or gradient (``on_nonfinite: skip``); its record
+    says so, and the flag is cleared when the record is written."""
     tokens: float | None = None
     """Tokens of the optimizer step so far, this process (``None`` when the loss is not token-level)."""
     combined: bool = False
@@ -203,8 +203,6 @@ class _Loop:
             if not self.nonfinite:
                 self.optimizer.step()
             self.optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                self.nonfinite = False
         self.state.batch += 1
 
     def skip_if_nonfinite(self) -> None:
@@ -218,7 +216,6 @@ class _Loop:
         if not self.nonfinite:
             return
         self.state.skipped += 1
-        self.skipped_now = True
         if self.state.skipped > self.spec.max_skipped:
             raise TrainingError(f"step {self.state.step + 1}: {self.state.skipped} steps skipped for a non-finite "
                                 f"loss or gradient, more than train.max_skipped ({self.spec.max_skipped}); training "
@@ -279,8 +276,8 @@ class _Loop:
                   **self.running}
         if self.grad_norm is not None:
             record["grad_norm"] = self.grad_norm
-        if self.skipped_now:
-            record["skipped"], self.skipped_now = True, False
+        if self.nonfinite:
+            record["skipped"], self.nonfinite = True, False
         if on_policy:
             record["on_policy"] = self.written_in_step / self.spec.grad_accum
             self.written, self.written_in_step = self.written + self.written_in_step, 0
