@@ -173,15 +173,34 @@ class TeacherMap(nn.Module):
         self.kept.fill_(float(values[-width:].sum() / values.sum().clamp_min(1e-30)))
         return float(self.kept)
 
+    def use(self, basis: Tensor, rows: Tensor) -> float:
+        """Map onto the given ``(D_t, D_s)`` orthonormal axes instead of fitting them; returns the
+        share of the (centred) variance of the ``(N, D_t)`` teacher outputs ``rows`` they keep."""
+        if basis.shape != self.components.shape:
+            raise ModelError(f"teacher map: axes {tuple(basis.shape)}, expected {tuple(self.components.shape)}")
+        self.components.copy_(basis.to(self.components))
+        x = rows.double()
+        x = x - x.mean(0)
+        self.kept.fill_(float((x @ basis.double()).square().sum() / x.square().sum().clamp_min(1e-30)))
+        return float(self.kept)
+
     def forward(self, teacher_out: Tensor) -> Tensor:
         return teacher_out @ self.components.to(teacher_out.dtype)
 
 
-def fit_teacher_maps(projectors: nn.ModuleDict, outputs: dict[tuple[int, int], Tensor]) -> None:
-    """Fit every :class:`TeacherMap` in ``projectors`` on its teacher outputs (by term and pair)."""
+def fit_teacher_maps(projectors: nn.ModuleDict, outputs: dict[tuple[int, int], Tensor],
+                     basis: Tensor | None = None) -> None:
+    """Fit every :class:`TeacherMap` in ``projectors`` on its teacher outputs (by term and pair);
+    with ``basis`` (the axes a derived student is expressed in), map onto those axes instead."""
     for (i, j), rows in outputs.items():
         key = teacher_map_key(i, j)
-        if key in projectors:
+        if key not in projectors:
+            continue
+        if basis is not None:
+            kept = projectors[key].use(basis, rows)
+            log.info("projector pca (loss %d): the student's own %d axes keep %.1f%% of the teacher's variance",
+                     i, projectors[key].components.shape[1], 100 * kept)
+        else:
             kept = projectors[key].fit(rows)
             log.info("projector pca (loss %d): the top %d components keep %.1f%% of the teacher's variance",
                      i, projectors[key].components.shape[1], 100 * kept)

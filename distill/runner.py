@@ -38,6 +38,7 @@ from distill.logit_cache import TokenLogitCache
 from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
 from distill.models.load import load_model, load_teacher
+from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
 from distill.report import write_report, write_stages_report
@@ -137,7 +138,8 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
     distilled = role == "student"
     pair = _pairing(recipe, built, teacher, task, distilled, procs)
     if any(isinstance(m, TeacherMap) for m in pair.projectors.values()):
-        fit_teacher_maps(pair.projectors, _teacher_rows(pair, cache, task, recipe.evaluate.batch_size))
+        basis = pair.student.teacher_basis if isinstance(pair.student, StaticEmbeddingAdapter) else None
+        fit_teacher_maps(pair.projectors, _teacher_rows(pair, cache, task, recipe.evaluate.batch_size), basis)
     # After the pairing check, which runs both models on the CPU.
     if distilled and _sharded_teacher(recipe, accelerator.num_processes):
         local, total = shard_frozen(teacher.module, accelerator.device, accelerator.num_processes)

@@ -69,6 +69,10 @@ class StaticEmbeddingAdapter:
         self.tokenizer = tokenizer
         self.normalize = normalize
         self.max_length = max_length
+        self.teacher_basis: Tensor | None = None
+        """``(D_t, dim)``: for a student derived from a teacher (:func:`derive_static`), the
+        teacher's axes its table is expressed in; a fixed map of the teacher's outputs onto the
+        same axes (``projector: pca``) then trains the student from where it starts."""
         # The Rust tokenizer called directly, without padding or truncation state: for a model
         # this cheap, tokenisation is most of the time, and the Python wrapper doubles it.
         from tokenizers import Tokenizer
@@ -210,7 +214,9 @@ def derive_static(teacher: Any, dim: int, keep: list[int] | None = None, texts: 
     module = StaticEmbedding(len(ids), dim)
     module.embeddings.weight.copy_(table)
     device = next(teacher.module.parameters()).device
-    return StaticEmbeddingAdapter(module.to(device), student_tokenizer, teacher.normalize, teacher.max_length)
+    student = StaticEmbeddingAdapter(module.to(device), student_tokenizer, teacher.normalize, teacher.max_length)
+    student.teacher_basis = v[:dim].T.contiguous()
+    return student
 
 
 #: The last teacher token vectors computed, by (model identity, token ids): static students of

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from distill.config import DeriveSpec
 from distill.data import read_stsb
@@ -114,3 +115,23 @@ def test_sif_weighting_shrinks_frequent_tokens(tiny_bert, texts):
     p = counts / counts.sum()
     assert torch.allclose(ratio, 1e-3 / (1e-3 + p), atol=1e-5)
     assert ratio[counts.argmax()] < 0.1 and ratio[counts == 0].eq(1).all()
+
+
+def test_a_derived_static_student_trains_against_the_teacher_on_its_own_axes(tiny_bert, texts):
+    from distill.pairing import TeacherMap, fit_teacher_maps
+
+    teacher = load_hf("hf-embedding", str(tiny_bert))
+    student = derive_static(teacher, dim=8, texts=texts)
+    with torch.no_grad():
+        s_out = student({"text": texts[:64]})["embedding"]
+        t_out = teacher({"text": texts[:64]})["embedding"]
+    own, fitted = nn.ModuleDict({"teacher_0_0": TeacherMap(t_out.shape[1], 8)}), TeacherMap(t_out.shape[1], 8)
+    fit_teacher_maps(own, {(0, 0): t_out}, student.teacher_basis)
+    fitted.fit(t_out)
+    assert torch.equal(own["teacher_0_0"].components, student.teacher_basis)
+    assert 0 < float(own["teacher_0_0"].kept) <= float(fitted.kept) <= 1
+    # The student's table is expressed on those axes, so it starts near its targets; the
+    # corpus' own principal axes are a rotation it would first have to learn.
+    def gap(t_map):
+        return 1 - F.cosine_similarity(s_out, t_map(t_out)).mean()
+    assert gap(own["teacher_0_0"]) < gap(fitted)
