@@ -163,6 +163,17 @@ class Recipe(Spec):
         if self.task == "embedding" and (self.task_loss_weight or not self.losses):
             raise ValueError("task_loss_weight: task 'embedding' has no labels, so no task loss; set it to 0 and give "
                              "distillation losses (e.g. cosine and mse to the teacher's embedding)")
+        self._check_teacher_online()
+        if self.stages:
+            self.stage_recipes()  # each stage is a recipe of its own, checked now
+        return self
+
+    def _check_teacher_online(self) -> None:
+        """Settings that need the teacher run online, beside the training."""
+        if self.cache.enabled and self.cache.top_k is not None and any(s.name == "cross_vocab_kd" for s in self.losses):
+            raise ValueError("cache.top_k: a logit cache holds the teacher's top tokens at its own positions; "
+                             "cross_vocab_kd pairs positions across two tokenizers and runs the teacher online "
+                             "(set cache.top_k: null)")
         if self.train.shard_teacher and self.cache.top_k is not None:
             raise ValueError("train.shard_teacher: a sharded teacher runs online, beside the training; build the "
                              "logit cache without it (distill cache) or set cache.top_k: null")
@@ -170,12 +181,13 @@ class Recipe(Spec):
             if not any(s.name == "token_kd" for s in self.losses):
                 raise ValueError("on_policy: the teacher scores the student's continuations token by token; "
                                  "add a token_kd loss")
+            if any(s.name == "cross_vocab_kd" for s in self.losses):
+                raise ValueError("on_policy: cross_vocab_kd pairs positions by where tokens end in the text, and the "
+                                 "student's own continuations are token ids with no text; use token_kd (one "
+                                 "tokenizer) or drop on_policy")
             if self.cache.top_k is not None:
                 raise ValueError("on_policy: a logit cache holds the teacher's view of the data, not of text the "
                                  "student writes during training; set cache.top_k: null (the teacher runs online)")
-        if self.stages:
-            self.stage_recipes()  # each stage is a recipe of its own, checked now
-        return self
 
     def stage_recipes(self) -> list[Recipe]:
         """The recipe of each stage, in order (empty for a recipe without stages).

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from distill.config import LossSpec
 from distill.errors import ModelError, RecipeError
 from distill.features import TappedAdapter, block_paths, map_layers, qkv_paths, resolve_layer
-from distill.losses import LOSSES
+from distill.losses import LOSSES, CrossVocabKDLoss
+from distill.models.causal_lm import HFCausalLMAdapter, token_pieces
 from distill.models.layout import channels_last_for_inference
 from distill.registry import suggest
 from distill.step import LossTerm, loss_extras, projector_key, teacher_map_key
@@ -306,6 +307,7 @@ def check_shared_vocabulary(student: Any, teacher: Any) -> None:
         f"teacher and student tokenizers differ (teacher {len(t_vocab):,} tokens, student {len(s_vocab):,}, "
         f"{differ:,} teacher tokens missing or at another id in the student's), so token-level losses "
         "(token_kd) cannot compare their next-token distributions. Give the student the teacher's tokenizer, "
+        "use cross_vocab_kd (it pairs positions by where tokens end in the text), "
         "or distil at the sequence level, which needs no shared vocabulary: `distill generate` the teacher's "
         "answers, then train the student on them (data.format: jsonl, losses: [], task_loss_weight: 1)."
     )
@@ -320,8 +322,9 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     terms = build_loss_terms(specs, default_on, student, teacher)
     if terms:
         channels_last_for_inference(teacher.module)  # the teacher only runs forward passes from here on
-    if any(term.loss.traits.uses_head for term in terms):
+    if any(term.loss.traits.uses_head and not term.loss.traits.cross_vocab for term in terms):
         check_shared_vocabulary(student, teacher)
+    _pair_vocabularies(terms, student, teacher)
     student, teacher = tap_models(terms, student, teacher)
     with torch.no_grad():
         # No loss terms: the student learns from labels alone and the teacher is never run.
@@ -342,6 +345,24 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     index = sample.get("index")
     size = len(index) if index is not None else len(next(iter(sample["inputs"].values())))
     return Pairing(student, teacher, terms, projectors, t_out, size)
+
+
+def _pair_vocabularies(terms: list[LossTerm], student: Any, teacher: Any) -> None:
+    """Cross-tokenizer terms: both models report where their tokens end, and each term gets the
+    student's tokens for each of the teacher's."""
+    cross = [term.loss for term in terms if isinstance(term.loss, CrossVocabKDLoss)]
+    if not cross:
+        return
+    for role, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, HFCausalLMAdapter) or not model.tokenizer.is_fast:
+            raise ModelError(f"cross_vocab_kd compares causal language models with fast tokenizers; the {role} is "
+                             f"{type(model).__name__}")
+        model.with_token_ends = True
+    pieces = token_pieces(student.tokenizer, teacher.tokenizer)
+    log.info("cross_vocab_kd: %d of the teacher's %d tokens carried onto the student's %d",
+             sum(1 for p in pieces if p), len(pieces), len(student.tokenizer))
+    for loss in cross:
+        loss.set_pieces(pieces)
 
 
 def _size_losses(specs: list[LossSpec], terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, Tensor],

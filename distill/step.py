@@ -118,7 +118,23 @@ def loss_extras(loss: DistillationLoss, student_out: dict[str, Tensor], index: T
         extra["mask"] = student_out["token_mask"]
     if traits.uses_index:
         extra["index"] = index
+    if traits.cross_vocab:
+        extra.update(_token_ends(student_out, teacher_out))
     return extra
+
+
+def _token_ends(student_out: dict[str, Tensor], teacher_out: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """Where each position's token ends in the text, on both sides, the student's next tokens and
+    the teacher's token mask."""
+    if teacher_out is None:
+        raise RecipeError("a cross-tokenizer loss (cross_vocab_kd) needs the teacher online: set cache.top_k: null")
+    if "token_ends" not in student_out or "token_ends" not in teacher_out:
+        raise RecipeError("a cross-tokenizer loss (cross_vocab_kd) pairs positions by where tokens end in the text: "
+                          "it needs plain text batches (data.format text, or records with a 'text' field) and "
+                          "fast tokenizers on both models; prompt/completion, chat and on-policy batches are "
+                          "not supported")
+    return {"student_ends": student_out["token_ends"], "student_next": student_out["targets"],
+            "teacher_ends": teacher_out["token_ends"], "teacher_mask": teacher_out["token_mask"]}
 
 
 def _term_value(term: LossTerm, s: Tensor, t_key: str, out: dict[str, Tensor], teacher_out: TeacherOutputs,

@@ -12,6 +12,7 @@ The divergences behind the response-based losses live once, in :mod:`distill.los
 from __future__ import annotations
 
 from distill.losses.attention import AttentionKLLoss, AttentionRelationLoss
+from distill.losses.cross_vocab import CrossVocabKDLoss
 from distill.losses.feature import AttentionTransferLoss, CosineLoss, HintLoss, MSELoss
 from distill.losses.relation import CRDLoss, RKDAngleLoss, RKDDistanceLoss, SimilarityLoss, SimilarityPreservingLoss
 from distill.losses.response import DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, TVDLoss, kl_divergence
@@ -29,6 +30,7 @@ __all__ = [
     "AttentionTransferLoss",
     "CRDLoss",
     "CosineLoss",
+    "CrossVocabKDLoss",
     "DKDLoss",
     "HintLoss",
     "JSDLoss",
@@ -51,7 +53,8 @@ LOSSES: Registry[type[DistillationLoss]] = Registry("loss")
 FAMILIES: dict[str, str] = {}
 for _family, _entries in (
     ("response", (("kd", KDLoss), ("reverse_kl", ReverseKLLoss), ("jsd", JSDLoss), ("tvd", TVDLoss),
-                  ("dkd", DKDLoss), ("token_kd", TokenKDLoss))),
+                  ("dkd", DKDLoss), ("token_kd", TokenKDLoss),
+                  ("cross_vocab_kd", CrossVocabKDLoss))),
     ("feature", (("mse", MSELoss), ("cosine", CosineLoss), ("hint", HintLoss),
                  ("attention_transfer", AttentionTransferLoss), ("attention_kl", AttentionKLLoss),
                  ("attention_relation", AttentionRelationLoss))),

@@ -36,6 +36,11 @@ class LossTraits:
     """Receives the models' output heads (``student_head=``, ``teacher_head=`` and their
     ``*_head_bias``) with their final hidden states: token-level losses of causal LMs. Such a
     loss can also read the teacher from a logit cache (``forward_cached``)."""
+    cross_vocab: bool = False
+    """Compares models whose tokenizers differ: also receives the character offset where each
+    position's token ends on both sides (``student_ends=``, ``teacher_ends=``), the student's next
+    tokens (``student_next=``) and the teacher's token mask (``teacher_mask=``); the pairing gives
+    it the student's tokens for each teacher token."""
     in_batch: bool = False
     """Compares the examples of a batch with each other (similarities, distances, angles). With
     several processes it sees the whole global batch: every process's rows are gathered, with

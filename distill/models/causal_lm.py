@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from distill.errors import DataError
 from distill.models.hf import HFTextAdapter, device_of, unwrap
 
-__all__ = ["HFCausalLMAdapter", "byte_level_bpe"]
+__all__ = ["HFCausalLMAdapter", "byte_level_bpe", "token_pieces"]
 
 
 def byte_level_bpe(text: str, vocab_size: int, eos_token: str = "<|endoftext|>") -> Any:
@@ -48,7 +48,10 @@ class HFCausalLMAdapter(HFTextAdapter):
     ``targets``     ``(B, T-1)`` those next tokens;
     ``token_mask``  ``(B, T-1)`` 1 where the next token is one to learn: real text, not padding,
                     and not part of a prompt (see :meth:`encode`);
-    ``head``        ``(V, H)`` the output head's weight (``head_bias`` too, when it has one).
+    ``head``        ``(V, H)`` the output head's weight (``head_bias`` too, when it has one);
+    ``token_ends``  ``(B, T-1)`` with :attr:`with_token_ends`, on text batches: the character of the
+                    text at which each position's token ends (``-1`` for padding), which pairs
+                    positions with a model of another tokenizer (the ``cross_vocab_kd`` loss).
 
     Args:
         module: The causal LM.
@@ -58,6 +61,8 @@ class HFCausalLMAdapter(HFTextAdapter):
     """
 
     outputs = ("hidden",)
+    with_token_ends: bool = False
+    """Also return ``token_ends`` (set by the pairing when a loss compares across tokenizers)."""
 
     def __init__(self, module: nn.Module, tokenizer: Any, max_length: int = 256) -> None:
         if tokenizer.pad_token is None:
@@ -82,7 +87,17 @@ class HFCausalLMAdapter(HFTextAdapter):
         }
         if getattr(head, "bias", None) is not None:
             out["head_bias"] = head.bias
+        if self.with_token_ends and "text" in inputs and self.tokenizer.is_fast:
+            out["token_ends"] = self.token_ends(inputs["text"])[:, :-1]
         return out
+
+    def token_ends(self, texts: list[str]) -> Tensor:
+        """``(B, T)``: the character offset at which each token of :meth:`tokenize`'s batch ends
+        in its text, ``-1`` for padding (needs a fast tokenizer)."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_offsets_mapping=True, return_tensors="pt")
+        ends = enc["offset_mapping"][..., 1].masked_fill(enc["attention_mask"] == 0, -1)
+        return ends.to(device_of(self.module))
 
     def encode(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         """Token ids, attention mask and loss mask of a batch of ``text``, ``prompt`` +
@@ -187,3 +202,33 @@ class HFCausalLMAdapter(HFTextAdapter):
     def save(self, folder: Path) -> None:
         """Hugging Face folder: config, safetensors weights and tokenizer."""
         self.save_hf(folder)
+
+
+def _surface_forms(tokenizer: Any) -> list[str | None]:
+    """Each token's text by id (a leading space kept); ``None`` for special tokens and for byte
+    pieces of a character, which have no text of their own."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    sentencepiece = any(token.startswith("\u2581") for token in vocab)
+    forms: list[str | None] = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if i in special:
+            continue
+        text = token.replace("\u2581", " ") if sentencepiece else tokenizer.convert_tokens_to_string([token])
+        if text and "\ufffd" not in text and not (sentencepiece and text.startswith("<0x")):
+            forms[i] = text
+    return forms
+
+
+def token_pieces(student_tokenizer: Any, teacher_tokenizer: Any) -> list[list[int]]:
+    """For each teacher token id, the student's tokens for the same text (empty where the
+    teacher token has no text of its own: special tokens, byte pieces of a character). The
+    ``cross_vocab_kd`` loss carries the teacher's next-token probabilities along them."""
+    forms = _surface_forms(teacher_tokenizer)
+    known = [i for i, text in enumerate(forms) if text is not None]
+    pieces: list[list[int]] = [[] for _ in forms]
+    if known:
+        encoded = student_tokenizer([forms[i] for i in known], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(known, encoded, strict=True):
+            pieces[i] = list(ids)
+    return pieces

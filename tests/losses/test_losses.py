@@ -45,6 +45,12 @@ def call(name, s, t):
     extra = {"mask": MASK} if name.startswith("attention_") and name != "attention_transfer" else {}
     if name == "token_kd":
         extra = {"student_head": HEAD, "teacher_head": HEAD}
+    if name == "cross_vocab_kd":  # one tokenizer on both sides: every position pairs with itself
+        loss.set_pieces([[i] for i in range(len(HEAD))])
+        ends = torch.arange(1, len(s) + 1)[None]
+        extra = {"student_head": HEAD, "teacher_head": HEAD, "mask": torch.ones_like(ends), "student_ends": ends,
+                 "teacher_ends": ends, "teacher_mask": torch.ones_like(ends), "student_next": torch.zeros_like(ends)}
+        return loss(s[None], t[None], LABELS, **extra)
     return loss(s, t, LABELS, **extra)
 
 
