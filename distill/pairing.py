@@ -286,9 +286,14 @@ class Pairing:
     """Examples in that sample batch."""
 
     def release(self) -> None:
-        """Remove the hooks on the teacher (the student's go away with it)."""
+        """Remove the hooks on the teacher (the student's go away with it), and stop both models
+        reporting where their tokens end (evaluation and timing need none of it)."""
         if isinstance(self.teacher, TappedAdapter):
             self.teacher.remove()
+        for model in (self.student, self.teacher):
+            inner = model.adapter if isinstance(model, TappedAdapter) else model
+            if isinstance(inner, HFCausalLMAdapter):
+                inner.with_token_ends = False
 
 
 def check_shared_vocabulary(student: Any, teacher: Any) -> None:

@@ -145,3 +145,19 @@ def test_settings_cross_vocab_kd_cannot_serve_are_refused(tmp_path, data_dir, gp
                       "losses": [{"name": "token_kd"}, {"name": "cross_vocab_kd"}]})
     with pytest.raises(distill.DistillError, match="cache.top_k: null"):
         parse_recipe({**base, "cache": {"enabled": True, "top_k": 8}})
+
+
+def test_after_training_neither_model_reports_token_ends(tmp_path, data_dir, gpt_pair, other_student) -> None:  # noqa: ANN001
+    from distill.models.load import load_hf
+    from distill.pairing import prepare_pair
+    from distill.tasks import build_task
+
+    recipe = distill.config.parse_recipe(tiny_lm_recipe(tmp_path, data_dir, gpt_pair[0], other_student,
+                                                        losses=[{"name": "cross_vocab_kd"}]))
+    task = build_task(recipe.task, recipe.data)
+    student, teacher = (load_hf("hf-causal-lm", str(p), max_length=64) for p in (other_student, gpt_pair[0]))
+    pair = prepare_pair(recipe.losses, task.output, student, teacher, task.train.batch(range(4)), task)
+    assert "token_ends" in pair.student(task.train.batch(range(2))["inputs"])
+    pair.release()  # evaluation and timing then run the models as they are
+    for model in (student, teacher):
+        assert "token_ends" not in model(task.train.batch(range(2))["inputs"])
