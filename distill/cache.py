@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from distill.errors import CacheError
 from distill.locks import exclusive
 from distill.progress import progress
+from distill.tmpfiles import remove_abandoned, temporary_name
 
 __all__ = ["TeacherCache", "model_fingerprint"]
 
@@ -40,22 +41,6 @@ def model_fingerprint(module: nn.Module, extra: dict[str, Any] | None = None) ->
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _remove_abandoned(folder: Path) -> None:
-    """Delete the half-written ``<folder>.tmp-<pid>`` builds of processes that no longer run
-    (a build killed before its final rename). Builds of live processes are left alone."""
-    for tmp in folder.parent.glob(folder.name + ".tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            log.info("removing the abandoned teacher-cache build %s", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, owned by another user
 
 
 def file_sha256(path: Path) -> str:
@@ -148,7 +133,7 @@ class TeacherCache:
         part-way resumes from there. A lock file keeps two builds of one cache apart.
         """
         chunks = _chunks(lengths, batch_size)
-        _remove_abandoned(folder)
+        remove_abandoned(folder.parent, folder.name)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(folder.with_name(folder.name + ".lock"), wait=True):
             tmp = folder.with_name(folder.name + ".building")
@@ -223,8 +208,8 @@ class TeacherCache:
                     examples: int) -> TeacherCache:
         """Assemble the ``world`` part folders into one cache, checksummed like a one-process build
         (byte for byte the same), and delete the parts."""
-        _remove_abandoned(folder)
-        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+        remove_abandoned(folder.parent, folder.name)
+        tmp = temporary_name(folder)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         arrays: dict[str, np.ndarray] = {}

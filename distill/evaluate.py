@@ -18,6 +18,7 @@ from distill.models.adapters import Adapter
 from distill.models.derive import count_parameters
 from distill.suite import run_suite
 from distill.tasks.embedding import encode_texts
+from distill.tmpfiles import remove_abandoned, temporary_name
 
 __all__ = ["folder_size", "measure", "suite_scores", "time_models"]
 
@@ -126,7 +127,8 @@ def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | 
         scores[role] = {t: known[f"{weights}:{t}"] for t in tasks}
     if store is not None:
         store.parent.mkdir(parents=True, exist_ok=True)
-        part = store.with_name(store.name + f".tmp-{os.getpid()}")
+        remove_abandoned(store.parent, store.name)
+        part = temporary_name(store)
         part.write_text(json.dumps(known, indent=1) + "\n")
         os.replace(part, store)
     return scores

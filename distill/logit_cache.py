@@ -37,6 +37,7 @@ from distill.cache import file_sha256
 from distill.errors import CacheError
 from distill.losses.tokens import TeacherTopK
 from distill.progress import progress
+from distill.tmpfiles import remove_abandoned, temporary_name
 
 __all__ = ["TokenLogitCache"]
 
@@ -52,7 +53,7 @@ def _ids_dtype(vocab: int) -> np.dtype:
 
 def _write_array(path: Path, array: np.ndarray) -> str:
     """Write ``array`` to ``path`` through a temporary name; return the file's SHA-256."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with tmp.open("wb") as handle:
             np.save(handle, array)
@@ -227,7 +228,7 @@ class TokenLogitCache:
 
     def _save_meta(self) -> None:
         path = self.folder / self._meta_file
-        tmp = path.with_name(f"{self._meta_file}.tmp-{os.getpid()}")
+        tmp = temporary_name(path)
         try:
             tmp.write_text(json.dumps(self.meta, indent=1) + "\n")
             os.replace(tmp, path)
@@ -299,7 +300,9 @@ class TokenLogitCache:
 
     @classmethod
     def _reopen(cls, folder: Path, identity: dict[str, Any]) -> TokenLogitCache:
-        """The cache in ``folder`` as far as it was written with these settings (empty otherwise)."""
+        """The cache in ``folder`` as far as it was written with these settings (empty otherwise),
+        without the temporaries of writers that were killed."""
+        remove_abandoned(folder)
         meta = cls._read_meta(folder)
         if meta is not None and any(meta.get(key) != value for key, value in identity.items()):
             log.warning("logit cache %s was made with other settings; rebuilding it", folder)

@@ -148,6 +148,26 @@ def test_killed_build_resumes_at_the_first_unfinished_shard(tmp_path, lm):
     assert calls == [10, 15, 20] and len(cache.meta["shards"]) == 5
 
 
+def test_files_half_written_by_a_killed_process_are_swept_on_reopening(tmp_path, lm):
+    import os
+    import subprocess
+    import sys
+
+    teacher, task = lm
+    args = dict(teacher=teacher, batches=task.train.batch, examples=len(task.train), k=4, batch_size=5, shard_size=5)
+    cache = TokenLogitCache.open_or_build(tmp_path, "teacher", task.fingerprint(), **args)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # a kill -9 between writing and renaming leaves the temporary name behind
+    abandoned = [cache.folder / f"shard-00001.logp.npy.tmp-{dead.pid}", cache.folder / f"meta.json.tmp-{dead.pid}"]
+    running = cache.folder / f"meta.json.tmp-{os.getppid()}"  # a live writer's is left alone
+    for tmp in (*abandoned, running):
+        tmp.write_bytes(b"half written")
+    again = TokenLogitCache.open_or_build(tmp_path, "teacher", task.fingerprint(), **args)
+    assert not any(p.exists() for p in abandoned) and running.exists()
+    assert again.meta["shards"] == cache.meta["shards"]
+
+
 def test_corrupt_shard_is_detected_and_rebuilt(tmp_path, lm):
     teacher, task = lm
     cache = _open(tmp_path, teacher, task, k=4)
