@@ -170,7 +170,8 @@ class Recipe(Spec):
 
     def _check_teacher_online(self) -> None:
         """Settings that need the teacher run online, beside the training."""
-        if self.cache.enabled and self.cache.top_k is not None and any(s.name == "cross_vocab_kd" for s in self.losses):
+        cross_vocab = any(s.name == "cross_vocab_kd" for s in self.losses)
+        if self.cache.enabled and self.cache.top_k is not None and cross_vocab:
             raise ValueError("cache.top_k: a logit cache holds the teacher's top tokens at its own positions; "
                              "cross_vocab_kd pairs positions across two tokenizers and runs the teacher online "
                              "(set cache.top_k: null)")
@@ -181,7 +182,7 @@ class Recipe(Spec):
             if not any(s.name == "token_kd" for s in self.losses):
                 raise ValueError("on_policy: the teacher scores the student's continuations token by token; "
                                  "add a token_kd loss")
-            if any(s.name == "cross_vocab_kd" for s in self.losses):
+            if cross_vocab:
                 raise ValueError("on_policy: cross_vocab_kd pairs positions by where tokens end in the text, and the "
                                  "student's own continuations are token ids with no text; use token_kd (one "
                                  "tokenizer) or drop on_policy")

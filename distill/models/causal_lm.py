@@ -87,17 +87,10 @@ class HFCausalLMAdapter(HFTextAdapter):
         }
         if getattr(head, "bias", None) is not None:
             out["head_bias"] = head.bias
-        if self.with_token_ends and "text" in inputs and self.tokenizer.is_fast:
-            out["token_ends"] = self.token_ends(inputs["text"])[:, :-1]
+        if "offset_mapping" in enc:
+            ends = enc["offset_mapping"][..., 1].masked_fill(enc["attention_mask"] == 0, -1)
+            out["token_ends"] = ends[:, :-1]
         return out
-
-    def token_ends(self, texts: list[str]) -> Tensor:
-        """``(B, T)``: the character offset at which each token of :meth:`tokenize`'s batch ends
-        in its text, ``-1`` for padding (needs a fast tokenizer)."""
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=True, return_tensors="pt")
-        ends = enc["offset_mapping"][..., 1].masked_fill(enc["attention_mask"] == 0, -1)
-        return ends.to(device_of(self.module))
 
     def encode(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         """Token ids, attention mask and loss mask of a batch of ``text``, ``prompt`` +
@@ -108,7 +101,7 @@ class HFCausalLMAdapter(HFTextAdapter):
         completion; only the last assistant turn of a chat, as the chat template renders it.
         """
         if "text" in inputs:
-            enc = self.tokenize(inputs["text"])
+            enc = self.tokenize(inputs["text"], offsets=self.with_token_ends and self.tokenizer.is_fast)
             return {**enc, "loss_mask": enc["attention_mask"]}
         if "prompt_ids" in inputs:  # already token ids (continuations written by a model, see continue_prompts)
             return self._join(inputs["prompt_ids"], inputs["completion_ids"])

@@ -67,11 +67,11 @@ class HFTextAdapter:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        """Pad to the longest text of the batch, truncate at ``max_length``."""
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+    def tokenize(self, texts: list[str], offsets: bool = False) -> dict[str, Tensor]:
+        """Pad to the longest text of the batch, truncate at ``max_length``; with ``offsets``, also
+        each token's ``offset_mapping`` (its first and past-last character; fast tokenizers)."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_offsets_mapping=offsets)
         device = device_of(self.module)
         return {k: v.to(device) for k, v in enc.items()}
 
