@@ -34,11 +34,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned(folder: Path, prefix: str = "") -> list[Path]:
-    """Delete the ``PREFIX*.tmp-<pid>`` files and folders in ``folder`` whose process no longer
-    runs; returns what was deleted."""
+def remove_abandoned(folder: Path, name: str = "*") -> list[Path]:
+    """Delete the ``NAME.tmp-<pid>`` files and folders in ``folder`` (``NAME`` a glob pattern)
+    whose process no longer runs; returns what was deleted."""
     removed = []
-    for tmp in folder.glob(f"{prefix}*.tmp-*") if folder.is_dir() else ():
+    for tmp in folder.glob(f"{name}.tmp-*") if folder.is_dir() else ():
         pid = tmp.name.rsplit(".tmp-", 1)[1]
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
