@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -13,10 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config import LossSpec, TrainSpec
+from distill.config import LossSpec, TrainSpec, parse_recipe
 from distill.engine import make_accelerator, train
-from distill.errors import RunFolderError
+from distill.errors import RecipeError, RunFolderError
+from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter, TorchClassifierAdapter
+from distill.models.causal_lm import HFCausalLMAdapter
 from distill.pairing import build_loss_terms, prepare_pair
+from distill.runner import RunResult, evaluate_run, report_run
 from distill.tasks import Batch
 
 __all__ = ["Distiller"]
@@ -166,7 +171,7 @@ class Distiller:
 
     def fit(self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None) -> dict[str, Any]:
         """Train; returns ``{"steps", "eval"}``. The trained student is ``self.student.module``."""
-        held = self.folder / "checkpoints"
+        held = self.train_folder / "checkpoints"
         if not self.resume and held.is_dir() and any(held.glob("step-*")):
             raise RunFolderError(f"{self.folder} holds checkpoints of an earlier fit; pass resume=True to continue "
                                  "it, or give another folder")
@@ -178,13 +183,136 @@ class Distiller:
         size = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
         pair = prepare_pair(self.specs, self.output, self.student, self.teacher, sample, _NoCheck(), size)
         try:
-            return train(
+            self.result = train(
                 student=pair.student, task=task, batches=_LoaderBatches(train_loader), terms=pair.terms,
                 projectors=pair.projectors, teacher=pair.teacher, cache=None, task_weight=self.task_loss_weight,
-                spec=self.spec, seed=self.seed, folder=self.folder, accelerator=accelerator, desc="distil",
+                spec=self.spec, seed=self.seed, folder=self.train_folder, accelerator=accelerator, desc="distil",
             )
         finally:
             pair.release()
+        return self.result
+
+    @property
+    def train_folder(self) -> Path:
+        """Where a fit keeps its checkpoints and ``metrics.jsonl``: ``folder/train/student``, as
+        in a recipe's run folder."""
+        return self.folder / "train" / "student"
+
+    def save_run(self, task: str, data: dict[str, Any], *, tokenizer: Any = None,
+                 teacher: dict[str, Any] | None = None, student: dict[str, Any] | None = None,
+                 evaluate: bool = True) -> RunResult:
+        """Make :attr:`folder` a run folder, as a recipe's run leaves it, so that ``distill eval``,
+        ``report``, ``export`` and ``push`` take it; by default evaluate it and write its report.
+
+        The loaders of :meth:`fit` cannot be written down, so ``task`` and ``data`` (a recipe's
+        ``task`` and ``data`` section) say what the models are scored on. The student is saved
+        in ``folder/student``; a teacher with no folder on disk is saved in ``folder/teacher``.
+
+        Args:
+            task: The recipe task: ``classification``, ``sts``, ``embedding`` or ``lm``.
+            data: The recipe's ``data`` section, for example ``{"format": "labelled-text",
+                "path": "data/trec", "encoding": "latin-1"}``.
+            tokenizer: The tokenizer of ``transformers`` models (both models share it).
+            teacher: Recipe ``teacher`` fields to set or override (``max_length``, ``pooling``;
+                ``kind``, ``arch``, ``arch_args`` and ``source`` for a plain PyTorch teacher).
+            student: The same for the student (``kind``, ``arch`` and ``arch_args`` for a plain
+                PyTorch student).
+            evaluate: Measure the models and write the report now (``distill eval`` / ``report``
+                do it later otherwise).
+
+        Raises:
+            RunFolderError: No finished fit, or the folder already holds a recipe's run.
+            RecipeError: A model whose kind cannot be told, or a bad ``task``/``data``.
+        """
+        if getattr(self, "result", None) is None:
+            raise RunFolderError("save_run() comes after fit(): there is no trained student yet")
+        folder = self.folder
+        if (folder / "recipe.yaml").is_file():
+            raise RunFolderError(f"{folder} already holds a run (recipe.yaml); fit into another folder")
+        teacher_spec = _model_spec(self.teacher.module, "teacher", teacher or {}, self.output)
+        student_spec = {**_model_spec(self.student.module, "student", student or {}, self.output),
+                        "source": str((folder / "student").resolve())}
+        if "source" not in teacher_spec:
+            _adapter(self.teacher.module, teacher_spec, tokenizer).save(folder / "teacher")
+            teacher_spec["source"] = str((folder / "teacher").resolve())
+        recipe = parse_recipe({
+            "name": folder.name, "task": task, "data": data, "teacher": teacher_spec, "student": student_spec,
+            "losses": [s.model_dump(exclude_defaults=True) for s in self.specs],
+            "task_loss_weight": self.task_loss_weight, "seed": self.seed, "baseline": False,
+            "train": self.spec.model_dump(exclude_defaults=True), "output_dir": str(folder.resolve()),
+        })
+        saved = folder / "student"
+        tmp = folder / ".tmp-student"
+        _adapter(self.student.module, student_spec, tokenizer).save(tmp)
+        (tmp / "distill.json").write_text(json.dumps({"role": "student", "recipe": recipe.name, **self.result}) + "\n")
+        os.replace(tmp, saved)
+        (folder / "run.json").write_text(json.dumps({"name": recipe.name, "identity": recipe.identity()}) + "\n")
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        if not evaluate:
+            return RunResult(folder, folder / "report.md", {})
+        models = evaluate_run(folder, recipe)
+        return RunResult(folder, report_run(folder), models)
+
+
+def _model_spec(module: nn.Module, role: str, given: dict[str, Any], output: str) -> dict[str, Any]:
+    """A recipe's ``teacher``/``student`` section for ``module``: its kind told from its
+    ``transformers`` class, the teacher's source its folder on disk when it has one."""
+    spec = dict(given)
+    name = type(module).__name__
+    config = getattr(module, "config", None)
+    if "kind" not in spec:
+        if name.endswith("ForSequenceClassification"):
+            spec["kind"] = "hf-classifier"
+        elif name.endswith("ForCausalLM"):
+            spec["kind"] = "hf-causal-lm"
+        elif config is not None and output == "embedding":
+            spec["kind"] = "hf-embedding"
+        else:
+            raise RecipeError(f"save_run: the {role} ({name}) is neither a transformers sequence classifier, "
+                              f"causal LM nor encoder; pass {role}={{'kind': 'torch', 'arch': NAME, "
+                              "'arch_args': {...}}} (an architecture of 'distill models')")
+    origin = getattr(config, "_name_or_path", "") if config is not None else ""
+    if role == "teacher" and "source" not in spec and origin and _holds_weights_of(Path(origin), module):
+        spec["source"] = str(Path(origin).resolve())
+    return spec
+
+
+def _holds_weights_of(folder: Path, module: nn.Module) -> bool:
+    """Whether ``folder``'s safetensors hold every tensor of ``module``, equal: a model whose head
+    was added, or whose weights changed, after it was loaded from there is not what it holds."""
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return False
+    from safetensors import safe_open
+
+    state = module.state_dict()
+    found: set[int] = set()  # storages checked (tied weights are saved once)
+    for file in files:
+        with safe_open(str(file), framework="pt") as saved:
+            for name in saved.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                if name in state:
+                    if not torch.equal(saved.get_tensor(name), state[name].detach().cpu()):
+                        return False
+                    found.add(state[name].data_ptr())
+    return all(tensor.data_ptr() in found for tensor in state.values())
+
+
+def _adapter(module: nn.Module, spec: dict[str, Any], tokenizer: Any) -> Any:
+    """``module`` in the adapter that saves it as a recipe's run does."""
+    kind = spec["kind"]
+    if kind == "torch":
+        if "arch" not in spec:
+            raise RecipeError("save_run: a plain PyTorch model needs its 'arch' (and 'arch_args') to be reloaded")
+        return TorchClassifierAdapter(module, spec["arch"], spec.get("arch_args", {}))
+    if tokenizer is None:
+        raise RecipeError(f"save_run: {kind} models are saved with their tokenizer; pass tokenizer=")
+    max_length = spec.get("max_length", 128)
+    if kind == "hf-causal-lm":
+        return HFCausalLMAdapter(module, tokenizer, max_length)
+    if kind == "hf-embedding":
+        return HFEmbeddingAdapter(module, tokenizer, spec.get("pooling", "mean"), spec.get("normalize", True),
+                                  max_length)
+    return HFClassifierAdapter(module, tokenizer, max_length)
 
 
 class _NoCheck:

@@ -31,7 +31,7 @@ def test_a_second_fit_in_the_same_folder_is_refused_unless_resumed(tmp_path, cap
     again = _fit(tmp_path / "fit", resume=True)
     assert again["steps_run"] == 0  # finished: nothing left to run
     # No eval loader: no evaluation is logged, and no "eval accuracy nan" line is printed.
-    records = [json.loads(x) for x in (tmp_path / "fit/metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "fit/train/student/metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if r.get("split") == "eval"]
     assert "nan" not in capsys.readouterr().out
 
@@ -79,7 +79,7 @@ def test_transformers_models_dict_batches_and_a_derived_student(tmp_path, data_d
     before = agreement()
     result = distill.Distiller(teacher, student, losses=[{"name": "kd", "params": {"temperature": 2.0}}],
                                train={"epochs": 6, "lr": 3e-3}, folder=tmp_path / "fit").fit(batches)
-    records = [json.loads(x) for x in (tmp_path / "fit/metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "fit/train/student/metrics.jsonl").read_text().splitlines()]
     assert result["steps_run"] == 48 and records[-1]["kd_loss"] < records[0]["kd_loss"] / 2
     assert agreement() > max(before, 0.6)
 
@@ -110,3 +110,70 @@ def test_narrowing_without_calibration_texts_is_refused(tiny_bert):
     with pytest.raises(distill.RecipeError, match="pass texts="):
         distill.derive(BertModel.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert), hidden_size=16,
                        num_attention_heads=2)
+
+
+def test_a_fit_saved_as_a_run_folder_is_taken_by_eval_report_and_export(tmp_path, data_dir, tiny_bert, capsys):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from distill.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    batches, classes, texts = _trec(data_dir, tokenizer, n=128)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=classes)
+    student = distill.derive(teacher, tokenizer, layers=[1])
+    fitted = distill.Distiller(teacher, student, losses=["kd"], task_loss_weight=0.5, train={"epochs": 1},
+                               folder=tmp_path / "api-trec")
+    with pytest.raises(distill.RunFolderError, match="after fit"):
+        fitted.save_run("classification", {"format": "labelled-text", "path": data_dir / "trec"})
+    fitted.fit(batches)
+    data = {"format": "labelled-text", "path": str(data_dir / "trec"), "encoding": "latin-1", "train_limit": 128,
+            "test_limit": 64}
+    result = fitted.save_run("classification", data, tokenizer=tokenizer, teacher={"max_length": 32},
+                             student={"max_length": 32})
+    run = tmp_path / "api-trec"
+    assert result.report == run / "report.md" and result.report.is_file()
+    assert set(result.models) == {"teacher", "student"}  # no baseline: the API trained none
+    # The teacher's head was added after loading it from tiny_bert, so that folder is not this
+    # teacher: it is saved in the run, and the recipe names the copy.
+    recipe = distill.load_recipe(run / "recipe.yaml")
+    assert recipe.teacher.source == str((run / "teacher").resolve())
+    assert recipe.losses[0].name == "kd" and recipe.task_loss_weight == 0.5
+    # The saved models are the fitted ones: same predictions on texts from the data.
+    enc = tokenizer(texts[:16], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.eval()
+        with torch.no_grad():
+            reloaded = BertForSequenceClassification.from_pretrained(run / role)
+            torch.testing.assert_close(reloaded(**enc).logits, model(**enc).logits)
+    # The commands of a recipe's run take the folder; the report has the fit's curves.
+    assert main(["eval", str(run)]) == 0
+    assert main(["report", str(run)]) == 0
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    assert (run / "export" / "onnx" / "model.onnx").is_file() and (run / "curves.png").is_file()
+    rows = json.loads((run / "export" / "export.json").read_text())["deployment"]["rows"]
+    measured = json.loads((run / "eval.json").read_text())["models"]
+    for row in rows:  # every load of the teacher is the fitted teacher
+        assert row["accuracy"] == pytest.approx(measured[row["model"]]["accuracy"])
+    with pytest.raises(distill.RunFolderError, match="already holds a run"):
+        fitted.save_run("classification", data, tokenizer=tokenizer)
+    # A teacher saved whole is named where it is, not copied.
+    teacher.save_pretrained(tmp_path / "teacher")
+    again = distill.Distiller(BertForSequenceClassification.from_pretrained(tmp_path / "teacher"), student,
+                              losses=["kd"], train={"epochs": 1}, folder=tmp_path / "again")
+    again.fit(batches[:1])
+    again.save_run("classification", data, tokenizer=tokenizer, evaluate=False)
+    named = distill.load_recipe(tmp_path / "again" / "recipe.yaml").teacher.source
+    assert named == str((tmp_path / "teacher").resolve())
+    assert not (tmp_path / "again" / "teacher").exists() and not (tmp_path / "again" / "eval.json").exists()
+
+
+def test_save_run_names_what_it_needs_for_a_plain_module(tmp_path):
+    fitted = distill.Distiller(MLP(hidden=8, depth=1), MLP(hidden=4, depth=1), losses=["kd"], task_loss_weight=0.5,
+                               train={"epochs": 1}, folder=tmp_path / "plain")
+    fitted.fit(_loader())
+    data = {"format": "fashion-mnist", "path": "data/fashion-mnist"}
+    with pytest.raises(distill.RecipeError, match="'kind': 'torch', 'arch'"):
+        fitted.save_run("classification", data)
+    with pytest.raises(distill.RecipeError, match="needs its 'arch'"):
+        fitted.save_run("classification", data, teacher={"kind": "torch"}, student={"kind": "torch"})

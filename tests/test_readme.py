@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def test_the_api_example_runs_and_the_student_learns(tmp_path, data_dir, monkeyp
     from distill.models.zoo import ConvNet
     from distill.tasks import ClassificationTask
 
-    (block,) = [b for b in _python_blocks() if "Distiller(" in b]
+    (block,) = [b for b in _python_blocks() if "fit(train_loader, eval_loader)" in b]
     snippet = block[block.index("distill.Distiller("):]
     task = ClassificationTask(DataSpec(format="fashion-mnist", path=data_dir / "fashion-mnist", train_limit=4096,
                                        test_limit=512))
@@ -42,6 +43,34 @@ def test_the_api_example_runs_and_the_student_learns(tmp_path, data_dir, monkeyp
     assert result["steps"] == 96 and (tmp_path / "runs/my-student").is_dir()
     accuracy = result["eval"][-1]["accuracy"]
     assert accuracy > 25  # ten classes: chance is 10
+
+
+def test_the_save_run_example_writes_a_run_folder_the_commands_take(tmp_path, data_dir, tiny_bert, monkeypatch):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    import distill
+    from distill.cli import main
+    from distill.data import read_labelled
+
+    (block,) = [b for b in _python_blocks() if "save_run(" in b]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    texts, raw = read_labelled(data_dir / "trec" / "train.txt", "labelled-text", encoding="latin-1")
+    names = sorted(set(raw))
+    enc = tokenizer(texts[:256], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    labels = torch.tensor([names.index(label) for label in raw[:256]])
+    train = [{"input_ids": enc["input_ids"][i : i + 32], "attention_mask": enc["attention_mask"][i : i + 32],
+              "labels": labels[i : i + 32]} for i in range(0, 256, 32)]
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(names))
+    student = distill.derive(teacher, tokenizer, layers=[1])
+    monkeypatch.chdir(tmp_path)
+    code = block.replace("../shared/data/trec", str(data_dir / "trec"))
+    exec(code, {"distill": distill, "teacher": teacher, "student": student, "train_loader": train,  # noqa: S102
+                "tokenizer": tokenizer})
+    run = tmp_path / "runs" / "my-trec"
+    models = json.loads((run / "eval.json").read_text())["models"]
+    assert set(models) == {"teacher", "student"} and models["student"]["parameters"] < models["teacher"]["parameters"]
+    assert (run / "report.md").is_file() and main(["export", str(run), "--format", "onnx"]) == 0
 
 
 def test_every_recipe_the_readme_names_exists():
