@@ -77,13 +77,27 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
                 f"embedding = model.encode([\"A man is playing a guitar.\"])\n")
     arch = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
     cls = ARCHITECTURES.get(arch.get("arch", "convnet"))
+    shape, mean, std, labels = _pixels(arch)
     return (f"import torch\nfrom safetensors.torch import load_file\nfrom torch import Tensor, nn\n\n\n"
             f"{_architecture_source(cls)}\n\n"
             f"model = {cls.__name__}(**{arch.get('arch_args', {})!r})\n"
             f"model.load_state_dict(load_file(\"{student / 'model.safetensors'}\"))\n"
-            f"images = torch.rand(4, 1, 28, 28)  # your images: (N, 1, 28, 28), pixels scaled to [0, 1]\n"
-            f"x = (images - {PIXEL_MEAN}) / {PIXEL_STD}  # standardised as in training (the data's mean and std)\n"
-            f"with torch.no_grad():\n    logits = model.eval()(x)\n")
+            f"images = torch.rand(4, {shape})  # your images: (N, {shape}), pixels scaled to [0, 1]\n"
+            f"mean = torch.tensor({mean}).view(1, -1, 1, 1)  # per channel, of the training images\n"
+            f"std = torch.tensor({std}).view(1, -1, 1, 1)\n"
+            f"x = (images - mean) / std  # standardised as in training\n"
+            f"with torch.no_grad():\n    logits = model.eval()(x)\n"
+            f"labels = {labels!r}\nlabel = labels[int(logits[0].argmax())]\n")
+
+
+def _pixels(config: dict[str, Any]) -> tuple[str, list[float], list[float], list[str]]:
+    """An image student's input shape ``C, H, W``, per-channel mean and std and class names, from
+    what its ``config.json`` records (Fashion-MNIST's for students saved without them)."""
+    pre = config.get("preprocessing") or {}
+    channels, (height, width) = pre.get("channels", 1), pre.get("size", (28, 28))
+    classes = config.get("arch_args", {}).get("num_classes", 10)
+    return (f"{channels}, {height}, {width}", pre.get("mean", [PIXEL_MEAN]), pre.get("std", [PIXEL_STD]),
+            pre.get("labels", [str(i) for i in range(classes)]))
 
 
 def _architecture_source(cls: type) -> str:
@@ -97,15 +111,20 @@ def _architecture_source(cls: type) -> str:
     return "\n\n".join([*helpers, source]).strip()
 
 
-def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any]) -> str:
+def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any], student: Path) -> str:
     """How to run the exported ONNX model with onnxruntime alone (and the tokenizer)."""
     path = Path(onnx["path"])
     if kind == "torch":
+        config = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
+        shape, mean, std, labels = _pixels(config)
         return (f"import numpy as np\nimport onnxruntime as ort\n\n"
                 f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")\n"
-                f"images = np.random.rand(4, 1, 28, 28)  # your images: (N, 1, 28, 28), pixels scaled to [0, 1]\n"
-                f"x = ((images - {PIXEL_MEAN}) / {PIXEL_STD}).astype(np.float32)  # standardised as in training\n"
-                f"logits = session.run(None, {{\"x\": x}})[0]\n")
+                f"images = np.random.rand(4, {shape})  # your images: (N, {shape}), pixels scaled to [0, 1]\n"
+                f"mean = np.array({mean}).reshape(1, -1, 1, 1)  # per channel, of the training images\n"
+                f"std = np.array({std}).reshape(1, -1, 1, 1)\n"
+                f"x = ((images - mean) / std).astype(np.float32)  # standardised as in training\n"
+                f"logits = session.run(None, {{\"x\": x}})[0]\n"
+                f"labels = {labels!r}\nlabel = labels[int(logits[0].argmax())]\n")
     special = ", add_special_tokens=False" if kind == "static-embedding" else ""
     what = {"hf-embedding": "embedding", "static-embedding": "embedding"}.get(kind, "logits")
     return (f"import onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
@@ -211,7 +230,7 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
     onnx = exports.get("exports", {}).get("onnx")
     if onnx is not None:
         lines += ["", "With onnxruntime (no PyTorch needed):", "", "```python",
-                  _onnx_usage(kind, recipe, onnx).rstrip(), "```"]
+                  _onnx_usage(kind, recipe, onnx, student).rstrip(), "```"]
     else:
         folder = student.parent
         lines += ["", f"For onnxruntime, export it first: `distill export {folder} --format onnx --int8`."]

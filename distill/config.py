@@ -148,7 +148,7 @@ class Recipe(Spec):
                 raise ValueError(f"{role}.kind: task '{self.task}' needs one of {sorted(expected)}, got '{k}'")
             if self.task == "classification" and k in ("hf-embedding", "hf-causal-lm"):
                 raise ValueError(f"{role}.kind: task 'classification' needs class logits, not '{k}' outputs")
-        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist", *TEXT_LABELLED},
+        formats = {"sts": {"stsb"}, "classification": {"fashion-mnist", "image-folder", *TEXT_LABELLED},
                    "embedding": {"text", "jsonl", "parquet", "hf-dataset"},
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:

@@ -13,7 +13,8 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "decoded_lines", "labelled_file", "mix_texts",
+__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "decoded_lines", "expand_path", "labelled_file",
+           "mix_texts",
            "read_idx_images",
            "read_labelled", "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
 
@@ -37,7 +38,8 @@ class SentencePairs:
         return digest.hexdigest()
 
 
-def _expand(folder: Path) -> Path:
+def expand_path(folder: Path) -> Path:
+    """``folder`` with ``~`` and ``$VARS`` expanded."""
     import os
 
     return Path(os.path.expandvars(str(folder))).expanduser()
@@ -63,7 +65,7 @@ def read_stsb(folder: Path, split: str, limit: int | None = None) -> SentencePai
     Raises:
         DataError: Missing file, a line that is not UTF-8, too few columns, or a score that is not a number.
     """
-    path = _expand(folder) / f"sts-{split}.csv"
+    path = expand_path(folder) / f"sts-{split}.csv"
     if not path.is_file():
         raise DataError(f"STS Benchmark file not found: {path} (expected sts-train.csv, sts-dev.csv, sts-test.csv)")
     first, second, scores = [], [], []
@@ -121,7 +123,7 @@ def read_idx_images(folder: Path, split: str, limit: int | None = None) -> tuple
     Raises:
         DataError: Missing or malformed files, or image and label counts that differ.
     """
-    folder = _expand(folder)
+    folder = expand_path(folder)
     prefix = _IDX_NAMES[split]
     img_path, img_raw = _open_idx(folder, f"{prefix}-images-idx3-ubyte")
     lbl_path, lbl_raw = _open_idx(folder, f"{prefix}-labels-idx1-ubyte")
@@ -137,7 +139,7 @@ def read_idx_images(folder: Path, split: str, limit: int | None = None) -> tuple
 def read_text(path: Path) -> str:
     """A plain-text corpus: ``path`` is a ``.txt`` file, or a folder holding ``input.txt`` or a
     single ``.txt`` file (Tiny Shakespeare's layout)."""
-    path = _expand(path)
+    path = expand_path(path)
     if path.is_dir():
         candidates = [path / "input.txt"] if (path / "input.txt").is_file() else sorted(path.glob("*.txt"))
         if len(candidates) != 1:
@@ -232,8 +234,8 @@ def _record_rows(path: Path, fmt: str, split: str) -> list[tuple[dict, str]]:
     """Every record of ``jsonl`` / ``parquet`` files (a file, or a folder's files in name order)
     or of a ``hf-dataset``, with where it came from."""
     if fmt == "hf-dataset":
-        return _hf_rows(str(_expand(path)) if _expand(path).exists() else str(path), split)
-    path = _expand(path)
+        return _hf_rows(str(expand_path(path)) if expand_path(path).exists() else str(path), split)
+    path = expand_path(path)
     suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
     files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
     if not files or not files[0].is_file():
@@ -287,7 +289,7 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
             ``.gz`` file, or no text at all.
     """
     texts: list[str] = []
-    for file in _text_files(_expand(path)):
+    for file in _text_files(expand_path(path)):
         opener = gzip.open if file.name.endswith(".gz") else open
         try:
             with opener(file, "rb") as handle:
@@ -377,7 +379,7 @@ def read_labelled(path: Path, fmt: str, text_column: str = "text", label_column:
         DataError: A missing file or column, a line without a text, bytes that are not UTF-8
             (file:line), or no examples.
     """
-    path = _expand(path) if fmt != "hf-dataset" else path
+    path = expand_path(path) if fmt != "hf-dataset" else path
     if fmt == "labelled-text":
         pairs = []
         for number, line in enumerate(read_lines(path, encoding), 1):

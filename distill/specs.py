@@ -111,9 +111,12 @@ class MixSpec(Spec):
 class DataSpec(Spec):
     """The data the student learns from and is evaluated on."""
 
-    format: Literal["stsb", "fashion-mnist", "text", "jsonl", "parquet", "hf-dataset", "labelled-text", "csv", "tsv"]
+    format: Literal["stsb", "fashion-mnist", "image-folder", "text", "jsonl", "parquet", "hf-dataset", "labelled-text",
+                    "csv", "tsv"]
     """``stsb``: STS Benchmark TSV files (sts-train.csv, sts-dev.csv, sts-test.csv);
-    ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not; ``text``: one
+    ``fashion-mnist``: the IDX files of Fashion-MNIST (or MNIST), gzipped or not;
+    ``image-folder``: images in a folder per class (``CLASS/*.png``, ``.jpg``, ...), under
+    ``train/``, ``test/`` and ``val/`` or held out of the one folder; ``text``: one
     plain-text file (or a folder with ``input.txt``), the last ``eval_fraction`` held out;
     ``jsonl`` / ``parquet`` / ``hf-dataset`` (task ``lm``): records with a ``text`` field, or
     ``prompt`` and ``completion``, or chat ``messages`` (the loss then counts completion tokens
@@ -154,9 +157,23 @@ class DataSpec(Spec):
     mix: list[MixSpec] = []
     """Task ``embedding``: more corpora mixed into the training texts, each with its weight.
     Repeats within a corpus are removed first; validation and test come from ``path`` alone."""
+    image_size: int | tuple[int, int] | None = None
+    """``image-folder``: resize every image to this (``[height, width]``, or one number for a
+    square); ``null``: the first image's size, which every image must then have."""
+    channels: Literal[1, 3] | None = None
+    """``image-folder``: 1 (grayscale) or 3 (RGB); ``null``: 1 when every training image is
+    grayscale, else 3."""
     block_chars: int = Field(512, ge=16)
     """``text``: characters per training example; the corpus is cut into blocks this long
     (each is then tokenised and truncated at the model's ``max_length``)."""
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        sizes = list(value) if isinstance(value, list | tuple) else [value, value]
+        if value is not None and (len(sizes) != 2 or not all(type(v) is int and v > 0 for v in sizes)):
+            raise ValueError(f"a size in pixels: one number (a square) or [height, width], got {value!r}")
+        return value
 
 
 class LayerSpec(Spec):

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,33 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+#: Fashion-MNIST classes written as image folders, by folder name.
+IMAGE_CLASSES = {"bag": 8, "sneaker": 7, "trouser": 1}
+
+
+def write_image_folder(root: Path, data_dir: Path, per_class: dict[str, int], rgb: bool = True) -> Path:
+    """Real Fashion-MNIST images as PNG files in ``root/SPLIT/CLASS/``: ``per_class`` images of
+    each class per split (``train``, ``test``), tinted with a random colour each when ``rgb``."""
+    from PIL import Image
+
+    from distill.data import read_idx_images
+
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        images, labels = read_idx_images(data_dir / "fashion-mnist", "train" if split == "train" else "test")
+        for name, label in IMAGE_CLASSES.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i, index in enumerate(np.flatnonzero(labels == label)[:count]):
+                pixels = images[index]
+                if rgb:
+                    tint = rng.uniform(0.3, 1.0, size=3)
+                    image = Image.fromarray((pixels[..., None] * tint).astype(np.uint8), "RGB")
+                else:
+                    image = Image.fromarray(pixels, "L")
+                image.save(root / split / name / f"{i:04d}.png")
+    return root
 
 
 def bpe_tokenizer(text: str, vocab_size: int = 300):  # noqa: ANN201 - a transformers tokenizer

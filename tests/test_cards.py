@@ -41,6 +41,18 @@ def _image_run(tmp_path, data_dir):
             "losses": [{"name": "kd"}], "baseline": False, "train": {"max_steps": 2, "batch_size": 32}}
 
 
+def _image_folder_run(tmp_path, data_dir):
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "images", data_dir, {"train": 16, "test": 4})
+    return {"name": "card-folder", "task": "classification",
+            "teacher": {"kind": "torch", "arch": "convnet", "arch_args": {"width": 2, "num_classes": 3,
+                                                                         "in_channels": 3}},
+            "student": {"arch": "convnet", "arch_args": {"width": 2}},
+            "data": {"format": "image-folder", "path": str(root)},
+            "losses": [{"name": "kd"}], "baseline": False, "train": {"max_steps": 2, "batch_size": 16}}
+
+
 def _text_classifier_run(tmp_path, data_dir, tiny_bert):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -83,6 +95,8 @@ def _language_model_run(tmp_path, data_dir, gpt_pair):
 #: What each kind's snippet must leave behind, checked after it runs.
 CHECKS = {
     "card-image": "assert tuple(logits.shape) == (4, 10) and bool(torch.isfinite(logits).all()); print('ok')",
+    "card-folder": ("assert tuple(logits.shape) == (4, 3) and label in ('bag', 'sneaker', 'trouser')\n"
+                    "assert mean.flatten().tolist() != [0.286] and len(std.flatten()) == 3; print('ok')"),
     "card-text": "assert tuple(logits.shape) == (1, 6) and label in {str(i) for i in range(6)}; print('ok')",
     "card-embedding": "assert tuple(embedding.shape) == (1, 16); print('ok')",
     "card-static": "assert tuple(embedding.shape) == (1, 16); print('ok')",
@@ -90,9 +104,10 @@ CHECKS = {
 }
 
 
-@pytest.mark.parametrize("make", [_image_run, _text_classifier_run, _embedding_run, _static_run, _language_model_run])
+@pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run, _embedding_run, _static_run,
+                                  _language_model_run])
 def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, gpt_pair, make):
-    if make is _image_run:
+    if make in (_image_run, _image_folder_run):
         recipe = make(tmp_path, data_dir)
     else:
         recipe = make(tmp_path, data_dir, gpt_pair if make is _language_model_run else tiny_bert)
@@ -104,16 +119,17 @@ def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, 
     _run_without_distill(snippet, CHECKS[recipe["name"]])
 
 
-@pytest.mark.parametrize("make", [_image_run, _text_classifier_run])
+@pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run])
 def test_the_onnx_snippet_runs_with_onnxruntime_alone(tmp_path, data_dir, tiny_bert, make):
     pytest.importorskip("onnxruntime")
     from distill.exporting import export_run
 
-    recipe = make(tmp_path, data_dir, tiny_bert) if make is not _image_run else make(tmp_path, data_dir)
+    images = (_image_run, _image_folder_run)
+    recipe = make(tmp_path, data_dir) if make in images else make(tmp_path, data_dir, tiny_bert)
     recipe.update(output_dir=str(tmp_path / "run"), cache={"dir": str(tmp_path / "cache")}, evaluate=FAST)
     distill.run(recipe)
     export_run(tmp_path / "run", "onnx", measure=False)
     _, onnx = _snippets((tmp_path / "run/student/README.md").read_text())
     assert "onnxruntime" in onnx and "distill" not in onnx.replace(str(tmp_path), "")
-    shape = (4, 10) if make is _image_run else (1, 6)
+    shape = {_image_run: (4, 10), _image_folder_run: (4, 3)}.get(make, (1, 6))
     _run_without_distill(onnx, f"assert logits.shape == {shape}; print('ok')")

@@ -189,7 +189,7 @@ def test_distiller_api_with_plain_modules(tmp_path, data_dir):
                                train={"epochs": 1, "eval_every": 4}, folder=tmp_path / "d").fit(loader, loader)
     assert result["steps"] == 8 and len(result["eval"]) == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
-    assert (tmp_path / "d/checkpoints").is_dir()
+    assert (tmp_path / "d/train/student/checkpoints").is_dir()
 
 
 def test_eval_and_report_commands_on_a_finished_run(tmp_path, data_dir, tiny_teacher):

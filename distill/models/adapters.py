@@ -26,6 +26,7 @@ __all__ = [
     "HFClassifierAdapter",
     "HFEmbeddingAdapter",
     "TorchClassifierAdapter",
+    "data_arch_args",
     "load_torch_classifier",
     "require_transformers",
 ]
@@ -68,10 +69,14 @@ class TorchClassifierAdapter:
 
     outputs = ("logits",)
 
-    def __init__(self, module: nn.Module, arch: str, arch_args: dict[str, Any]) -> None:
+    def __init__(self, module: nn.Module, arch: str, arch_args: dict[str, Any],
+                 preprocessing: dict[str, Any] | None = None) -> None:
         self.module = module
         self.arch = arch
         self.arch_args = dict(arch_args)
+        self.preprocessing = preprocessing
+        """What its inputs are (channels, size, per-channel mean and std, class names), written
+        beside the weights for the model card; ``None`` when unknown."""
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         return {"logits": self.module(inputs["x"].to(device_of(self.module)))}
@@ -82,7 +87,18 @@ class TorchClassifierAdapter:
         state = {k: v.detach().cpu().contiguous() for k, v in unwrap(self.module).state_dict().items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"arch": self.arch})
         config = {"arch": self.arch, "arch_args": self.arch_args}
+        if self.preprocessing is not None:
+            config["preprocessing"] = self.preprocessing
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def data_arch_args(arch: str | None, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``given`` completed with the arguments of ``defaults`` (what the data decides: classes,
+    channels) that the architecture takes and the recipe leaves out."""
+    if arch is None:
+        return dict(given)
+    accepted = inspect.signature(ARCHITECTURES.get(arch)).parameters
+    return {**{k: v for k, v in defaults.items() if k in accepted}, **given}
 
 
 def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: str | None) -> TorchClassifierAdapter:
@@ -92,12 +108,14 @@ def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: s
     ``config.json``, whose architecture is used when ``arch`` is not given).
     """
     path = Path(source).expanduser() if source else None
+    preprocessing = None
     if path is not None and path.is_dir():
         config_file = path / "config.json"
         if config_file.is_file():
             config = json.loads(config_file.read_text())
             arch = arch or config.get("arch")
             arch_args = {**config.get("arch_args", {}), **arch_args}
+            preprocessing = config.get("preprocessing")
         path = path / "model.safetensors"
     if arch is None:
         raise ModelError("torch model: give arch (an architecture name) or a folder distill saved")
@@ -123,7 +141,7 @@ def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: s
                 f"torch model: {path} does not fit architecture '{arch}' {arch_args}: "
                 f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
             )
-    return TorchClassifierAdapter(module, arch, arch_args)
+    return TorchClassifierAdapter(module, arch, arch_args, preprocessing)
 
 
 class HFEmbeddingAdapter(HFTextAdapter):

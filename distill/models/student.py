@@ -20,7 +20,13 @@ from torch import nn
 
 from distill.config import DeriveSpec, Recipe
 from distill.errors import RecipeError
-from distill.models.adapters import Adapter, HFClassifierAdapter, HFEmbeddingAdapter
+from distill.models.adapters import (
+    Adapter,
+    HFClassifierAdapter,
+    HFEmbeddingAdapter,
+    TorchClassifierAdapter,
+    data_arch_args,
+)
 from distill.models.causal_lm import HFCausalLMAdapter
 from distill.models.derive import derive_encoder
 from distill.models.derive_lm import derive_causal_lm
@@ -111,7 +117,14 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
     spec = recipe.student.derive
     labels = getattr(task, "label_names", None)  # a text classification task's classes
     if spec is None:
-        return load_model(recipe.student, recipe.student_kind, labels=labels)
+        model_spec = recipe.student
+        if recipe.student_kind == "torch" and model_spec.source is None and hasattr(task, "arch_defaults"):
+            built = data_arch_args(model_spec.arch, model_spec.arch_args, task.arch_defaults())
+            model_spec = model_spec.model_copy(update={"arch_args": built})
+        student = load_model(model_spec, recipe.student_kind, labels=labels)
+        if isinstance(student, TorchClassifierAdapter) and hasattr(task, "preprocessing"):
+            student.preprocessing = task.preprocessing()
+        return student
     texts = task.train_texts() if hasattr(task, "train_texts") else None
     keep = None
     if spec.vocab == "data":

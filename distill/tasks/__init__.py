@@ -26,6 +26,6 @@ def build_task(task: str, spec: DataSpec
         return EmbeddingTask(spec)
     if task == "lm":
         return LanguageModelingTask(spec)
-    if spec.format != "fashion-mnist":
+    if spec.format not in ("fashion-mnist", "image-folder"):
         return TextClassificationTask(spec)
     return ClassificationTask(spec)

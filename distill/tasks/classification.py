@@ -1,4 +1,4 @@
-"""Classification scored by accuracy: images (Fashion-MNIST's IDX files) and texts (labelled files)."""
+"""Classification scored by accuracy: images (Fashion-MNIST's IDX files, image folders) and texts (labelled files)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import Tensor
 from distill.config import DataSpec
 from distill.data import LABELLED_SUFFIXES, dataset_splits, labelled_file, read_idx_images, read_labelled
 from distill.errors import DataError
+from distill.images import image_folder_splits, read_image_folder
 from distill.tasks.base import Batch
 
 __all__ = ["PIXEL_MEAN", "PIXEL_STD", "ClassificationTask", "ImageSet", "TextClassificationTask", "TextSet"]
@@ -24,18 +25,31 @@ PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 
 
 class ImageSet:
-    """Images and labels held in memory as tensors; batches are sliced, not collated."""
+    """Images and labels held in memory as tensors; batches are sliced, not collated, and
+    standardised per channel with ``mean`` and ``std`` (of pixels scaled to [0, 1]).
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    Args:
+        images: ``(N, H, W)`` or ``(N, C, H, W)`` uint8 pixels.
+        labels: ``(N,)`` class ids.
+        mean: Per-channel mean (one value for all channels, or one per channel).
+        std: Per-channel standard deviation.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: Sequence[float] = (PIXEL_MEAN,),
+                 std: Sequence[float] = (PIXEL_STD,)) -> None:
         self.images = torch.from_numpy(images.copy())
+        if self.images.dim() == 3:
+            self.images = self.images.unsqueeze(1)
         self.labels = torch.from_numpy(labels.copy())
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        x = (self.images[index].float().unsqueeze(1) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+        x = (self.images[index].float() / 255.0 - self.mean) / self.std
         return {"index": index, "inputs": {"x": x}, "labels": self.labels[index]}
 
 
@@ -79,29 +93,48 @@ class _Accuracy:
 
 
 class ClassificationTask(_Accuracy):
-    """Image classification scored by accuracy; the validation split is held out of train.
+    """Image classification scored by accuracy: Fashion-MNIST's IDX files (``fashion-mnist``)
+    or folders of class folders (``image-folder``, see :mod:`distill.images`). Without a
+    validation split, one is held out of train; pixels are standardised per channel with the
+    training images' mean and standard deviation (Fashion-MNIST's published ones for IDX files).
 
     Args:
-        spec: Where the IDX files are, how much to use and what share to hold out.
+        spec: Where the images are, how much to use and what share to hold out.
     """
 
     def __init__(self, spec: DataSpec) -> None:
-        images, labels = read_idx_images(spec.path, "train")
-        n_eval = max(1, int(len(labels) * spec.eval_fraction))
-        train_images, train_labels = images[:-n_eval], labels[:-n_eval]
-        if spec.train_limit:
-            train_images, train_labels = train_images[: spec.train_limit], train_labels[: spec.train_limit]
-        self.train = ImageSet(train_images, train_labels)
-        self.num_classes = int(labels.max()) + 1
-        test_images, test_labels = read_idx_images(spec.path, "test", spec.test_limit)
-        if test_labels.max() >= self.num_classes:
-            raise DataError(
-                f"test labels go up to {int(test_labels.max())} but training labels only to {self.num_classes - 1}"
-            )
-        self.splits = {
-            "eval": ImageSet(images[-n_eval:][: spec.eval_limit], labels[-n_eval:][: spec.eval_limit]),
-            "test": ImageSet(test_images, test_labels),
-        }
+        if spec.format == "image-folder":
+            splits, self.label_names = _image_folder(spec)
+            pixels = splits["train"][0].astype(np.float64) / 255.0
+            mean = pixels.mean(axis=(0, 2, 3)).round(4).tolist()
+            std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-3).round(4).tolist()
+        else:
+            splits = _idx_splits(spec)
+            self.label_names = [str(i) for i in range(int(splits["train"][1].max()) + 1)]
+            mean, std = [PIXEL_MEAN], [PIXEL_STD]
+        self.num_classes = len(self.label_names)
+        for split in ("eval", "test"):
+            if splits[split][1].max() >= self.num_classes:
+                raise DataError(f"{split} labels go up to {int(splits[split][1].max())} but training labels only to "
+                                f"{self.num_classes - 1}")
+        limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
+        sets = {split: ImageSet(images[: limits[split]], labels[: limits[split]], mean, std)
+                for split, (images, labels) in splits.items()}
+        self.train = sets.pop("train")
+        self.splits = sets
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a model of this data expects, written beside its weights for the model card:
+        channels, size, per-channel mean and std of pixels in [0, 1], and the class names."""
+        return {"channels": int(self.train.images.shape[1]), "size": list(self.train.images.shape[2:]),
+                "mean": self.train.mean.flatten().tolist(), "std": self.train.std.flatten().tolist(),
+                "labels": self.label_names}
+
+    def arch_defaults(self) -> dict[str, int]:
+        """Architecture arguments the data decides (classes, channels, flattened input size)."""
+        channels, height, width = self.train.images.shape[1:]
+        return {"num_classes": self.num_classes, "in_channels": int(channels),
+                "in_features": int(channels * height * width)}
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.train.images.numpy().tobytes())
@@ -110,6 +143,41 @@ class ClassificationTask(_Accuracy):
 
     def lengths(self) -> list[int]:
         return [1] * len(self.train)
+
+
+def _idx_splits(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST's train file (its tail held out for validation) and test file."""
+    images, labels = read_idx_images(spec.path, "train")
+    n_eval = max(1, int(len(labels) * spec.eval_fraction))
+    return {"train": (images[:-n_eval], labels[:-n_eval]), "eval": (images[-n_eval:], labels[-n_eval:]),
+            "test": read_idx_images(spec.path, "test", spec.test_limit)}
+
+
+def _image_folder(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Each split's images and class ids, and the class names (the training folders', sorted);
+    a split without a folder is held out of train by a fixed seeded shuffle."""
+    folders = image_folder_splits(spec.path)
+    size = (spec.image_size, spec.image_size) if isinstance(spec.image_size, int) else spec.image_size
+    train, size, channels = read_image_folder(folders["train"], size, spec.channels)  # type: ignore[arg-type]
+    names = sorted(set(train.labels))
+    order = np.random.default_rng(0).permutation(len(train.labels))
+    read: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for split in ("test", "eval"):
+        folder = folders[split]
+        if folder is not None:
+            held = read_image_folder(folder, size, channels)[0]
+            unseen = sorted(set(held.labels) - set(names))
+            if unseen:
+                raise DataError(f"{folder}: class folders the training set does not have: {unseen[:5]}")
+            read[split] = (held.images, held.labels)
+            continue
+        n = max(1, int(len(order) * spec.eval_fraction))
+        order, taken = order[:-n], order[-n:]
+        read[split] = (train.images[taken], [train.labels[i] for i in taken])
+    read["train"] = (train.images[order], [train.labels[i] for i in order])
+    index = {name: i for i, name in enumerate(names)}
+    return {split: (images, np.array([index[x] for x in labels], dtype=np.int64))
+            for split, (images, labels) in read.items()}, names
 
 
 class TextSet:
