@@ -63,8 +63,9 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
         return (f"import torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
                 f"model = AutoModelForSequenceClassification.from_pretrained(\"{student}\").eval()\n"
-                f"batch = tokenizer([\"A fine film.\"], padding=True, truncation=True, max_length={spec.max_length}, "
-                f"return_tensors=\"pt\")\nwith torch.no_grad():\n    logits = model(**batch).logits\n"
+                f"batch = tokenizer({_example_texts(recipe)}, padding=True, truncation=True, "
+                f"max_length={spec.max_length}, return_tensors=\"pt\")\n"
+                f"with torch.no_grad():\n    logits = model(**batch).logits\n"
                 f"label = model.config.id2label[int(logits.argmax(-1)[0])]  # the class names are in config.json\n")
     if kind == "hf-causal-lm":
         return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -88,6 +89,13 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
             f"x = (images - mean) / std  # standardised as in training\n"
             f"with torch.no_grad():\n    logits = model.eval()(x)\n"
             f"labels = {labels!r}\nlabel = labels[int(logits[0].argmax())]\n")
+
+
+def _example_texts(recipe: Recipe) -> str:
+    """The texts a text classifier's snippet passes its tokenizer: one list, or two for pairs."""
+    if isinstance(recipe.data.text_column, str):
+        return "[\"A fine film.\"]"
+    return "[\"A man is playing a guitar.\"], [\"A person plays music.\"]"  # the first texts, then their pairs
 
 
 def _pixels(config: dict[str, Any]) -> tuple[str, list[float], list[float], list[str]]:
@@ -127,10 +135,11 @@ def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any], student: Path) 
                 f"labels = {labels!r}\nlabel = labels[int(logits[0].argmax())]\n")
     special = ", add_special_tokens=False" if kind == "static-embedding" else ""
     what = {"hf-embedding": "embedding", "static-embedding": "embedding"}.get(kind, "logits")
+    texts = _example_texts(recipe) if kind == "hf-classifier" else "[\"A man is playing a guitar.\"]"
     return (f"import onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{path}\")\n"
             f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")  # or model.int8.onnx\n"
-            f"batch = tokenizer([\"A man is playing a guitar.\"], padding=True, truncation=True, "
+            f"batch = tokenizer({texts}, padding=True, truncation=True, "
             f"max_length={recipe.student.max_length}{special}, return_tensors=\"np\")\n"
             f"{what} = session.run(None, {{i.name: batch[i.name] for i in session.get_inputs()}})[0]"
             + ("  # pooled and normalised\n" if what == "embedding" else "\n"))

@@ -153,6 +153,9 @@ class Recipe(Spec):
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
+        if isinstance(self.data.text_column, list) and self.task != "classification":
+            raise ValueError(f"data.text_column: task '{self.task}' reads one text per example; text pairs are for "
+                             "task 'classification'")
         if self.task == "classification":
             needs = "hf-classifier" if self.data.format in TEXT_LABELLED else "torch"
             for role, k in (("teacher", self.teacher.kind), ("student", kind)):

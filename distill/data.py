@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from distill.errors import DataError
 
 __all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "decoded_lines", "expand_path", "labelled_file",
            "mix_texts",
-           "read_idx_images",
+           "Text", "read_idx_images",
            "read_labelled", "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
 
 
@@ -366,21 +366,26 @@ def labelled_file(folder: Path, fmt: str, split: str) -> Path | None:
     return None
 
 
-def read_labelled(path: Path, fmt: str, text_column: str = "text", label_column: str = "label",
-                  encoding: str = "utf-8", split: str = "train") -> tuple[list[str], list[str]]:
-    """Texts and their class labels (as written, not yet numbered) from one labelled file.
+def read_labelled(path: Path, fmt: str, text_column: str | Sequence[str] = "text", label_column: str = "label",
+                  encoding: str = "utf-8", split: str = "train") -> tuple[list[Text], list[str]]:
+    """Texts (or text pairs) and their class labels (as written, not yet numbered) from one labelled file.
 
     Formats: ``labelled-text``, one ``LABEL text`` a line (the label is the first word; fastText's
     ``__label__`` prefix is dropped), as SST-2 and TREC ship; ``csv`` / ``tsv`` with a header
     naming ``text_column`` and ``label_column``; ``jsonl`` / ``parquet`` records with those fields;
-    ``hf-dataset``: the ``split`` of a dataset (a ``save_to_disk`` folder or a Hub id).
+    ``hf-dataset``: the ``split`` of a dataset (a ``save_to_disk`` folder or a Hub id). Two text
+    columns (``[premise, hypothesis]``) make each example a pair of texts.
 
     Raises:
         DataError: A missing file or column, a line without a text, bytes that are not UTF-8
             (file:line), or no examples.
     """
     path = expand_path(path) if fmt != "hf-dataset" else path
+    columns = [text_column] if isinstance(text_column, str) else list(text_column)
     if fmt == "labelled-text":
+        if len(columns) > 1:
+            raise DataError(f"{path}: labelled-text holds one text a line; text pairs need csv, tsv, jsonl, parquet "
+                            "or hf-dataset with two data.text_column names")
         pairs = []
         for number, line in enumerate(read_lines(path, encoding), 1):
             label, _, text = line.partition(" ")
@@ -388,35 +393,44 @@ def read_labelled(path: Path, fmt: str, text_column: str = "text", label_column:
                 raise DataError(f"{path}: example {number}: expected 'LABEL text', found {line[:40]!r}")
             pairs.append((text.strip(), label.removeprefix("__label__")))
     elif fmt in ("csv", "tsv"):
-        pairs = _delimited(path, "," if fmt == "csv" else "\t", text_column, label_column, encoding)
+        pairs = _delimited(path, "," if fmt == "csv" else "\t", columns, label_column, encoding)
     else:
         pairs = []
         for record, where in _record_rows(path, fmt, split):
-            missing = [c for c in (text_column, label_column) if c not in record]
+            missing = [c for c in (*columns, label_column) if c not in record]
             if missing:
                 raise DataError(f"{where}: no field {missing} (found {sorted(record)}); set data.text_column and "
                                 "data.label_column")
-            pairs.append((str(record[text_column]).strip(), str(record[label_column]).strip()))
+            pairs.append((_text_of(record, columns), str(record[label_column]).strip()))
     if not pairs:
         raise DataError(f"{path}: no examples")
     texts, labels = zip(*pairs, strict=True)
     return list(texts), list(labels)
 
 
-def _delimited(path: Path, delimiter: str, text_column: str, label_column: str, encoding: str
-               ) -> list[tuple[str, str]]:
+#: One example's text: a string, or a pair of strings (two text columns).
+Text = str | tuple[str, ...]
+
+
+def _text_of(row: dict, columns: list[str]) -> Text:
+    texts = tuple(str(row[c] or "").strip() for c in columns)
+    return texts[0] if len(texts) == 1 else texts
+
+
+def _delimited(path: Path, delimiter: str, columns: list[str], label_column: str, encoding: str
+               ) -> list[tuple[Text, str]]:
     if not path.is_file():
         raise DataError(f"labelled data not found: {path}")
     try:
         with path.open(newline="", encoding=encoding) as handle:
             reader = csv.DictReader(handle, delimiter=delimiter)
             header = reader.fieldnames or []
-            missing = [c for c in (text_column, label_column) if c not in header]
+            missing = [c for c in (*columns, label_column) if c not in header]
             if missing:
                 raise DataError(f"{path}: no column {missing} in the header {header}; set data.text_column and "
                                 "data.label_column")
-            return [((row[text_column] or "").strip(), (row[label_column] or "").strip())
-                    for row in reader if (row[text_column] or "").strip()]
+            return [(_text_of(row, columns), (row[label_column] or "").strip())
+                    for row in reader if (row[columns[0]] or "").strip()]
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not {encoding} text ({exc.reason}); set data.encoding") from None
     except csv.Error as exc:

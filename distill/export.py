@@ -207,7 +207,8 @@ def graph_of(adapter: Any) -> Graph:
         names = ["input_ids", "attention_mask"]
         return Graph(_Logits(model, names, use_cache=False), names, adapter.encode if hasattr(adapter, "encode")
                      else lambda inputs: adapter.tokenize(inputs["text"]), "logits", text_axes, text_axes)
-    return Graph(_Logits(model, names), names, lambda inputs: adapter.tokenize(inputs["text"]), "logits",
+    return Graph(_Logits(model, names), names,
+                 lambda inputs: adapter.tokenize(inputs["text"], pairs=inputs.get("text_pair")), "logits",
                  text_axes, {0: "batch"})
 
 

@@ -145,8 +145,10 @@ class DataSpec(Spec):
     """Use only the first N test examples."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of the training set held out for validation when the data has no dev split."""
-    text_column: str = "text"
-    """Record and table formats: the field holding each text."""
+    text_column: str | list[str] = "text"
+    """Record and table formats: the field holding each text; task ``classification`` also takes
+    two (``[premise, hypothesis]``): each example is then a pair of texts, which a
+    ``transformers`` classifier reads as one input with its separator between them."""
     encoding: str = "utf-8"
     """Text encoding of text and table files (``latin-1`` for TREC's files, for example)."""
     label_column: str = "label"
@@ -166,6 +168,13 @@ class DataSpec(Spec):
     block_chars: int = Field(512, ge=16)
     """``text``: characters per training example; the corpus is cut into blocks this long
     (each is then tokenised and truncated at the model's ``max_length``)."""
+
+    @field_validator("text_column")
+    @classmethod
+    def _columns(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= 2:
+            raise ValueError(f"one field name, or two for text pairs, got {len(value)}")
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
 
     @field_validator("image_size", mode="before")
     @classmethod

@@ -68,6 +68,20 @@ def _text_classifier_run(tmp_path, data_dir, tiny_bert):
             "losses": [{"name": "kd"}], "baseline": False, "train": {"max_steps": 2, "batch_size": 32}}
 
 
+def _pair_classifier_run(tmp_path, data_dir, tiny_bert):
+    from tasks.test_text_classification import write_sts_pairs
+
+    recipe = _text_classifier_run(tmp_path, data_dir, tiny_bert)
+    recipe["teacher"]["source"] = str(tmp_path / "t2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig.from_pretrained(tiny_bert, num_labels=2)).save_pretrained(tmp_path / "t2")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "t2")
+    folder = write_sts_pairs(tmp_path / "pairs", data_dir, n_train=64, n_test=16)
+    return {**recipe, "name": "card-pairs",
+            "data": {"format": "tsv", "path": str(folder), "text_column": ["sentence1", "sentence2"]}}
+
+
 def _embedding_run(tmp_path, data_dir, tiny_bert):
     return {"name": "card-embedding", "task": "sts",
             "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
@@ -98,14 +112,16 @@ CHECKS = {
     "card-folder": ("assert tuple(logits.shape) == (4, 3) and label in ('bag', 'sneaker', 'trouser')\n"
                     "assert mean.flatten().tolist() != [0.286] and len(std.flatten()) == 3; print('ok')"),
     "card-text": "assert tuple(logits.shape) == (1, 6) and label in {str(i) for i in range(6)}; print('ok')",
+    "card-pairs": ("assert tuple(logits.shape) == (1, 2) and label in ('different', 'similar')\n"
+                   "assert (batch['token_type_ids'] == 1).any(); print('ok')"),
     "card-embedding": "assert tuple(embedding.shape) == (1, 16); print('ok')",
     "card-static": "assert tuple(embedding.shape) == (1, 16); print('ok')",
     "card-lm": "assert isinstance(text, str) and text; print('ok')",
 }
 
 
-@pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run, _embedding_run, _static_run,
-                                  _language_model_run])
+@pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run, _pair_classifier_run,
+                                  _embedding_run, _static_run, _language_model_run])
 def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, gpt_pair, make):
     if make in (_image_run, _image_folder_run):
         recipe = make(tmp_path, data_dir)
@@ -119,7 +135,7 @@ def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, 
     _run_without_distill(snippet, CHECKS[recipe["name"]])
 
 
-@pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run])
+@pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run, _pair_classifier_run])
 def test_the_onnx_snippet_runs_with_onnxruntime_alone(tmp_path, data_dir, tiny_bert, make):
     pytest.importorskip("onnxruntime")
     from distill.exporting import export_run
@@ -131,5 +147,5 @@ def test_the_onnx_snippet_runs_with_onnxruntime_alone(tmp_path, data_dir, tiny_b
     export_run(tmp_path / "run", "onnx", measure=False)
     _, onnx = _snippets((tmp_path / "run/student/README.md").read_text())
     assert "onnxruntime" in onnx and "distill" not in onnx.replace(str(tmp_path), "")
-    shape = {_image_run: (4, 10), _image_folder_run: (4, 3)}.get(make, (1, 6))
+    shape = {_image_run: (4, 10), _image_folder_run: (4, 3), _pair_classifier_run: (1, 2)}.get(make, (1, 6))
     _run_without_distill(onnx, f"assert logits.shape == {shape}; print('ok')")

@@ -198,12 +198,13 @@ class HFEmbeddingAdapter(HFTextAdapter):
 
 
 class HFClassifierAdapter(HFTextAdapter):
-    """A ``transformers`` sequence classifier: ``inputs["text"]`` -> ``logits``."""
+    """A ``transformers`` sequence classifier: ``inputs["text"]`` (and ``inputs["text_pair"]``, the
+    second texts of pairs) -> ``logits``."""
 
     outputs = ("logits",)
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
-        enc = self.tokenize(inputs["text"])
+        enc = self.tokenize(inputs["text"], pairs=inputs.get("text_pair"))
         return {"logits": self.module(**enc).logits, "token_mask": enc["attention_mask"]}
 
     def save(self, folder: Path) -> None:

@@ -67,11 +67,14 @@ class HFTextAdapter:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def tokenize(self, texts: list[str], offsets: bool = False) -> dict[str, Tensor]:
+    def tokenize(self, texts: list[str], offsets: bool = False, pairs: list[str] | None = None) -> dict[str, Tensor]:
         """Pad to the longest text of the batch, truncate at ``max_length``; with ``offsets``, also
-        each token's ``offset_mapping`` (its first and past-last character; fast tokenizers)."""
+        each token's ``offset_mapping`` (its first and past-last character; fast tokenizers). With
+        ``pairs``, each text and its pair are one input, joined as the tokenizer joins pairs (the
+        longer one is truncated first)."""
+        second = {"text_pair": list(pairs)} if pairs is not None else {}
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt", return_offsets_mapping=offsets)
+                             return_tensors="pt", return_offsets_mapping=offsets, **second)
         device = device_of(self.module)
         return {k: v.to(device) for k, v in enc.items()}
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import DataSpec
-from distill.data import LABELLED_SUFFIXES, dataset_splits, labelled_file, read_idx_images, read_labelled
+from distill.data import LABELLED_SUFFIXES, Text, dataset_splits, labelled_file, read_idx_images, read_labelled
 from distill.errors import DataError
 from distill.images import image_folder_splits, read_image_folder
 from distill.tasks.base import Batch
@@ -181,9 +181,10 @@ def _image_folder(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
 
 
 class TextSet:
-    """Texts and their class ids; a batch is ``{"text": [...]}`` with the labels."""
+    """Texts (or text pairs) and their class ids; a batch is ``{"text": [...]}`` with the labels,
+    and ``"text_pair": [...]`` the second texts of pairs."""
 
-    def __init__(self, texts: list[str], labels: np.ndarray) -> None:
+    def __init__(self, texts: list[Text], labels: np.ndarray) -> None:
         self.texts = texts
         self.labels = torch.from_numpy(labels.astype(np.int64))
 
@@ -192,8 +193,12 @@ class TextSet:
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"index": index, "inputs": {"text": [self.texts[i] for i in index.tolist()]},
-                "labels": self.labels[index]}
+        chosen = [self.texts[i] for i in index.tolist()]
+        if chosen and isinstance(chosen[0], tuple):
+            inputs = {"text": [t[0] for t in chosen], "text_pair": [t[1] for t in chosen]}
+        else:
+            inputs = {"text": chosen}
+        return {"index": index, "inputs": inputs, "labels": self.labels[index]}
 
 
 class TextClassificationTask(_Accuracy):
@@ -232,20 +237,25 @@ class TextClassificationTask(_Accuracy):
         self.num_classes = len(self.label_names)
         limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
         self.train = TextSet(train_texts[: limits["train"]], ids["train"][: limits["train"]])
+        self.pairs = not isinstance(spec.text_column, str)
         self.splits = {split: TextSet(held[split][0][: limits[split]], ids[split][: limits[split]])
                        for split in ("eval", "test")}
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256("\n".join(self.train.texts).encode())
+        digest = hashlib.sha256("\n".join(_joined(text) for text in self.train.texts).encode())
         digest.update(self.train.labels.numpy().tobytes())
         return digest.hexdigest()
 
     def lengths(self) -> list[int]:
-        return [len(text) for text in self.train.texts]
+        return [len(_joined(text)) for text in self.train.texts]
 
     def train_texts(self) -> list[str]:
-        """Every training text (for vocabulary pruning)."""
-        return self.train.texts
+        """Every training text, both of a pair (for vocabulary pruning and calibration)."""
+        return [t for text in self.train.texts for t in ((text,) if isinstance(text, str) else text)]
+
+
+def _joined(text: Text) -> str:
+    return text if isinstance(text, str) else "\t".join(text)
 
 
 def _sources(spec: DataSpec) -> dict[str, tuple[Path, str] | None]:

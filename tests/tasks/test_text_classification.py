@@ -181,3 +181,48 @@ def test_a_hugging_face_dataset_with_its_splits(tmp_path):
     assert parse_recipe({"name": "x", "task": "classification", "data": {"format": "hf-dataset", "path": "ds"},
                          "teacher": {"kind": "hf-classifier", "source": "t"}, "student": {"derive": {"layers": [0]}},
                          "losses": [{"name": "kd"}]}).data.format == "hf-dataset"
+
+
+def write_sts_pairs(folder, data_dir, n_train=256, n_test=64):
+    """STS Benchmark pairs as a pair-classification TSV: ``similar`` (score >= 3) or ``different``."""
+    from distill.data import read_stsb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, name, n in (("train", "train.tsv", n_train), ("test", "test.tsv", n_test)):
+        pairs = read_stsb(data_dir / "stsbenchmark", split, limit=n)
+        rows = [f"{a}\t{b}\t{'similar' if s >= 3 else 'different'}\n"
+                for a, b, s in zip(pairs.first, pairs.second, pairs.scores.tolist(), strict=True)]
+        (folder / name).write_text("sentence1\tsentence2\tlabel\n" + "".join(rows))
+    return folder
+
+
+def test_text_pairs_are_read_batched_and_tokenized_as_pairs(tmp_path, data_dir, tiny_bert):
+    from distill.models.load import load_hf
+
+    folder = write_sts_pairs(tmp_path / "pairs", data_dir)
+    texts, labels = read_labelled(folder / "train.tsv", "tsv", ["sentence1", "sentence2"])
+    assert isinstance(texts[0], tuple) and len(texts[0]) == 2 and set(labels) == {"similar", "different"}
+    task = build_task("classification", DataSpec(format="tsv", path=folder, text_column=["sentence1", "sentence2"]))
+    assert task.label_names == ["different", "similar"] and len(task.splits["test"]) == 64
+    batch = task.train.batch(range(4))["inputs"]
+    assert list(batch) == ["text", "text_pair"] and batch["text_pair"][0] == task.train.texts[0][1]
+    assert len(task.train_texts()) == 2 * len(task.train)
+    model = load_hf("hf-classifier", str(tiny_bert), max_length=64, labels=task.label_names)
+    enc = model.tokenize(batch["text"], pairs=batch["text_pair"])
+    sep = model.tokenizer.sep_token_id
+    assert ((enc["input_ids"] == sep).sum(1) == 2).all()  # [CLS] first [SEP] second [SEP]
+    assert (enc["token_type_ids"] == 1).any(1).all()  # the second text is segment 1
+    assert model(batch)["logits"].shape == (4, 2)
+    # One text column is the same as before; more than two, or pairs for another task, are refused.
+    recipe = {"name": "x", "task": "classification", "teacher": {"kind": "hf-classifier", "source": str(tiny_bert)},
+              "student": {"derive": {"layers": [0]}}, "losses": [{"name": "kd"}],
+              "data": {"format": "tsv", "path": str(folder), "text_column": ["a", "b", "c"]}}
+    with pytest.raises(RecipeError, match="data.text_column: one field name, or two for text pairs, got 3"):
+        parse_recipe(recipe)
+    with pytest.raises(DataError, match="labelled-text holds one text a line"):
+        read_labelled(data_dir / "trec" / "test.txt", "labelled-text", ["a", "b"], encoding="latin-1")
+    recipe = {**recipe, "task": "embedding", "teacher": {"kind": "hf-embedding", "source": str(tiny_bert)},
+              "losses": [{"name": "cosine"}],
+              "data": {"format": "jsonl", "path": str(folder), "text_column": ["a", "b"]}}
+    with pytest.raises(RecipeError, match="text pairs are for task 'classification'"):
+        parse_recipe(recipe)
