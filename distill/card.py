@@ -66,7 +66,8 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
                 f"batch = tokenizer({_example_texts(recipe)}, padding=True, truncation=True, "
                 f"max_length={spec.max_length}, return_tensors=\"pt\")\n"
                 f"with torch.no_grad():\n    logits = model(**batch).logits\n"
-                f"label = model.config.id2label[int(logits.argmax(-1)[0])]  # the class names are in config.json\n")
+                + ("score = float(logits[0, 0])  # the predicted score\n" if recipe.task == "regression" else
+                   "label = model.config.id2label[int(logits.argmax(-1)[0])]  # the class names are in config.json\n"))
     if kind == "hf-causal-lm":
         return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{student}\")\n"
@@ -148,8 +149,8 @@ def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any], student: Path) 
 #: The Hub's library and pipeline tags per kind of student (``None``: the task decides).
 _LIBRARY = {"torch": "pytorch", "hf-classifier": "transformers", "hf-embedding": "sentence-transformers",
             "hf-causal-lm": "transformers", "static-embedding": "model2vec"}
-_PIPELINE = {"classification": None, "sts": "sentence-similarity", "embedding": "sentence-similarity",
-             "lm": "text-generation"}
+_PIPELINE = {"classification": None, "regression": "text-classification", "sts": "sentence-similarity",
+             "embedding": "sentence-similarity", "lm": "text-generation"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

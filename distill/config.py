@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import RecipeError
+from distill.losses import LOSSES
 from distill.registry import suggest
 from distill.specs import (
     CacheSpec,
@@ -56,12 +57,14 @@ class Recipe(Spec):
 
     name: str
     """Run name; the default output folder is ``runs/<name>``."""
-    task: Literal["sts", "embedding", "classification", "lm"]
+    task: Literal["sts", "embedding", "classification", "regression", "lm"]
     """``sts``: sentence embeddings scored by Spearman correlation on sentence pairs;
     ``embedding``: sentence embeddings learnt from unlabelled text through the teacher alone,
     scored by agreement with the teacher on held-out text (and by ``evaluate.suite``);
-    ``classification``: class logits scored by accuracy; ``lm``: causal language modelling
-    scored by perplexity on held-out text (lower is better)."""
+    ``classification``: class logits scored by accuracy; ``regression``: a score per text or text
+    pair (a ``transformers`` classifier with one output), scored by Spearman correlation with
+    the gold scores; ``lm``: causal language modelling scored by perplexity on held-out text
+    (lower is better)."""
     teacher: ModelSpec
     """The model to imitate. It is frozen and kept in eval mode."""
     student: ModelSpec
@@ -141,7 +144,7 @@ class Recipe(Spec):
                 raise ValueError("student.derive: a static-embedding student has no layers, heads or feed-forward; "
                                  "give hidden_size (its width) and optionally vocab")
         expected = {"sts": {"hf-embedding", "static-embedding"}, "embedding": {"hf-embedding", "static-embedding"},
-                    "classification": None,
+                    "classification": None, "regression": {"hf-classifier"},
                     "lm": {"hf-causal-lm"}}[self.task]
         for role, k in (("teacher", self.teacher.kind), ("student", kind)):
             if expected and k not in expected:
@@ -149,13 +152,17 @@ class Recipe(Spec):
             if self.task == "classification" and k in ("hf-embedding", "hf-causal-lm"):
                 raise ValueError(f"{role}.kind: task 'classification' needs class logits, not '{k}' outputs")
         formats = {"sts": {"stsb"}, "classification": {"fashion-mnist", "image-folder", *TEXT_LABELLED},
-                   "embedding": {"text", "jsonl", "parquet", "hf-dataset"},
+                   "regression": set(TEXT_LABELLED), "embedding": {"text", "jsonl", "parquet", "hf-dataset"},
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
         if self.data.format not in formats:
             raise ValueError(f"data.format: task '{self.task}' reads {sorted(formats)}, got '{self.data.format}'")
-        if isinstance(self.data.text_column, list) and self.task != "classification":
+        if isinstance(self.data.text_column, list) and self.task not in ("classification", "regression"):
             raise ValueError(f"data.text_column: task '{self.task}' reads one text per example; text pairs are for "
-                             "task 'classification'")
+                             "tasks 'classification' and 'regression'")
+        distributions = [s.name for s in self.losses if LOSSES.get(s.name).traits.output == "logits"]
+        if self.task == "regression" and distributions:
+            raise ValueError(f"losses: {distributions[0]} compares class distributions, and a regression head has one "
+                             "output; compare the scores with mse (on: logits)")
         if self.task == "classification":
             needs = "hf-classifier" if self.data.format in TEXT_LABELLED else "torch"
             for role, k in (("teacher", self.teacher.kind), ("student", kind)):

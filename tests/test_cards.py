@@ -82,6 +82,20 @@ def _pair_classifier_run(tmp_path, data_dir, tiny_bert):
             "data": {"format": "tsv", "path": str(folder), "text_column": ["sentence1", "sentence2"]}}
 
 
+def _regression_run(tmp_path, data_dir, tiny_bert):
+    from tasks.test_regression import write_sts_scores
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig.from_pretrained(tiny_bert, num_labels=1)).save_pretrained(tmp_path / "t1")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "t1")
+    folder = write_sts_scores(tmp_path / "scores", data_dir, n_train=64, n_test=16)
+    recipe = _text_classifier_run(tmp_path, data_dir, tiny_bert)
+    return {**recipe, "name": "card-regression", "task": "regression",
+            "teacher": {**recipe["teacher"], "source": str(tmp_path / "t1")}, "losses": [{"name": "mse"}],
+            "data": {"format": "tsv", "path": str(folder), "text_column": ["sentence1", "sentence2"],
+                     "label_column": "score"}}
+
+
 def _embedding_run(tmp_path, data_dir, tiny_bert):
     return {"name": "card-embedding", "task": "sts",
             "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
@@ -114,6 +128,7 @@ CHECKS = {
     "card-text": "assert tuple(logits.shape) == (1, 6) and label in {str(i) for i in range(6)}; print('ok')",
     "card-pairs": ("assert tuple(logits.shape) == (1, 2) and label in ('different', 'similar')\n"
                    "assert (batch['token_type_ids'] == 1).any(); print('ok')"),
+    "card-regression": "assert tuple(logits.shape) == (1, 1) and isinstance(score, float); print('ok')",
     "card-embedding": "assert tuple(embedding.shape) == (1, 16); print('ok')",
     "card-static": "assert tuple(embedding.shape) == (1, 16); print('ok')",
     "card-lm": "assert isinstance(text, str) and text; print('ok')",
@@ -121,7 +136,7 @@ CHECKS = {
 
 
 @pytest.mark.parametrize("make", [_image_run, _image_folder_run, _text_classifier_run, _pair_classifier_run,
-                                  _embedding_run, _static_run, _language_model_run])
+                                  _regression_run, _embedding_run, _static_run, _language_model_run])
 def test_every_card_snippet_runs_without_distill(tmp_path, data_dir, tiny_bert, gpt_pair, make):
     if make in (_image_run, _image_folder_run):
         recipe = make(tmp_path, data_dir)

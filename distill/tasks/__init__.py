@@ -11,10 +11,11 @@ from distill.tasks.base import Batch, Task, spearman
 from distill.tasks.classification import ClassificationTask, ImageSet, TextClassificationTask
 from distill.tasks.embedding import EmbeddingTask
 from distill.tasks.lm import LanguageModelingTask
+from distill.tasks.regression import TextRegressionTask
 from distill.tasks.sts import STSTask
 
 __all__ = ["Batch", "ClassificationTask", "EmbeddingTask", "ImageSet", "LanguageModelingTask", "STSTask", "Task",
-           "TextClassificationTask", "build_task", "spearman"]
+           "TextClassificationTask", "TextRegressionTask", "build_task", "spearman"]
 
 
 def build_task(task: str, spec: DataSpec
@@ -26,6 +27,8 @@ def build_task(task: str, spec: DataSpec
         return EmbeddingTask(spec)
     if task == "lm":
         return LanguageModelingTask(spec)
+    if task == "regression":
+        return TextRegressionTask(spec)
     if spec.format not in ("fashion-mnist", "image-folder"):
         return TextClassificationTask(spec)
     return ClassificationTask(spec)

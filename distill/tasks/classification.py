@@ -181,12 +181,12 @@ def _image_folder(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
 
 
 class TextSet:
-    """Texts (or text pairs) and their class ids; a batch is ``{"text": [...]}`` with the labels,
+    """Texts (or text pairs) and their class ids (or scores); a batch is ``{"text": [...]}`` with the labels,
     and ``"text_pair": [...]`` the second texts of pairs."""
 
     def __init__(self, texts: list[Text], labels: np.ndarray) -> None:
         self.texts = texts
-        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.labels = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -233,13 +233,16 @@ class TextClassificationTask(_Accuracy):
             order, taken = order[:-n], order[-n:]
             held[split] = ([texts[i] for i in taken], [raw[i] for i in taken])
         train_texts, train_raw = [texts[i] for i in order], [raw[i] for i in order]
-        self.label_names, ids = _number_labels(train_raw, {split: labels for split, (_, labels) in held.items()})
+        self.label_names, ids = self.encode_labels(train_raw, {split: labels for split, (_, labels) in held.items()})
         self.num_classes = len(self.label_names)
         limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
         self.train = TextSet(train_texts[: limits["train"]], ids["train"][: limits["train"]])
-        self.pairs = not isinstance(spec.text_column, str)
         self.splits = {split: TextSet(held[split][0][: limits[split]], ids[split][: limits[split]])
                        for split in ("eval", "test")}
+
+    def encode_labels(self, train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
+        """The class names and each split's class ids, from the labels as written."""
+        return _number_labels(train, held)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256("\n".join(_joined(text) for text in self.train.texts).encode())
