@@ -224,5 +224,5 @@ def test_text_pairs_are_read_batched_and_tokenized_as_pairs(tmp_path, data_dir, 
     recipe = {**recipe, "task": "embedding", "teacher": {"kind": "hf-embedding", "source": str(tiny_bert)},
               "losses": [{"name": "cosine"}],
               "data": {"format": "jsonl", "path": str(folder), "text_column": ["a", "b"]}}
-    with pytest.raises(RecipeError, match="text pairs are for task 'classification'"):
+    with pytest.raises(RecipeError, match="text pairs are for tasks 'classification' and 'regression'"):
         parse_recipe(recipe)
