@@ -27,7 +27,7 @@ from distill.errors import TrainingError
 from distill.step import StepModule
 
 __all__ = ["MANIFEST", "TIMING", "MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint",
-           "without_timing"]
+           "save_model_atomic", "without_timing"]
 
 log = logging.getLogger(__name__)
 #: The file of a checkpoint that lists its other files with their SHA-256.
@@ -220,3 +220,21 @@ def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: St
         return state
     metrics.truncate_after(0)
     return TrainState()
+
+
+def save_model_atomic(model: Any, target: Path) -> None:
+    """``model.save`` into ``target`` as one step: written beside it, then renamed over it. A
+    write that fails (a full disk) leaves no ``target`` and no partial folder, and says so in
+    one line."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save(tmp)
+    # A full disk: safetensors and torch.save report it as their own errors, not as OSError.
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join(str(exc).split())
+        raise TrainingError(f"cannot save the model to {target} ({reason}); is the disk full? Training is kept: free "
+                            "some space and run the same command again to save it") from None
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.checkpoint import save_model_atomic
 from distill.config import LossSpec, TrainSpec, parse_recipe
 from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
@@ -233,7 +233,7 @@ class Distiller:
         student_spec = {**_model_spec(self.student.module, "student", student or {}, self.output),
                         "source": str((folder / "student").resolve())}
         if "source" not in teacher_spec:
-            _adapter(self.teacher.module, teacher_spec, tokenizer).save(folder / "teacher")
+            save_model_atomic(_adapter(self.teacher.module, teacher_spec, tokenizer), folder / "teacher")
             teacher_spec["source"] = str((folder / "teacher").resolve())
         recipe = parse_recipe({
             "name": folder.name, "task": task, "data": data, "teacher": teacher_spec, "student": student_spec,
@@ -241,11 +241,9 @@ class Distiller:
             "task_loss_weight": self.task_loss_weight, "seed": self.seed, "baseline": False,
             "train": self.spec.model_dump(exclude_defaults=True), "output_dir": str(folder.resolve()),
         })
-        saved = folder / "student"
-        tmp = folder / ".tmp-student"
-        _adapter(self.student.module, student_spec, tokenizer).save(tmp)
-        (tmp / "distill.json").write_text(json.dumps({"role": "student", "recipe": recipe.name, **self.result}) + "\n")
-        os.replace(tmp, saved)
+        save_model_atomic(_adapter(self.student.module, student_spec, tokenizer), folder / "student")
+        info = {"role": "student", "recipe": recipe.name, **self.result}
+        (folder / "student" / "distill.json").write_text(json.dumps(info) + "\n")
         (folder / "run.json").write_text(json.dumps({"name": recipe.name, "identity": recipe.identity()}) + "\n")
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
         if not evaluate:

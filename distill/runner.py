@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from accelerate import PartialState
 from distill.batches import ShuffledBatches, per_process_batch
 from distill.cache import TeacherCache, model_fingerprint
 from distill.card import read_exports, write_model_card
-from distill.checkpoint import checkpoints
+from distill.checkpoint import checkpoints, save_model_atomic
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
@@ -108,14 +107,6 @@ def _holds_results(folder: Path) -> bool:
     return any(p.is_file() and p.name not in claim and not p.name.endswith(".lock") for p in folder.rglob("*"))
 
 
-def _save_atomic(model: Adapter, target: Path) -> None:
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
 def _pairing(recipe: Recipe, built: BuiltStudent, teacher: Adapter, task: Any, distilled: bool,
              procs: PartialState) -> Pairing:
     """A fresh copy of the student, checked on a few real examples to be comparable with the teacher."""
@@ -162,7 +153,7 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
     finally:
         pair.release()
     if accelerator.is_main_process:
-        _save_atomic(pair.student, saved)
+        save_model_atomic(pair.student, saved)
         (saved / "distill.json").write_text(json.dumps({"role": role, "recipe": recipe.name, **result}) + "\n")
         _drop_checkpoints(folder / "train" / role / "checkpoints", recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -204,7 +195,7 @@ def _save_untrained(recipe: Recipe, built: BuiltStudent, folder: Path, procs: Pa
     """Save the student as built, before any training, as the baseline of a label-free run."""
     saved = folder / "baseline"
     if procs.is_main_process and not (saved / "distill.json").is_file():
-        _save_atomic(built.fresh(), saved)
+        save_model_atomic(built.fresh(), saved)
         info = {"role": "baseline", "recipe": recipe.name, "untrained": True, "steps": 0, "eval": []}
         (saved / "distill.json").write_text(json.dumps(info) + "\n")
     procs.wait_for_everyone()

@@ -141,3 +141,28 @@ def test_a_cache_build_that_hits_a_full_disk_stops_with_one_line_and_resumes(lm_
     assert files(folder) == files(expected)
     for name in files(expected):
         assert (folder / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- the trained student
+
+
+def test_the_final_save_of_the_student_on_a_full_disk_stops_with_one_line_and_is_redone(lm_run, tmp_path):
+    path, root = lm_run
+    expected = root / "straight"
+    run = tmp_path / "run"
+    shutil.copytree(expected, run)  # trained to the end (its last checkpoint is step 6), not yet saved:
+    shutil.rmtree(run / "student")
+    for name in ("eval.json", "report.md", "report.html", "report.json"):
+        (run / name).unlink(missing_ok=True)
+    weights = max((expected / "student").glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    full = cli("run", path, "--set", f"output_dir={run}", limit=weights.stat().st_size // 2)
+    assert_one_line_error(full, f"cannot save the model to {run / 'student'}", "File too large", "run the same command")
+    assert not (run / "student").exists(), "no half-saved student where a finished one is looked for"
+    assert not (run / "eval.json").exists()
+
+    again = cli("run", path, "--set", f"output_dir={run}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert files(run / "student") == files(expected / "student")
+    for weights in (expected / "student").glob("*.safetensors"):
+        assert (run / "student" / weights.name).read_bytes() == weights.read_bytes()
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")], "the half-written save is cleared"
