@@ -163,8 +163,11 @@ class Recipe(Spec):
         if self.task == "regression" and distributions:
             raise ValueError(f"losses: {distributions[0]} compares class distributions, and a regression head has one "
                              "output; compare the scores with mse (on: logits)")
+        if self.data.image_column is not None and (self.task, self.data.format) != ("classification", "hf-dataset"):
+            raise ValueError("data.image_column: images are read from an hf-dataset, by task 'classification'")
         if self.task == "classification":
-            needs = "hf-classifier" if self.data.format in TEXT_LABELLED else "torch"
+            images = self.data.format not in TEXT_LABELLED or self.data.image_column is not None
+            needs = "torch" if images else "hf-classifier"
             for role, k in (("teacher", self.teacher.kind), ("student", kind)):
                 if k != needs:
                     raise ValueError(f"{role}.kind: data.format '{self.data.format}' is "

@@ -13,10 +13,9 @@ import numpy as np
 
 from distill.errors import DataError
 
-__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "dataset_splits", "decoded_lines", "expand_path", "labelled_file",
-           "mix_texts",
-           "Text", "read_idx_images",
-           "read_labelled", "read_lines", "read_records", "read_stsb", "read_text", "read_texts", "unique"]
+__all__ = ["LABELLED_SUFFIXES", "SentencePairs", "Text", "dataset_rows", "dataset_splits", "decoded_lines",
+           "expand_path", "labelled_file", "mix_texts", "read_idx_images", "read_labelled", "read_lines",
+           "read_records", "read_stsb", "read_text", "read_texts", "unique"]
 
 
 @dataclass(frozen=True)
@@ -203,7 +202,9 @@ def _parquet_rows(path: Path) -> list[tuple[dict, str]]:
     return [(r, f"{path}, row {i}") for i, r in enumerate(records)]
 
 
-def _hf_rows(source: str, split: str) -> list[tuple[dict, str]]:
+def dataset_rows(source: str, split: str) -> list[tuple[dict, str]]:
+    """The records of one split of a Hugging Face dataset (a ``save_to_disk`` folder or a Hub
+    id), each with where it is."""
     try:
         import datasets
     except ImportError:
@@ -234,7 +235,7 @@ def _record_rows(path: Path, fmt: str, split: str) -> list[tuple[dict, str]]:
     """Every record of ``jsonl`` / ``parquet`` files (a file, or a folder's files in name order)
     or of a ``hf-dataset``, with where it came from."""
     if fmt == "hf-dataset":
-        return _hf_rows(str(expand_path(path)) if expand_path(path).exists() else str(path), split)
+        return dataset_rows(str(expand_path(path)) if expand_path(path).exists() else str(path), split)
     path = expand_path(path)
     suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
     files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]

@@ -1,4 +1,5 @@
-"""Images in folders, one folder per class (the layout of torchvision's ``ImageFolder``).
+"""Images in folders, one folder per class (the layout of torchvision's ``ImageFolder``), or
+in a Hugging Face dataset's image column.
 
 ``data.path`` holds ``train/`` and optionally ``test/`` and ``val/`` (or ``valid``,
 ``validation``, ``dev``), each with a folder per class; or it holds the class folders itself,
@@ -8,14 +9,16 @@ and the test and validation sets are then held out of it. Every image is read in
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from distill.data import expand_path
 from distill.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "image_folder_splits", "read_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "image_folder_splits", "read_image_folder", "read_image_records"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 """File endings read as images; other files in a class folder (a README, say) are skipped."""
@@ -76,32 +79,71 @@ def read_image_folder(folder: Path, size: tuple[int, int] | None = None, channel
         DataError: A file that is not an image, an image of another size (without ``size``),
             or a folder without class folders.
     """
+    found = _class_files(folder)
+    return _decoded([(f, f, label) for f, label in found], size, channels)
+
+
+def read_image_records(source: str, split: str, image_column: str, label_column: str,
+                       size: tuple[int, int] | None = None, channels: int | None = None
+                       ) -> tuple[ImageFolder, tuple[int, int], int]:
+    """Read the images and labels of one split of a Hugging Face dataset (a ``save_to_disk``
+    folder or a Hub id), as :func:`read_image_folder` reads a folder. An image is what
+    ``datasets`` decodes (a PIL image), or ``{"bytes": ..., "path": ...}``, bytes or a file path."""
+    from distill.data import dataset_rows
+
+    items = []
+    for record, where in dataset_rows(source, split):
+        missing = [c for c in (image_column, label_column) if c not in record]
+        if missing:
+            raise DataError(f"{where}: no field {missing} (found {sorted(record)}); set data.image_column and "
+                            "data.label_column")
+        items.append((record[image_column], where, str(record[label_column]).strip()))
+    if not items:
+        raise DataError(f"{source}[{split}]: no examples")
+    return _decoded(items, size, channels)
+
+
+def _open(value: Any) -> Any:
+    """A PIL image from what a dataset or folder holds."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes):
+        return Image.open(io.BytesIO(value))
+    return Image.open(Path(value))
+
+
+def _decoded(items: list[tuple[Any, Any, str]], size: tuple[int, int] | None, channels: int | None
+             ) -> tuple[ImageFolder, tuple[int, int], int]:
+    """``(image or file, where it is, label)`` items as one array of pixels."""
     from PIL import Image, UnidentifiedImageError
 
-    pixels, labels, files = [], [], []
+    pixels, labels, places = [], [], []
     resize = size is not None
-    for file, label in _class_files(folder):
+    for value, where, label in items:
         try:
-            with Image.open(file) as image:
-                image.load()
-                gray = image.mode in _GRAY
-                image = image.convert("L" if (channels == 1 or (channels is None and gray)) else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"{file}: not an image that can be read ({exc})") from None
+            image = _open(value)
+            image.load()
+            gray = image.mode in _GRAY
+            image = image.convert("L" if (channels == 1 or (channels is None and gray)) else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:
+            raise DataError(f"{where}: not an image that can be read ({exc})") from None
         if size is None:
             size = (image.height, image.width)
         if (image.height, image.width) != size:
             if not resize:
-                raise DataError(f"{file} is {image.width}x{image.height}, but {files[0]} is {size[1]}x{size[0]}: "
+                raise DataError(f"{where} is {image.width}x{image.height}, but {places[0]} is {size[1]}x{size[0]}: "
                                 "set data.image_size (every image is resized to it)")
             image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
         labels.append(label)
-        files.append(file)
+        places.append(where)
     assert size is not None
     if channels is None:
         channels = max(p.shape[0] for p in pixels)
     stacked = np.stack([np.repeat(p, channels, axis=0) if p.shape[0] != channels else p for p in pixels])
-    return ImageFolder(stacked, labels, files), size, channels
-
+    return ImageFolder(stacked, labels, places), size, channels

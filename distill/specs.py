@@ -160,8 +160,11 @@ class DataSpec(Spec):
     """Task ``embedding``: more corpora mixed into the training texts, each with its weight.
     Repeats within a corpus are removed first; validation and test come from ``path`` alone."""
     image_size: int | tuple[int, int] | None = None
-    """``image-folder``: resize every image to this (``[height, width]``, or one number for a
+    """``image-folder`` (and ``image_column``): resize every image to this (``[height, width]``, or one number for a
     square); ``null``: the first image's size, which every image must then have."""
+    image_column: str | None = None
+    """Task ``classification``, ``hf-dataset``: the field holding each image (an image column,
+    or image bytes or file paths); the examples are then images, not texts."""
     channels: Literal[1, 3] | None = None
     """``image-folder``: 1 (grayscale) or 3 (RGB); ``null``: 1 when every training image is
     grayscale, else 3."""

@@ -29,6 +29,6 @@ def build_task(task: str, spec: DataSpec
         return LanguageModelingTask(spec)
     if task == "regression":
         return TextRegressionTask(spec)
-    if spec.format not in ("fashion-mnist", "image-folder"):
+    if spec.format not in ("fashion-mnist", "image-folder") and spec.image_column is None:
         return TextClassificationTask(spec)
     return ClassificationTask(spec)

@@ -15,7 +15,7 @@ from torch import Tensor
 from distill.config import DataSpec
 from distill.data import LABELLED_SUFFIXES, Text, dataset_splits, labelled_file, read_idx_images, read_labelled
 from distill.errors import DataError
-from distill.images import image_folder_splits, read_image_folder
+from distill.images import image_folder_splits, read_image_folder, read_image_records
 from distill.tasks.base import Batch
 
 __all__ = ["PIXEL_MEAN", "PIXEL_STD", "ClassificationTask", "ImageSet", "TextClassificationTask", "TextSet"]
@@ -103,8 +103,8 @@ class ClassificationTask(_Accuracy):
     """
 
     def __init__(self, spec: DataSpec) -> None:
-        if spec.format == "image-folder":
-            splits, self.label_names = _image_folder(spec)
+        if spec.format != "fashion-mnist":
+            splits, self.label_names = _image_splits(spec)
             pixels = splits["train"][0].astype(np.float64) / 255.0
             mean = pixels.mean(axis=(0, 2, 3)).round(4).tolist()
             std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-3).round(4).tolist()
@@ -153,22 +153,23 @@ def _idx_splits(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             "test": read_idx_images(spec.path, "test", spec.test_limit)}
 
 
-def _image_folder(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Each split's images and class ids, and the class names (the training folders', sorted);
-    a split without a folder is held out of train by a fixed seeded shuffle."""
-    folders = image_folder_splits(spec.path)
+def _image_splits(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Each split's images and class ids, and the class names (the training set's, sorted), from
+    an image folder or a dataset's image column; a split it lacks is held out of train by a
+    fixed seeded shuffle."""
     size = (spec.image_size, spec.image_size) if isinstance(spec.image_size, int) else spec.image_size
-    train, size, channels = read_image_folder(folders["train"], size, spec.channels)  # type: ignore[arg-type]
+    sources = _image_sources(spec)
+    train, size, channels = _read_images(sources["train"], spec, size, spec.channels)  # type: ignore[arg-type]
     names = sorted(set(train.labels))
     order = np.random.default_rng(0).permutation(len(train.labels))
     read: dict[str, tuple[np.ndarray, list[str]]] = {}
     for split in ("test", "eval"):
-        folder = folders[split]
-        if folder is not None:
-            held = read_image_folder(folder, size, channels)[0]
+        source = sources[split]
+        if source is not None:
+            held = _read_images(source, spec, size, channels)[0]
             unseen = sorted(set(held.labels) - set(names))
             if unseen:
-                raise DataError(f"{folder}: class folders the training set does not have: {unseen[:5]}")
+                raise DataError(f"the {split} set has classes the training set does not have: {unseen[:5]}")
             read[split] = (held.images, held.labels)
             continue
         n = max(1, int(len(order) * spec.eval_fraction))
@@ -178,6 +179,21 @@ def _image_folder(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
     index = {name: i for i, name in enumerate(names)}
     return {split: (images, np.array([index[x] for x in labels], dtype=np.int64))
             for split, (images, labels) in read.items()}, names
+
+
+def _image_sources(spec: DataSpec) -> dict[str, Any]:
+    """Where each split's images are: a folder, or a dataset split's name (``None``: held out)."""
+    if spec.format == "image-folder":
+        return image_folder_splits(spec.path)
+    names = dataset_splits(spec.path)
+    dev = next((n for n in ("validation", "dev", "valid") if n in names), None)
+    return {"train": spec.split, "test": "test" if "test" in names else None, "eval": dev}
+
+
+def _read_images(source: Any, spec: DataSpec, size: tuple[int, int] | None, channels: int | None) -> Any:
+    if spec.format == "image-folder":
+        return read_image_folder(source, size, channels)
+    return read_image_records(str(spec.path), source, spec.image_column or "image", spec.label_column, size, channels)
 
 
 class TextSet:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import distill
 from distill.config import DataSpec, parse_recipe
-from distill.errors import DataError
+from distill.errors import DataError, RecipeError
 from distill.images import read_image_folder
 from distill.tasks import build_task
 
@@ -83,7 +83,7 @@ def test_bad_folders_and_files_are_named(tmp_path, data_dir):
     (root / "train" / "bag" / "broken.png").unlink()
     (root / "test" / "shirt").mkdir()
     Image.new("L", (28, 28)).save(root / "test" / "shirt" / "0.png")
-    with pytest.raises(DataError, match=r"class folders the training set does not have: \['shirt'\]"):
+    with pytest.raises(DataError, match=r"the test set has classes the training set does not have: \['shirt'\]"):
         _task(root)
     with pytest.raises(distill.RecipeError, match="image_size"):
         parse_recipe({"name": "x", "task": "classification",
@@ -110,3 +110,33 @@ def test_a_run_on_an_image_folder_fits_the_architectures_to_the_data(tmp_path, d
     assert config["preprocessing"]["channels"] == 3 and len(config["preprocessing"]["mean"]) == 3
     # Three well-separated classes: the student learns them.
     assert result.models["student"]["accuracy"] > 80
+
+
+def test_images_from_a_hugging_face_dataset_read_as_a_folder_of_them_does(tmp_path, data_dir):
+    datasets = pytest.importorskip("datasets")
+    root = write_image_folder(tmp_path / "images", data_dir, {"train": 20, "test": 5})
+    splits = {}
+    for split in ("train", "test"):
+        files = sorted((root / split).rglob("*.png"))
+        splits[split] = datasets.Dataset.from_dict(
+            {"img": [str(f) for f in files], "label": [f.parent.name for f in files]},
+            features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("string")}))
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dataset"))
+    from_folder = _task(root)
+    from_dataset = build_task("classification", DataSpec(format="hf-dataset", path=tmp_path / "dataset",
+                                                          image_column="img"))
+    assert from_dataset.label_names == from_folder.label_names
+    for split in ("test",):
+        assert torch.equal(from_dataset.splits[split].images, from_folder.splits[split].images)
+        assert torch.equal(from_dataset.splits[split].labels, from_folder.splits[split].labels)
+    assert torch.equal(from_dataset.train.mean, from_folder.train.mean)
+    with pytest.raises(DataError, match=r"no field \['picture'\]"):
+        build_task("classification", DataSpec(format="hf-dataset", path=tmp_path / "dataset", image_column="picture"))
+    recipe = {"name": "x", "task": "classification", "teacher": {"kind": "hf-classifier", "source": "x"},
+              "student": {"derive": {"layers": [0]}}, "losses": [{"name": "kd"}],
+              "data": {"format": "hf-dataset", "path": str(tmp_path / "dataset"), "image_column": "img"}}
+    with pytest.raises(RecipeError, match="is images, so the models are 'torch'"):
+        parse_recipe(recipe)
+    recipe["data"] = {"format": "csv", "path": "x.csv", "image_column": "img"}
+    with pytest.raises(RecipeError, match="data.image_column: images are read from an hf-dataset"):
+        parse_recipe(recipe)
