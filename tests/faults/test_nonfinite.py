@@ -24,7 +24,7 @@ def _fit(folder, loader, **train):
     teacher, student = MLP(hidden=8, depth=1), MLP(hidden=4, depth=1, dropout=0.0)
     result = distill.Distiller(teacher, student, losses=["kd"], task_loss_weight=0.5,
                                train={"epochs": 1, "checkpoint_every": 100, **train}, folder=folder).fit(loader)
-    records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (folder / "train/student/metrics.jsonl").read_text().splitlines()]
     return result, records, student
 
 
