@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -49,6 +49,7 @@ __all__ = [
     "TrainSpec",
     "load_recipe",
     "parse_recipe",
+    "parse_section",
 ]
 
 
@@ -365,6 +366,26 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         lines = [_format_error(dict(e)) for e in exc.errors()]
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines)) from None
     return recipe
+
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def parse_section(cls: type[SpecT], data: Any, where: tuple[str | int, ...]) -> SpecT:
+    """Validate one section of a recipe given on its own (the Python API's ``train=`` dict or a
+    loss), with the messages a recipe's would get; ``where`` is its place in a recipe
+    (``("train",)``, ``("losses", 0)``).
+
+    Raises:
+        RecipeError: With one line per problem.
+    """
+    if isinstance(data, cls):
+        return data
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error({**dict(e), "loc": (*where, *e["loc"])}) for e in exc.errors()]
+        raise RecipeError("invalid settings\n  " + "\n  ".join(lines)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -198,7 +198,11 @@ def _parquet_rows(path: Path) -> list[tuple[dict, str]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("data.format 'parquet' needs pyarrow: pip install pyarrow") from None
-    records = pq.read_table(path).to_pylist()
+    try:
+        records = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path}: not a parquet file that can be read ({reason})") from None
     return [(r, f"{path}, row {i}") for i, r in enumerate(records)]
 
 

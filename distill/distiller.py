@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.checkpoint import save_model_atomic
-from distill.config import LossSpec, TrainSpec, parse_recipe
+from distill.config import LossSpec, TrainSpec, parse_recipe, parse_section
 from distill.engine import make_accelerator, train
-from distill.errors import RecipeError, RunFolderError
+from distill.errors import DataError, ModelError, RecipeError, RunFolderError
 from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter, TorchClassifierAdapter
 from distill.models.causal_lm import HFCausalLMAdapter
 from distill.pairing import build_loss_terms, prepare_pair
@@ -91,8 +91,26 @@ class _LoaderTask:
         self.metric = "accuracy" if output == "logits" else "cosine"
         self.eval_loader = eval_loader
 
+    def check_labels(self, batch: Batch) -> None:
+        """Labels the task loss can use, on a sample batch: named before the loop starts."""
+        labels = batch["labels"]
+        if labels is None:
+            raise DataError("task_loss_weight is above 0 but the batches carry no labels (give (x, y) batches or a "
+                            "'labels' key), or set task_loss_weight=0 for distillation alone")
+        if self.output == "logits" and (labels.is_floating_point() or labels.dim() != 1):
+            raise DataError(f"the labels are {labels.dtype} of shape {tuple(labels.shape)}; cross-entropy needs class "
+                            "ids: integers of shape (N,)")
+
     def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
         out = outputs[self.output]
+        if self.output == "logits":
+            labels = batch["labels"]
+            if labels is None:
+                raise DataError("a batch carries no labels, and task_loss_weight is above 0")
+            bad = labels[(labels < 0) | (labels >= out.shape[-1])]
+            if len(bad):
+                raise DataError(f"label {int(bad[0])} is not a class of the student's {out.shape[-1]} outputs "
+                                f"(0 .. {out.shape[-1] - 1})")
         labels = batch["labels"].to(out.device)
         if self.output == "logits":
             return F.cross_entropy(out.float(), labels)
@@ -153,14 +171,22 @@ class Distiller:
         seed: int = 0,
         resume: bool = False,
     ) -> None:
+        for role, module in (("teacher", teacher), ("student", student)):
+            if not isinstance(module, nn.Module):
+                raise ModelError(f"the {role} is a {type(module).__name__}, not a torch.nn.Module")
         self.teacher = ModuleAdapter(teacher.eval().requires_grad_(False), output)
         self.student = ModuleAdapter(student, output)
-        specs = [s if isinstance(s, LossSpec) else LossSpec(**({"name": s} if isinstance(s, str) else s))
-                 for s in losses]
+        if isinstance(losses, str):
+            losses = [losses]
+        specs = [parse_section(LossSpec, {"name": s} if isinstance(s, str) else s, ("losses", i))
+                 for i, s in enumerate(losses)]
         build_loss_terms(specs, output)  # parameter errors now, not at fit()
+        if not specs and not task_loss_weight > 0:
+            raise RecipeError("losses is empty and task_loss_weight is 0: there is nothing to train on; give a "
+                              "distillation loss or a task_loss_weight above 0")
         self.specs = specs
         self.task_loss_weight = task_loss_weight
-        self.spec = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
+        self.spec = parse_section(TrainSpec, train or {}, ("train",))
         self.output = output
         if folder is None:
             Path("runs").mkdir(exist_ok=True)
@@ -178,7 +204,12 @@ class Distiller:
         accelerator = make_accelerator(self.spec)
         self.teacher.module.to(accelerator.device)
         task = _LoaderTask(self.output, eval_loader)
-        sample = _to_batch(next(iter(train_loader)))
+        first = next(iter(train_loader), None)
+        if first is None:
+            raise DataError("the training loader yields no batches")
+        sample = _to_batch(first)
+        if self.task_loss_weight:
+            task.check_labels(sample)
         dataset = getattr(train_loader, "dataset", None)
         size = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
         pair = prepare_pair(self.specs, self.output, self.student, self.teacher, sample, _NoCheck(), size)

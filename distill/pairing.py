@@ -333,7 +333,8 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     student, teacher = tap_models(terms, student, teacher)
     with torch.no_grad():
         # No loss terms: the student learns from labels alone and the teacher is never run.
-        s_out, t_out = student(sample["inputs"]), teacher(sample["inputs"]) if terms else {}
+        s_out = _first_run(student, "student", sample["inputs"])
+        t_out = _first_run(teacher, "teacher", sample["inputs"]) if terms else {}
         try:
             _size_losses(specs, terms, s_out, t_out, num_examples)
             projectors = pair_outputs(terms, s_out, t_out, task)
@@ -350,6 +351,18 @@ def prepare_pair(specs: list[LossSpec], default_on: str, student: Any, teacher: 
     index = sample.get("index")
     size = len(index) if index is not None else len(next(iter(sample["inputs"].values())))
     return Pairing(student, teacher, terms, projectors, t_out, size)
+
+
+def _first_run(model: Any, role: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The model on the first examples of the data: a model that does not fit the data (input
+    shape, channels, vocabulary) fails here, with its own reason, before any training."""
+    try:
+        return model(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = " ".join(str(exc).split())
+        shapes = {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        raise ModelError(f"the {role} cannot run on the data's first examples{f' {shapes}' if shapes else ''}: "
+                         f"{reason}; do its inputs (shape, channels, vocabulary) match the data?") from None
 
 
 def _pair_vocabularies(terms: list[LossTerm], student: Any, teacher: Any) -> None:

@@ -313,6 +313,8 @@ def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str]
         return recipe
     if isinstance(recipe, dict):
         return parse_recipe(apply_overrides(dict(recipe), overrides or []))
+    if not isinstance(recipe, str | Path):
+        raise RecipeError(f"a recipe is a Recipe, a dict or the path of a YAML file, not {type(recipe).__name__}")
     return load_recipe(recipe, overrides)
 
 

@@ -177,3 +177,45 @@ def test_save_run_names_what_it_needs_for_a_plain_module(tmp_path):
         fitted.save_run("classification", data)
     with pytest.raises(distill.RecipeError, match="needs its 'arch'"):
         fitted.save_run("classification", data, teacher={"kind": "torch"}, student={"kind": "torch"})
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"losses": ["kdd"]}, distill.RecipeError, r"losses.0.name: unknown loss 'kdd'; did you mean 'kd'"),
+    ({"losses": [{"name": "kd", "wieght": 1}]}, distill.RecipeError, r"losses.0.wieght: unknown field .* 'weight'"),
+    ({"train": {"epoch": 2}}, distill.RecipeError, r"train.epoch: unknown field 'epoch'; did you mean 'epochs'"),
+    ({"train": {"lr": -1}}, distill.RecipeError, r"train.lr: Input should be greater than 0"),
+    ({"losses": [], "task_loss_weight": 0}, distill.RecipeError, "nothing to train on"),
+    ({"teacher": "mlp"}, distill.ModelError, "the teacher is a str, not a torch.nn.Module"),
+])
+def test_settings_the_api_refuses_are_named_as_a_recipe_s_are(options, error, message):
+    models = {"teacher": options.pop("teacher", MLP(hidden=8, depth=1)), "student": MLP(hidden=4, depth=1)}
+    with pytest.raises(error, match=message):
+        distill.Distiller(**models, **options)
+
+
+def _bad(kind):
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    return {"empty": [], "float labels": [(x, y.float())], "label out of range": [(x, y + 10)],
+            "no labels": [(x,)], "wrong input": [(torch.randn(8, 15), y)]}[kind]
+
+
+@pytest.mark.parametrize(("kind", "error", "message"), [
+    ("empty", distill.DataError, "the training loader yields no batches"),
+    ("float labels", distill.DataError, r"labels are torch.float32 .* needs class ids"),
+    ("label out of range", distill.DataError, r"label 1\d is not a class of the student's 10 outputs"),
+    ("no labels", distill.DataError, "the batches carry no labels"),
+    ("wrong input", distill.ModelError, r"the student cannot run on the data's first examples \{'x': \(8, 15\)\}"),
+])
+def test_batches_the_models_cannot_learn_from_are_named_before_training(tmp_path, kind, error, message):
+    fitted = distill.Distiller(MLP(hidden=8, depth=1), MLP(hidden=4, depth=1), losses=["kd"], task_loss_weight=0.5,
+                               folder=tmp_path / "fit")
+    with pytest.raises(error, match=message):
+        fitted.fit(_bad(kind))
+    assert not list((tmp_path / "fit").rglob("step-*"))  # nothing trained, nothing saved
+
+
+def test_run_and_derive_name_what_they_take():
+    with pytest.raises(distill.RecipeError, match="a recipe is a Recipe, a dict or the path of a YAML file, not list"):
+        distill.run([{"name": "x"}])
+    with pytest.raises(distill.ModelError, match=r"derive: the teacher \(Sequential\) is not a transformers model"):
+        distill.derive(torch.nn.Sequential(), None)

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from distill.config import DeriveSpec, Recipe
-from distill.errors import RecipeError
+from distill.errors import ModelError, RecipeError
 from distill.models.adapters import (
     Adapter,
     HFClassifierAdapter,
@@ -92,6 +92,10 @@ def derive(teacher: nn.Module, tokenizer: Any, *, layers: list[int] | None = Non
         raise RecipeError("derive: a narrower student keeps the channels most active on calibration texts; "
                           "pass texts=[...] (a few hundred of the training texts)")
     name = type(teacher).__name__
+    if getattr(teacher, "config", None) is None or not hasattr(teacher, "save_pretrained"):
+        raise ModelError(f"derive: the teacher ({name}) is not a transformers model; derive builds students of "
+                         "transformers encoders, sequence classifiers and causal LMs (a plain module's student is "
+                         "yours to build)")
     adapter: Any
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         adapter = HFCausalLMAdapter(teacher, tokenizer, max_length)
