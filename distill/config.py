@@ -152,6 +152,17 @@ class Recipe(Spec):
                 raise ValueError(f"{role}.kind: task '{self.task}' needs one of {sorted(expected)}, got '{k}'")
             if self.task == "classification" and k in ("hf-embedding", "hf-causal-lm"):
                 raise ValueError(f"{role}.kind: task 'classification' needs class logits, not '{k}' outputs")
+        self._check_data(kind)
+        if self.task == "embedding" and (self.task_loss_weight or not self.losses):
+            raise ValueError("task_loss_weight: task 'embedding' has no labels, so no task loss; set it to 0 and give "
+                             "distillation losses (e.g. cosine and mse to the teacher's embedding)")
+        self._check_teacher_online()
+        if self.stages:
+            self.stage_recipes()  # each stage is a recipe of its own, checked now
+        return self
+
+    def _check_data(self, kind: str) -> None:
+        """The data's format and columns against the task and the models' kinds."""
         formats = {"sts": {"stsb"}, "classification": {"fashion-mnist", "image-folder", *TEXT_LABELLED},
                    "regression": set(TEXT_LABELLED), "embedding": {"text", "jsonl", "parquet", "hf-dataset"},
                    "lm": {"text", "jsonl", "parquet", "hf-dataset"}}[self.task]
@@ -174,13 +185,8 @@ class Recipe(Spec):
                     raise ValueError(f"{role}.kind: data.format '{self.data.format}' is "
                                      f"{'text' if needs != 'torch' else 'images'}, so the models are '{needs}', "
                                      f"got '{k}'")
-        if self.task == "embedding" and (self.task_loss_weight or not self.losses):
-            raise ValueError("task_loss_weight: task 'embedding' has no labels, so no task loss; set it to 0 and give "
-                             "distillation losses (e.g. cosine and mse to the teacher's embedding)")
-        self._check_teacher_online()
-        if self.stages:
-            self.stage_recipes()  # each stage is a recipe of its own, checked now
-        return self
+        if self.evaluate.suite and self.task not in ("sts", "embedding"):
+            raise ValueError(f"evaluate.suite: the suite scores sentence embeddings, and task '{self.task}' has none")
 
     def _check_teacher_online(self) -> None:
         """Settings that need the teacher run online, beside the training."""

@@ -421,6 +421,8 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     """
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     check_tasks(suite if suite is not None else recipe.evaluate.suite)  # a typo is named before minutes of work
+    if suite and recipe.task not in ("sts", "embedding"):
+        raise RecipeError(f"--suite scores sentence embeddings; {folder} is a '{recipe.task}' run, which has none")
     if recipe.stages:  # a staged run: each stage is measured in its own folder
         models: dict[str, dict[str, Any]] = {}
         for stage in recipe.stage_recipes():

@@ -62,6 +62,8 @@ class LocalTeacher:
             # Under --nproc, process i takes GPU i.
             gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             device = (gpu if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise ModelError(f"--device {device}: this machine's torch sees no CUDA GPU; use --device cpu or auto")
             dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
             try:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -90,7 +92,8 @@ class LocalTeacher:
             enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         else:
             enc = tokenizer(row.prompt, return_tensors="pt")
-        enc = {k: v.to(model.device) for k, v in enc.items()}
+        # Ids and mask only: a tokenizer may add token_type_ids, which most causal LMs do not take.
+        enc = {k: enc[k].to(model.device) for k in ("input_ids", "attention_mask") if k in enc}
         s = self.sampling
         greedy = s.temperature == 0
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": not greedy,
