@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from distill.config import TrainSpec
-from distill.errors import RecipeError
+from distill.errors import DataError, RecipeError
 from distill.tasks import Batch
 
 __all__ = ["ShuffledBatches", "lr_lambda", "per_process_batch", "total_steps"]
@@ -57,6 +57,9 @@ class ShuffledBatches:
 
     def __init__(self, dataset: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  lengths: Sequence[int] | None = None) -> None:
+        if not len(dataset):
+            raise DataError("the training set is empty (the test and validation sets held out of the data took every "
+                            "example); give more data, a smaller data.eval_fraction, or separate test and dev data")
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.lengths = torch.as_tensor(list(lengths)) if lengths is not None else None
 

@@ -406,7 +406,10 @@ def read_labelled(path: Path, fmt: str, text_column: str | Sequence[str] = "text
             if missing:
                 raise DataError(f"{where}: no field {missing} (found {sorted(record)}); set data.text_column and "
                                 "data.label_column")
-            pairs.append((_text_of(record, columns), str(record[label_column]).strip()))
+            label = record[label_column]
+            if label is None or not str(label).strip():
+                raise DataError(f"{where}: the label ('{label_column}') is empty; every example needs one")
+            pairs.append((_text_of(record, columns), str(label).strip()))
     if not pairs:
         raise DataError(f"{path}: no examples")
     texts, labels = zip(*pairs, strict=True)
@@ -427,15 +430,25 @@ def _delimited(path: Path, delimiter: str, columns: list[str], label_column: str
     if not path.is_file():
         raise DataError(f"labelled data not found: {path}")
     try:
-        with path.open(newline="", encoding=encoding) as handle:
+        # A spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the first name.
+        bom = "utf-8-sig" if encoding.lower() in ("utf-8", "utf8") else encoding
+        with path.open(newline="", encoding=bom) as handle:
             reader = csv.DictReader(handle, delimiter=delimiter)
             header = reader.fieldnames or []
             missing = [c for c in (*columns, label_column) if c not in header]
             if missing:
                 raise DataError(f"{path}: no column {missing} in the header {header}; set data.text_column and "
                                 "data.label_column")
-            return [(_text_of(row, columns), (row[label_column] or "").strip())
-                    for row in reader if (row[columns[0]] or "").strip()]
+            rows = []
+            for row in reader:
+                if not (row[columns[0]] or "").strip():
+                    continue
+                label = (row[label_column] or "").strip()
+                if not label:
+                    raise DataError(f"{path}:{reader.line_num}: the label ('{label_column}') is empty; every example "
+                                    "needs one")
+                rows.append((_text_of(row, columns), label))
+            return rows
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not {encoding} text ({exc.reason}); set data.encoding") from None
     except csv.Error as exc:

@@ -202,6 +202,9 @@ class HFClassifierAdapter(HFTextAdapter):
     second texts of pairs) -> ``logits``."""
 
     outputs = ("logits",)
+    untrained: list[str] = []
+    """Weights that were not in the folder it was loaded from and start random (a head added to
+    a plain encoder)."""
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
         enc = self.tokenize(inputs["text"], pairs=inputs.get("text_pair"))

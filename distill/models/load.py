@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from distill.models.sources import resolve_source
 from distill.models.static import load_static
 
 __all__ = ["load_hf", "load_model", "load_teacher"]
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +45,7 @@ def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = 
     if labels is not None and kind == "hf-classifier":
         heads = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                  "label2id": {name: i for i, name in enumerate(labels)}}
+    fresh: list[str] = []
     try:
         folder, gguf = from_pretrained_args(source)  # a .gguf file is read from its folder by name
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
@@ -52,15 +56,23 @@ def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = 
         else:
             if heads:
                 heads["ignore_mismatched_sizes"] = True
-            module = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **gguf,
-                                          **heads)
+            module, info = auto.from_pretrained(folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                output_loading_info=True, **gguf, **heads)
+            fresh = sorted(info.get("missing_keys", ()))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load Hugging Face model '{source}': {exc}") from None
+    positions = getattr(module.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:  # longer inputs would not run at all
+        log.warning("max_length %d is more tokens than %s has positions for: texts are cut at %d", max_length,
+                    source, positions)
+        max_length = positions
     if kind == "hf-embedding":
         return HFEmbeddingAdapter(module, tokenizer, pooling, normalize, max_length)
     if kind == "hf-causal-lm":
         return HFCausalLMAdapter(module, tokenizer, max_length)
-    return HFClassifierAdapter(module, tokenizer, max_length)
+    adapter = HFClassifierAdapter(module, tokenizer, max_length)
+    adapter.untrained = fresh
+    return adapter
 
 
 def load_model(spec: ModelSpec, kind: str, source: str | None = None, labels: list[str] | None = None) -> Adapter:
@@ -82,4 +94,10 @@ def load_teacher(recipe: Recipe) -> Adapter:
     """The recipe's teacher, frozen and in eval mode."""
     teacher = load_model(recipe.teacher, recipe.teacher.kind or "torch")
     teacher.module.eval().requires_grad_(False)
+    untrained = getattr(teacher, "untrained", [])
+    if untrained and recipe.losses:  # a teacher imitated must know the task
+        raise ModelError(f"teacher {recipe.teacher.source}: {', '.join(untrained[:4])} are not in its weights, so its "
+                         "head would be random and imitating it teaches nothing; fine-tune it on the task first (a "
+                         "recipe with no losses and task_loss_weight: 1, as recipes/trec-teacher.yaml), then use "
+                         "that run's student (run:NAME)")
     return teacher

@@ -175,10 +175,12 @@ def _image_splits(spec: DataSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
         n = max(1, int(len(order) * spec.eval_fraction))
         order, taken = order[:-n], order[-n:]
         read[split] = (train.images[taken], [train.labels[i] for i in taken])
+    if not len(order):
+        raise DataError(f"{sources['train']}: {len(train.labels)} image(s) are too few to hold out the test and "
+                        "validation sets from; give more, or test/ and val/ folders")
     read["train"] = (train.images[order], [train.labels[i] for i in order])
-    index = {name: i for i, name in enumerate(names)}
-    return {split: (images, np.array([index[x] for x in labels], dtype=np.int64))
-            for split, (images, labels) in read.items()}, names
+    names, ids = _number_labels(read["train"][1], {split: read[split][1] for split in ("test", "eval")})
+    return {split: (images, ids[split].astype(np.int64)) for split, (images, _) in read.items()}, names
 
 
 def _image_sources(spec: DataSpec) -> dict[str, Any]:
@@ -249,6 +251,9 @@ class TextClassificationTask(_Accuracy):
             order, taken = order[:-n], order[-n:]
             held[split] = ([texts[i] for i in taken], [raw[i] for i in taken])
         train_texts, train_raw = [texts[i] for i in order], [raw[i] for i in order]
+        if not train_texts:
+            raise DataError(f"{path}: {len(texts)} example(s) are too few to hold out the test and validation sets "
+                            "from; give more, or separate test and dev files")
         self.label_names, ids = self.encode_labels(train_raw, {split: labels for split, (_, labels) in held.items()})
         self.num_classes = len(self.label_names)
         limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
@@ -297,13 +302,20 @@ def _sources(spec: DataSpec) -> dict[str, tuple[Path, str] | None]:
 
 
 def _number_labels(train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Class names and ids: integer labels are ids already; names are numbered in sorted order."""
+    """Class names and ids: integer labels 0 .. n-1 are ids already; other integers (-1/1, sparse
+    codes) are names in numeric order, any other names in sorted order."""
     every = set(train).union(*held.values())
-    if all(label.lstrip("-").isdigit() for label in every):
-        top = max(int(label) for label in every)
-        if min(int(label) for label in every) < 0:
-            raise DataError("class labels are negative integers; integer labels are class ids 0 .. n-1")
-        names = [str(i) for i in range(top + 1)]
+    if len(set(train)) < 2:
+        raise DataError(f"the training set has {len(set(train))} class ({sorted(set(train))}); a classifier needs "
+                        "two or more")
+    numbers = all(label.lstrip("-").isdigit() for label in every)
+    if numbers:  # "01" and "1" are the same class
+        train, held = [str(int(x)) for x in train], {k: [str(int(x)) for x in v] for k, v in held.items()}
+        every = set(train).union(*held.values())
+    if numbers and min(int(x) for x in every) >= 0 and max(int(x) for x in every) < 2 * len(every):
+        names = [str(i) for i in range(max(int(x) for x in every) + 1)]  # ids, a few perhaps absent from a split
+    elif numbers:
+        names = sorted(set(train), key=int)
     else:
         names = sorted(set(train))
     index = {name: i for i, name in enumerate(names)}
