@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distill.errors import DistillError
+from distill.errors import DistillError, RecipeError
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -282,6 +282,8 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     print(f"\nchosen (* meets the target; the one with the most parameters): {chosen['student']}")
     if args.write:
+        if args.write.exists():
+            raise RecipeError(f"--write {args.write} exists; nothing was written. Give a new file name")
         args.write.write_text(yaml.safe_dump(chosen, sort_keys=False))
         print(f"recipe: {args.write}")
     return 0

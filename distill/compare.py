@@ -133,13 +133,25 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _earlier(out: Path) -> bool:
+    """Whether ``out`` holds what a comparison writes and nothing else (written before the marker was)."""
+    names = {p.name for p in out.iterdir()}
+    return names <= {"report.md", "report.json", "tradeoff.png"} and "report.json" in names
+
+
 def write_comparison(folders: list[Path], out: Path, title: str = "Comparison") -> Path:
     """Write ``report.md`` (the table), ``report.json`` (its rows) and ``tradeoff.png`` into
     ``out`` for the runs in ``folders``; returns the markdown's path."""
     if not folders:
         raise RunFolderError("no runs to compare")
-    rows = comparison_rows(folders)
+    unique = list(dict.fromkeys(Path(f).resolve() for f in folders))  # one run named twice is one run
+    marker = out / ".distill-compare"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not marker.is_file() and not _earlier(out))):
+        raise RunFolderError(f"--out {out} holds files that are not an earlier comparison; nothing was written. "
+                             "Give an empty or new folder")
+    rows = comparison_rows(unique)
     out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by distill compare\n")
     (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(rows, out / "tradeoff.png")
     (out / "report.md").write_text(_markdown(rows, title) + "\n![quality vs latency](tradeoff.png)\n")

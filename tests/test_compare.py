@@ -81,3 +81,23 @@ def test_compare_refuses_what_it_cannot_read(tmp_path, recipe_file, capsys):
     assert "is not a distill run folder" in capsys.readouterr().err
     assert main(["run", str(recipe_file), "--seeds", "1", "1"]) == 2
     assert "distinct seeds" in capsys.readouterr().err
+
+
+def test_compare_writes_only_where_it_owns_the_folder_and_counts_a_run_once(tmp_path, recipe_file, capsys):
+    assert main(["run", str(recipe_file)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    report = (run / "report.md").read_text()
+    notes = tmp_path / "mydocs"
+    notes.mkdir()
+    (notes / "report.md").write_text("my notes\n")
+    for out in (run, notes):  # a run's own folder, a folder of the user's files
+        assert main(["compare", str(run), "--out", str(out)]) == 2
+        assert "holds files that are not an earlier comparison; nothing was written" in capsys.readouterr().err
+    assert (run / "report.md").read_text() == report and (notes / "report.md").read_text() == "my notes\n"
+    out = tmp_path / "cmp"
+    assert main(["compare", str(run), str(run / "."), "--out", str(out)]) == 0
+    rows = json.loads((out / "report.json").read_text())
+    assert sorted((row["run"], row["model"]) for row in rows) == [("teacher of tiny", "teacher"), ("tiny", "baseline"),
+                                                                    ("tiny", "student")]
+    assert all(row["seeds"] == [0] for row in rows)  # not "2 seeds" of one run
+    assert main(["compare", str(run), "--out", str(out)]) == 0  # its own earlier comparison is rewritten
