@@ -18,6 +18,7 @@ import yaml
 
 from distill.config import Recipe, load_recipe
 from distill.models.zoo import ARCHITECTURES
+from distill.records import read_json
 from distill.report import count, deployment_table, megabytes, ratio, summarize
 from distill.tasks.classification import PIXEL_MEAN, PIXEL_STD
 
@@ -30,7 +31,7 @@ EXPORT_JSON = Path("export") / "export.json"
 def read_exports(folder: Path) -> dict[str, Any]:
     """What earlier exports of a run recorded (``export/export.json``), or ``{}``."""
     path = folder / EXPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "export the run again") if path.is_file() else {}
 
 
 def record_export(folder: Path, fmt: str, record: dict[str, Any]) -> None:
@@ -77,7 +78,7 @@ def _usage(kind: str, recipe: Recipe, student: Path) -> str:
     if kind == "static-embedding":
         return (f"from model2vec import StaticModel\n\nmodel = StaticModel.from_pretrained(\"{student}\")\n"
                 f"embedding = model.encode([\"A man is playing a guitar.\"])\n")
-    arch = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
+    arch = read_json(student / "config.json") if (student / "config.json").is_file() else {}
     cls = ARCHITECTURES.get(arch.get("arch", "convnet"))
     shape, mean, std, labels = _pixels(arch)
     return (f"import torch\nfrom safetensors.torch import load_file\nfrom torch import Tensor, nn\n\n\n"
@@ -124,7 +125,7 @@ def _onnx_usage(kind: str, recipe: Recipe, onnx: dict[str, Any], student: Path) 
     """How to run the exported ONNX model with onnxruntime alone (and the tokenizer)."""
     path = Path(onnx["path"])
     if kind == "torch":
-        config = json.loads((student / "config.json").read_text()) if (student / "config.json").is_file() else {}
+        config = read_json(student / "config.json") if (student / "config.json").is_file() else {}
         shape, mean, std, labels = _pixels(config)
         return (f"import numpy as np\nimport onnxruntime as ort\n\n"
                 f"session = ort.InferenceSession(\"{path / 'model.onnx'}\")\n"

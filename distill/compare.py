@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from distill.errors import RunFolderError  # noqa: E402
+from distill.records import read_evaluation  # noqa: E402
 from distill.report import ROLES, megabytes  # noqa: E402
 from distill.suite import summarize_suite  # noqa: E402
 
@@ -44,7 +45,7 @@ def run_figures(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunFolderError(f"{folder} has no evaluation yet ({path.name}): finish it with distill run, or "
                              "measure it with distill eval")
-    return json.loads(path.read_text())
+    return read_evaluation(path)
 
 
 def group_runs(folders: list[Path]) -> list[list[Path]]:

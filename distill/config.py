@@ -279,16 +279,22 @@ def _item(node: list[Any], key: str, dotted: str) -> int:
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        if key.isdigit() and isinstance(node, list):
+    node: Any = data
+    for i, key in enumerate(keys):
+        if isinstance(node, list) and not key.isdigit():
+            where = ".".join(keys[:i])
+            raise RecipeError(f"--set {dotted}: {where} is a list; name an item by its number ({where}.0."
+                              f"{'.'.join(keys[i:])}), or set the whole list ({where}=[...])")
+        if i == len(keys) - 1:
+            break
+        if isinstance(node, list):
             node = node[_item(node, key, dotted)]
             continue
         node = node.setdefault(key, {})
         if not isinstance(node, dict | list):
             raise RecipeError(f"--set {dotted}: '{key}' is not a section")
     last = keys[-1]
-    if isinstance(node, list) and last.isdigit():
+    if isinstance(node, list):
         node[_item(node, last, dotted)] = value
     else:
         node[last] = value

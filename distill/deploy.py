@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import platform
 import statistics
@@ -28,6 +27,7 @@ from distill.evaluate import folder_size, time_models
 from distill.export import TOLERANCE, ExportedAdapter, export_onnx, graph_of, load_onnx, require_onnx, sample_inputs
 from distill.models.hf import unwrap
 from distill.models.load import load_teacher
+from distill.records import read_evaluation
 
 __all__ = ["measure_deployment", "perplexity", "quantize_torch"]
 
@@ -143,7 +143,7 @@ def measure_deployment(folder: Path, recipe: Recipe, task: Any, student: Any, on
     """
     evaluated = {}
     if (folder / "eval.json").is_file():
-        evaluated = json.loads((folder / "eval.json").read_text())["models"]
+        evaluated = read_evaluation(folder / "eval.json")["models"]
     teacher = load_teacher(recipe)
     teacher.module.to("cpu")
     metric = task.metric

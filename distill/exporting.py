@@ -8,7 +8,6 @@ the student exported (:mod:`distill.export`), an ONNX export measured against th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from distill.errors import RunFolderError
 from distill.export import TOLERANCE, check_format, copy_saved, export_traced, require_onnx, sample_inputs
 from distill.export_gguf import export_gguf, gguf_agreement
 from distill.models.load import load_model
-from distill.runner import report_run
+from distill.records import read_json
+from distill.runner import final_folder, report_run
 from distill.tasks import build_task
 
 __all__ = ["EXPORT_MARK", "export_run"]
@@ -57,6 +57,7 @@ def export_run(folder: Path, fmt: str, *, int8: bool = False, out: Path | None =
     """
     if not (folder / "recipe.yaml").is_file():
         raise RunFolderError(f"{folder} is not a run folder (no recipe.yaml)")
+    folder = final_folder(folder)  # a staged run ships its last stage's student
     recipe = load_recipe(folder / "recipe.yaml")
     check_format(recipe.student_kind, fmt, int8)
     if fmt == "onnx":
@@ -105,7 +106,7 @@ def _check_student_folder(saved: Path, kind: str) -> None:
     if not any((saved / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
         raise RunFolderError(f"{saved}: the student folder has no tokenizer (tokenizer.json, vocab.txt); an export "
                              "without it would turn every word into an unknown token")
-    rows = json.loads((saved / "config.json").read_text()).get("vocab_size")
+    rows = read_json(saved / "config.json", "run the recipe again to save the student").get("vocab_size")
     if isinstance(rows, int):
         from transformers import AutoTokenizer
 

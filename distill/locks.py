@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["exclusive"]
+__all__ = ["exclusive", "locked"]
 
 
 @contextlib.contextmanager
@@ -54,3 +54,13 @@ def exclusive(path: Path, *, wait: bool, what: str = "") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def locked(folder: Path, main: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Hold the run folder's lock (``.<name>.lock`` beside it) for a command on it; a second
+    process on the same folder is refused with the holder's pid and host. Only the main process
+    of a multi-process run takes it."""
+    if not main:
+        return contextlib.nullcontext()
+    folder = Path(folder)
+    return exclusive(folder.with_name(f".{folder.name}.lock"), wait=False, what=f"run folder {folder}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.errors import DistillError, RunFolderError
-from distill.runner import report_run
+from distill.runner import final_folder, report_run
 
 __all__ = ["push_run"]
 
@@ -22,6 +22,7 @@ def push_run(folder: Path, repo_id: str, *, private: bool = False, token: str | 
         RunFolderError: The run has no saved student or no evaluation.
         DistillError: The Hub refused (no token, no access, a bad name), in one line.
     """
+    folder = final_folder(folder)
     student = folder / "student"
     if not (student / "distill.json").is_file():
         raise RunFolderError(f"{folder} has no trained student yet (student/distill.json); finish the run first")
@@ -42,7 +43,11 @@ def push_run(folder: Path, repo_id: str, *, private: bool = False, token: str | 
         if onnx.is_dir():
             commit = api.upload_folder(folder_path=str(onnx), path_in_repo="onnx", repo_id=repo_id,
                                        repo_type="model", commit_message=f"distill: ONNX export of {folder.name}")
-    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OSError) as exc:
+    except (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistillError(f"the Hub refused the upload to '{repo_id}': {first}") from None
+    except Exception as exc:  # the network under the Hub client (httpx, sockets): unreachable, timed out, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistillError(f"could not reach the Hub to upload to '{repo_id}' ({type(exc).__name__}: {first}); "
+                           "check the network and run the same command again") from None
     return str(getattr(commit, "commit_url", commit))

@@ -9,7 +9,6 @@ card are jobs of the modules they call.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import platform
@@ -32,7 +31,7 @@ from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
 from distill.evaluate import measure, suite_scores, time_models
 from distill.launch import process_state, shard_frozen, sync_batchnorm
-from distill.locks import exclusive
+from distill.locks import locked
 from distill.logit_cache import TokenLogitCache
 from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
@@ -40,6 +39,7 @@ from distill.models.load import load_model, load_teacher
 from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
+from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
 from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
@@ -49,6 +49,7 @@ __all__ = [
     "as_recipe",
     "build_loss_terms",
     "evaluate_run",
+    "final_folder",
     "locked",
     "build_logit_cache",
     "open_logit_cache",
@@ -333,16 +334,6 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
         return _run_stages(recipe, procs) if recipe.stages else _run(recipe, procs)
 
 
-def locked(folder: Path, main: bool = True) -> contextlib.AbstractContextManager[None]:
-    """Hold the run folder's lock (``.<name>.lock`` beside it) for a command on it; a second
-    process on the same folder is refused with the holder's pid and host. Only the main process
-    of a multi-process run takes it."""
-    if not main:
-        return contextlib.nullcontext()
-    folder = Path(folder)
-    return exclusive(folder.with_name(f".{folder.name}.lock"), wait=False, what=f"run folder {folder}")
-
-
 def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     check_tasks(recipe.evaluate.suite)  # named now, not after training
     folder = _prepare_folder(recipe, procs)
@@ -390,6 +381,13 @@ def _run_stages(recipe: Recipe, procs: PartialState) -> RunResult:
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
     return RunResult(folder, report_stages(recipe), result.models)
+
+
+def final_folder(folder: Path) -> Path:
+    """The folder holding a run's final student: the run's own, or a staged run's last stage's."""
+    if not (folder / "student").is_dir() and _staged(folder):
+        return load_recipe(folder / "recipe.yaml").stage_recipes()[-1].run_dir()
+    return folder
 
 
 def _staged(folder: Path) -> bool:
@@ -453,7 +451,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
     student = recipe.student.derive.model_dump(exclude_none=True) if recipe.student.derive else (
         recipe.student.arch or recipe.student.source)
-    steps = json.loads((folder / "student" / "distill.json").read_text())["steps"]
+    steps = read_json(folder / "student" / "distill.json", "run the recipe again to retrain it").get("steps")
     summary = {
         "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
         "teacher": (recipe.teacher.source or recipe.teacher.arch) if recipe.losses else None,
@@ -481,7 +479,7 @@ def report_run(folder: Path) -> Path:
         return report_stages(recipe)
     if not eval_file.is_file():
         raise RunFolderError(f"{folder}: no eval.json; run 'distill eval {folder}' first")
-    summary = json.loads(eval_file.read_text())
+    summary = read_evaluation(eval_file)
     deployment = read_exports(folder).get("deployment")
     if deployment is not None:
         summary["deployment"] = deployment
@@ -489,7 +487,7 @@ def report_run(folder: Path) -> Path:
     for role in ("student", "baseline"):
         path = folder / "train" / role / "metrics.jsonl"
         if path.is_file():
-            histories[role] = [json.loads(line) for line in path.read_text().splitlines() if line]
+            histories[role] = read_json_lines(path)
     report = write_report(folder, summary, histories)
     write_model_card(folder, summary)
     return report

@@ -2,6 +2,7 @@
 this machine cannot reach the Hub)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -105,3 +106,53 @@ def test_push_needs_a_finished_run(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text("name: x\n")
     assert main(["push", str(tmp_path), "--repo-id", "me/x"]) == 2
     assert "no trained student yet" in capsys.readouterr().err
+
+
+def test_a_hub_out_of_reach_is_one_line(finished_run, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    def create_repo(self, *args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")  # what httpx raises, offline
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    assert main(["push", str(finished_run), "--repo-id", "someone/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill: error: could not reach the Hub to upload to 'someone/tiny' (ConnectionError")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("damage", "told"), [
+    ("eval.json", r"eval.json is damaged \(not JSON: .*\); measure the run again with 'distill eval"),
+    ("eval list", r"eval.json is damaged \(a JSON list, not the dict distill writes\)"),
+    ("eval shape", r"eval.json is damaged \(it lacks the metric and models distill writes\)"),
+    ("config.json", r"config.json is damaged \(not JSON"),
+])
+def test_damaged_files_of_a_run_are_named(finished_run, tmp_path, capsys, damage, told):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    target = {"eval.json": run / "eval.json", "eval list": run / "eval.json", "eval shape": run / "eval.json",
+              "config.json": run / "student" / "config.json"}[damage]
+    target.write_text({"eval list": "[1, 2]\n", "eval shape": '{"models": 3}\n'}.get(damage, "{garbage\n"))
+    commands = [["report", str(run)], ["compare", str(run), "--out", str(tmp_path / "cmp")]]
+    if damage == "config.json":
+        commands = [["eval", str(run)], ["report", str(run)]]
+    for command in commands:
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert re.search(told, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_metrics_log_cut_short_is_read_up_to_the_cut(finished_run, tmp_path):
+    import shutil
+
+    from distill.records import read_json_lines
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    log = run / "train" / "student" / "metrics.jsonl"
+    whole = read_json_lines(log)
+    log.write_text(log.read_text() + '{"step": 4, "lo')  # a write cut by a kill or a full disk
+    assert read_json_lines(log) == whole
+    assert main(["report", str(run)]) == 0

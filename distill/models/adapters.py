@@ -112,7 +112,10 @@ def load_torch_classifier(arch: str | None, arch_args: dict[str, Any], source: s
     if path is not None and path.is_dir():
         config_file = path / "config.json"
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            try:
+                config = json.loads(config_file.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ModelError(f"{config_file} is damaged (not JSON: {exc}); save the model again") from None
             arch = arch or config.get("arch")
             arch_args = {**config.get("arch_args", {}), **arch_args}
             preprocessing = config.get("preprocessing")

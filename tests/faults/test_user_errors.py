@@ -78,6 +78,8 @@ def _recipe_file(tmp_path, recipe):
 @pytest.mark.parametrize(("override", "told"), [
     ("losses=[{name: kd", "--set losses=[{name: kd: the value is not valid YAML"),
     ("losses.5.weight=1", "--set losses.5.weight: there is no item 5; the list has 1"),
+    ("losses.weight=0.3", "--set losses.weight: losses is a list; name an item by its number (losses.0.weight)"),
+    ("losses.x.weight=1", "--set losses.x.weight: losses is a list; name an item by its number"),
 ])
 def test_bad_overrides_are_one_line(tmp_path, capsys, override, told):
     assert main(["validate", str(_recipe_file(tmp_path, BASE)), "--set", override]) == 2
