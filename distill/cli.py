@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -59,15 +60,38 @@ def _add_compare(sub: Subparsers) -> None:
                          help="folder for report.md, report.json and tradeoff.png (default: runs/comparison)")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
+    return value
+
+
 def _add_plan(sub: Subparsers) -> None:
     plan = sub.add_parser("plan", help="measure candidate students of a recipe's teacher on this machine (no "
                           "training), mark those meeting a target and write a recipe for the largest of them")
     plan.add_argument("recipe", type=Path, help="recipe YAML file (its teacher and data)")
-    plan.add_argument("--speedup", type=float, help="target: throughput at --batch-size, x the teacher's")
-    plan.add_argument("--latency-ms", type=float, help="target: batch-1 latency in ms")
-    plan.add_argument("--size-mb", type=float, help="target: weights on disk in MB")
-    plan.add_argument("--batch-size", type=int, help="throughput batch (default: the recipe's evaluate.batch_size)")
-    plan.add_argument("--repeats", type=int, default=10, help="timed batch-1 passes per model (default 10)")
+    plan.add_argument("--speedup", type=_above_zero, help="target: throughput at --batch-size, x the teacher's")
+    plan.add_argument("--latency-ms", type=_above_zero, help="target: batch-1 latency in ms")
+    plan.add_argument("--size-mb", type=_above_zero, help="target: weights on disk in MB")
+    plan.add_argument("--batch-size", type=_positive,
+                      help="throughput batch (default: the recipe's evaluate.batch_size)")
+    plan.add_argument("--repeats", type=_positive, default=10, help="timed batch-1 passes per model (default 10)")
     plan.add_argument("--write", type=Path, metavar="RECIPE", help="write the recipe with the chosen student here")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -134,11 +158,11 @@ def _add_export(sub: Subparsers) -> None:
                         help="GGUF: 8-bit blocks (q8_0, default) or half precision (f16)")
     export.add_argument("--int8", action="store_true", help="also write an int8 ONNX model (dynamic quantization)")
     export.add_argument("--out", type=Path, help="output folder (default RUN/export/FORMAT)")
-    export.add_argument("--tolerance", type=float, default=1e-4,
+    export.add_argument("--tolerance", type=_above_zero, default=1e-4,
                         help="largest absolute difference from PyTorch's outputs accepted (default 1e-4)")
     export.add_argument("--no-measure", dest="measure", action="store_false",
                         help="ONNX: skip measuring size, latency and quality against the teacher")
-    export.add_argument("--rounds", type=int, default=1,
+    export.add_argument("--rounds", type=_positive, default=1,
                         help="ONNX: time the models this many times and report the medians (default 1)")
 
 
@@ -168,11 +192,15 @@ def _validate(args: argparse.Namespace) -> int:
     from distill.runner import build_loss_terms
 
     stages = recipe.stage_recipes()
+    from distill.models.zoo import ARCHITECTURES
     from distill.suite import check_tasks
 
     for each in [recipe, *stages]:
         build_loss_terms(each.losses, "embedding" if each.task in ("sts", "embedding") else "logits")
         check_tasks(each.evaluate.suite)
+        for spec in (each.teacher, each.student):
+            if spec.arch is not None:
+                ARCHITECTURES.get(spec.arch)  # an unknown name is refused with a suggestion
     # A later stage's student is the one the stage before it trains: it does not exist yet.
     paths = _local_paths(recipe) + [p for i, stage in enumerate(stages) for p in _local_paths(stage)
                                     if not (i and p[0] == "student.source")]

@@ -175,6 +175,15 @@ class Recipe(Spec):
         if self.task == "regression" and distributions:
             raise ValueError(f"losses: {distributions[0]} compares class distributions, and a regression head has one "
                              "output; compare the scores with mse (on: logits)")
+        images = self.data.format == "image-folder" or self.data.image_column is not None
+        for name in ("image_size", "channels"):
+            if getattr(self.data, name) is not None and not images:
+                raise ValueError(f"data.{name}: applies to images read from an image-folder or an hf-dataset's "
+                                 f"image_column, not to data.format '{self.data.format}'")
+        plain = [s.name for s in self.losses if not s.layers and s.name != "mse"]
+        if self.task == "regression" and plain:
+            raise ValueError(f"losses: {plain[0]} on a regression head's one output teaches nothing; compare the "
+                             "scores with mse, or hidden states with layers")
         if self.data.image_column is not None and (self.task, self.data.format) != ("classification", "hf-dataset"):
             raise ValueError("data.image_column: images are read from an hf-dataset, by task 'classification'")
         if self.task == "classification":
@@ -408,12 +417,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         overrides: ``key=value`` strings applied before validation (``--set`` on the CLI).
     """
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder; give the recipe's YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a recipe is a YAML text "
+                          "file") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}{where}: not valid YAML ({problem})") from None
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
     return parse_recipe(data, source=str(path))

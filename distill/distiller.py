@@ -263,8 +263,8 @@ class Distiller:
         teacher_spec = _model_spec(self.teacher.module, "teacher", teacher or {}, self.output)
         student_spec = {**_model_spec(self.student.module, "student", student or {}, self.output),
                         "source": str((folder / "student").resolve())}
-        if "source" not in teacher_spec:
-            save_model_atomic(_adapter(self.teacher.module, teacher_spec, tokenizer), folder / "teacher")
+        copy_teacher = "source" not in teacher_spec
+        if copy_teacher:
             teacher_spec["source"] = str((folder / "teacher").resolve())
         recipe = parse_recipe({
             "name": folder.name, "task": task, "data": data, "teacher": teacher_spec, "student": student_spec,
@@ -272,6 +272,8 @@ class Distiller:
             "task_loss_weight": self.task_loss_weight, "seed": self.seed, "baseline": False,
             "train": self.spec.model_dump(exclude_defaults=True), "output_dir": str(folder.resolve()),
         })
+        if copy_teacher:  # after the recipe is known to be valid: nothing is written for a bad one
+            save_model_atomic(_adapter(self.teacher.module, teacher_spec, tokenizer), folder / "teacher")
         save_model_atomic(_adapter(self.student.module, student_spec, tokenizer), folder / "student")
         info = {"role": "student", "recipe": recipe.name, **self.result}
         (folder / "student" / "distill.json").write_text(json.dumps(info) + "\n")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from distill.config import ModelSpec, load_recipe
-from distill.errors import DistillError
+from distill.errors import DistillError, ModelError
 from distill.features import inspect_model
 from distill.models.load import load_model, load_teacher
 from distill.models.student import build_student
@@ -59,7 +59,9 @@ def _from_source(source: str, kind: str | None, arch: str | None, input_shape: s
         try:
             shape = [int(d) for d in input_shape.split(",")]
         except ValueError:
-            raise DistillError(f"--input-shape: expected C,H,W integers, got '{input_shape}'") from None
+            shape = []
+        if len(shape) != 3 or min(shape) < 1:
+            raise DistillError(f"--input-shape: expected C,H,W, three positive integers, got '{input_shape}'")
         inputs: dict[str, Any] = {"x": torch.zeros(2, *shape)}
     else:
         inputs = {"text": _SAMPLE_TEXTS}
@@ -76,7 +78,15 @@ def inspect_command(model: str, *, kind: str | None = None, arch: str | None = N
         targets = _from_recipe(path, role)
     else:
         targets = _from_source(model, kind, arch, input_shape)
-    tables = {name: inspect_adapter(adapter, inputs) for name, adapter, inputs in targets}
+    tables = {}
+    for name, adapter, inputs in targets:
+        try:
+            tables[name] = inspect_adapter(adapter, inputs)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            reason = " ".join(str(exc).split())
+            shapes = {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            raise ModelError(f"{name} cannot run on inputs {shapes or 'of text'}: {reason}; give the input shape it "
+                             "takes (--input-shape C,H,W) or the arch_args it was built with") from None
     if as_json:
         return json.dumps(tables, indent=1)
     return "\n\n".join(format_rows(f"== {name}", rows) for name, rows in tables.items())

@@ -308,6 +308,8 @@ def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | Token
 
 def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """A recipe object from an object, a dict or a YAML path, with ``overrides`` (``key=value``) applied."""
+    if isinstance(overrides, str):
+        raise RecipeError(f"overrides are a list of 'key=value' strings, for example ['{overrides}']")
     if isinstance(recipe, Recipe):
         if overrides:
             return parse_recipe(apply_overrides(recipe.model_dump(mode="json"), overrides))

@@ -39,14 +39,14 @@ class DeriveSpec(Spec):
     layers: list[int] | None = None
     """Teacher layer indices the student keeps, in order; each student layer starts as a copy of
     that teacher layer (DistilBERT-style). ``None`` keeps all layers."""
-    hidden_size: int | None = None
+    hidden_size: int | None = Field(None, ge=1)
     """Student hidden size; channels are kept by their activation magnitude on calibration data."""
-    num_attention_heads: int | None = None
+    num_attention_heads: int | None = Field(None, ge=1)
     """Student attention heads; heads are kept by their output magnitude. Head size is unchanged,
     so ``hidden_size`` must equal heads x the teacher's head size (except for Llama-style causal
     LMs, whose attention width is free; with grouped-query attention, heads are kept in whole
     groups sharing a key/value head, so this is a multiple of the group size)."""
-    intermediate_size: int | None = None
+    intermediate_size: int | None = Field(None, ge=1)
     """Student feed-forward width; neurons are kept by their activation magnitude."""
     calibration_batches: int = Field(8, ge=1)
     """Training batches run through the teacher to rank channels, heads and neurons."""

@@ -122,3 +122,53 @@ def test_damaged_data_files_are_named(tmp_path, data_dir):
         gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
     with pytest.raises(distill.DataError, match=r"not a valid gzip file, or truncated"):
         read_idx_images(tmp_path / "fm", "test")
+
+
+@pytest.mark.parametrize(("changes", "told"), [
+    ({"data": {"format": "fashion-mnist", "path": "d", "image_size": 14}},
+     "data.image_size: applies to images read from an image-folder"),
+    ({"student": {"kind": "hf-classifier", "derive": {"hidden_size": 0}},
+      "teacher": {"kind": "hf-classifier", "source": "t"}, "data": {"format": "csv", "path": "d"}},
+     "student.derive.hidden_size: Input should be greater than or equal to 1"),
+    ({"task": "regression", "teacher": {"kind": "hf-classifier", "source": "t"},
+      "student": {"derive": {"layers": [0]}}, "data": {"format": "csv", "path": "d"}, "losses": [{"name": "cosine"}]},
+     "losses: cosine on a regression head's one output teaches nothing"),
+])
+def test_settings_that_would_be_ignored_or_teach_nothing_are_refused(changes, told):
+    with pytest.raises(distill.RecipeError, match=told):
+        parse_recipe({**BASE, **changes})
+
+
+@pytest.mark.parametrize(("command", "told"), [
+    (["inspect", "-", "--arch", "convnet", "--input-shape=-1,28,28"], "--input-shape: expected C,H,W, three positive"),
+    (["inspect", "-", "--arch", "convnet", "--input-shape", "3,28,28"],
+     r"- cannot run on inputs \{'x': \(2, 3, 28, 28\)\}: .*channels"),
+    (["validate", "RECIPE_DIR"], "is a folder; give the recipe's YAML file"),
+    (["validate", "BINARY"], "not UTF-8 text"),
+    (["validate", "UNKNOWN_ARCH"], "unknown architecture 'nonet'; did you mean 'convnet'"),
+])
+def test_commands_name_what_is_wrong_in_one_line(tmp_path, capsys, command, told):
+    import yaml
+
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00name")
+    arch = {**BASE, "data": {"format": "fashion-mnist", "path": str(tmp_path)}, "student": {"arch": "nonet"},
+            "teacher": {"kind": "torch", "arch": "convnet"}}
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    names = {"RECIPE_DIR": str(tmp_path), "BINARY": str(tmp_path / "binary.yaml"),
+             "UNKNOWN_ARCH": str(tmp_path / "arch.yaml")}
+    assert main([names.get(part, part) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill: error:") and len(err.strip().splitlines()) == 1, err
+    assert __import__("re").search(told, err), err
+
+
+def test_export_options_out_of_range_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "runs/x", "--format", "onnx", "--rounds", "0"])
+    assert exit_.value.code == 2 and "argument --rounds: expected 1 or more, got 0" in capsys.readouterr().err
+
+
+def test_overrides_given_as_one_string_are_named():
+    told = r"overrides are a list of 'key=value' strings, for example \['seed=1'\]"
+    with pytest.raises(distill.RecipeError, match=told):
+        distill.run("recipes/fashion-mnist.yaml", "seed=1")
