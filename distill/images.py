@@ -116,6 +116,22 @@ def _open(value: Any) -> Any:
     return Image.open(Path(value))
 
 
+def _deep_to_8_bit(image: Any) -> Any:
+    """A grayscale image of 16-bit or float pixels as 8-bit, scaled rather than clipped (a
+    conversion to ``L`` would turn every value above 255 white)."""
+    from PIL import Image
+
+    image.load()
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if pixels.max(initial=0) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if pixels.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(pixels * scale, 0, 255).round().astype(np.uint8), "L")
+
+
 def _decoded(items: list[tuple[Any, Any, str]], size: tuple[int, int] | None, channels: int | None
              ) -> tuple[ImageFolder, tuple[int, int], int]:
     """``(image or file, where it is, label)`` items as one array of pixels."""
@@ -125,8 +141,7 @@ def _decoded(items: list[tuple[Any, Any, str]], size: tuple[int, int] | None, ch
     resize = size is not None
     for value, where, label in items:
         try:
-            image = _open(value)
-            image.load()
+            image = _deep_to_8_bit(_open(value))
             gray = image.mode in _GRAY
             image = image.convert("L" if (channels == 1 or (channels is None and gray)) else "RGB")
         except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:

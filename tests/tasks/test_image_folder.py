@@ -140,3 +140,14 @@ def test_images_from_a_hugging_face_dataset_read_as_a_folder_of_them_does(tmp_pa
     recipe["data"] = {"format": "csv", "path": "x.csv", "image_column": "img"}
     with pytest.raises(RecipeError, match="data.image_column: images are read from an hf-dataset"):
         parse_recipe(recipe)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    for name in ("dark", "light"):
+        (tmp_path / name).mkdir()
+        Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(tmp_path / name / "0.png")
+    assert Image.open(tmp_path / "dark" / "0.png").mode == "I;16"
+    folder, _, channels = read_image_folder(tmp_path)
+    row = folder.images[0, 0, 0].astype(int)
+    assert channels == 1 and row[1] == round(1000 * 255 / 65535) and folder.images.max() < 255
+    assert (np.diff(row) > 0).all()  # still increasing: nothing clipped to white
