@@ -200,6 +200,70 @@ def _nonfinite_training(folder: Path, result: subprocess.CompletedProcess) -> st
     return "exit 0 after a non-finite run" if result.returncode == 0 else ""
 
 
+def _tiny_classifier(folder: Path, with_head: bool = True) -> Path:
+    """:func:`_tiny_bert` with a 2-class head, saved with it (or not: a plain encoder)."""
+    from transformers import BertForSequenceClassification
+
+    bert = _tiny_bert(folder)
+    if with_head:
+        BertForSequenceClassification.from_pretrained(bert, num_labels=2).save_pretrained(bert)
+    return bert
+
+
+def _csv(folder: Path, rows: list[tuple[str, str]], name: str = "train.csv", bom: bool = False) -> Path:
+    data = folder / "texts"
+    data.mkdir(exist_ok=True)
+    text = "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)
+    (data / name).write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return data / name
+
+
+_ROWS = [("the man is playing", "pos" if i % 2 else "neg") for i in range(40)]
+
+
+def _text_case(rows: list[tuple[str, str]] | None = None, with_head: bool = True, bom: bool = False,
+               **changes) -> Callable[[Path], list[str]]:
+    def setup(folder: Path) -> list[str]:
+        bert = _tiny_classifier(folder, with_head)
+        path = _csv(folder, _ROWS if rows is None else rows, bom=bom)
+        recipe = {"teacher": {"kind": "hf-classifier", "source": str(bert), "max_length": 32},
+                  "student": {"derive": {"layers": [0]}}, "data": {"format": "csv", "path": str(path)},
+                  "losses": [{"name": "kd"}], "task_loss_weight": 0.5}
+        for key, value in changes.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and key in recipe else value
+        return ["run", str(_recipe(folder, **recipe))]
+    return setup
+
+
+def _damaged_eval(folder: Path) -> list[str]:
+    _finished(folder)
+    (folder / "run" / "eval.json").write_text("{\n")
+    return ["report", str(folder / "run")]
+
+
+def _compare_onto_a_run(folder: Path) -> list[str]:
+    _finished(folder)
+    (folder / "kept.md").write_text((folder / "run" / "report.md").read_text())
+    return ["compare", str(folder / "run"), "--out", str(folder / "run")]
+
+
+def _run_report_lost(folder: Path, result: subprocess.CompletedProcess) -> str:
+    report = folder / "run" / "report.md"
+    return "" if report.read_text() == (folder / "kept.md").read_text() else "the run's report.md overwritten"
+
+
+def _exit_zero(what: str) -> Callable[[Path, subprocess.CompletedProcess], str]:
+    return lambda folder, result: f"exit 0: {what}" if result.returncode == 0 else ""
+
+
+def _not_parquet(folder: Path) -> list[str]:
+    bert = _tiny_classifier(folder)
+    (folder / "data.parquet").write_text("not parquet\n")
+    return ["run", str(_recipe(folder, teacher={"kind": "hf-classifier", "source": str(bert)},
+                               student={"derive": {"layers": [0]}},
+                               data={"format": "parquet", "path": str(folder / "data.parquet")}))]
+
+
 CASES = [
     Case("recipe", "`temperature: hot` in a loss",
          _validate(losses=[{"name": "kd", "params": {"temperature": "hot"}}])),
@@ -223,6 +287,21 @@ CASES = [
          wrong=_user_file_lost),
     Case("secrets", "an API key ending in `\\r`", _api_key, env={"OPENAI_API_KEY": SECRET + "\r"},
          wrong=_secret_shown),
+    Case("recipe", "`--set losses.weight=0.3` (a list without an item number)",
+         _validate(["--set", "losses.weight=0.3"])),
+    Case("text data", "a classifier teacher without a trained head (a plain encoder)", _text_case(with_head=False),
+         wrong=_exit_zero("distilled from a random head")),
+    Case("text data", "empty label cells in a CSV", _text_case(rows=[*_ROWS, ("a man", "")])),
+    Case("text data", "one class in the training file", _text_case(rows=[(t, "pos") for t, _ in _ROWS]),
+         wrong=_exit_zero("a one-class classifier reported")),
+    Case("text data", "a CSV of 2 rows", _text_case(rows=_ROWS[:2])),
+    Case("text data", "a CSV saved with a byte-order mark", _text_case(bom=True)),
+    Case("text data", "`max_length` beyond the model's positions, long texts",
+         _text_case(rows=[(" ".join(["the man is playing"] * 40), y) for _, y in _ROWS],
+                    teacher={"max_length": 1000}, student={"max_length": 1000})),
+    Case("data", "a `.parquet` file that is not parquet", _not_parquet),
+    Case("run folder", "a damaged `eval.json`, then `distill report`", _damaged_eval),
+    Case("run folder", "`compare --out` onto a run's own folder", _compare_onto_a_run, wrong=_run_report_lost),
 ]
 
 
