@@ -223,11 +223,16 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
         lines.append(f"| {r['model']} | {r[metric]:.2f} | {ratio(r['retention_pct'], '%', 1)} | "
                      f"{count(r['parameters'])} | {megabytes(r['size_mb'] * 1e6)} | {ratio(r['smaller_x'])} | "
                      f"{r['latency_ms']:.2f} | {ratio(r['speedup_latency_x'])} |")
+    kept = (f"keeps {s['retention_pct']:.1f}% of the teacher's {metric}" if s.get("retention_pct") is not None
+            else f"scores {s[metric]:.2f} {metric}")
     text = "" if "teacher" not in rows else (
-        f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is {s['smaller_x']:.2f}x smaller "
-        f"on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 on CPU.")
+        f"The student {kept}, is {s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster at "
+        "batch 1 on CPU.")
     if "baseline" in rows and "teacher" in rows:
-        text += (f" Trained without the teacher, the same student keeps {rows['baseline']['retention_pct']:.1f}%.")
+        b = rows["baseline"]
+        text += (f" Trained without the teacher, the same student keeps {b['retention_pct']:.1f}%." if
+                 b.get("retention_pct") is not None else
+                 f" Trained without the teacher, the same student scores {b[metric]:.2f}.")
     lines += ["", text]
     if "deployment" in exports:
         dep = exports["deployment"]

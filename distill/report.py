@@ -56,8 +56,8 @@ def summarize(models: dict[str, dict[str, Any]], metric: str, higher_is_better: 
         rows.append({
             "model": role,
             metric: m[metric],
-            "retention_pct": None if not t else 100.0 * (
-                m[metric] / t[metric] if higher_is_better else t[metric] / m[metric]),
+            "retention_pct": None if not t else (
+                _share(m[metric], t[metric]) if higher_is_better else _share(t[metric], m[metric])),
             "parameters": m["parameters"],
             "size_mb": m["size_bytes"] / 1e6,
             "smaller_x": t["size_bytes"] / m["size_bytes"] if t else None,
@@ -69,6 +69,11 @@ def summarize(models: dict[str, dict[str, Any]], metric: str, higher_is_better: 
         })
     return rows
 
+
+
+def _share(part: float, whole: float) -> float | None:
+    """``part`` as a percentage of ``whole``; none where a share means nothing (a whole of 0 or less)."""
+    return 100.0 * part / whole if whole > 0 else None
 
 
 def _table(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
@@ -195,13 +200,14 @@ _SUITE_NOTE = ("Tasks no training data comes from: STS12-16 and STS-B test (Spea
 def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True, untrained: bool = False) -> str:
     by = {r["model"]: r for r in rows}
     s = by["student"]
-    if s["retention_pct"] is None:
+    if "teacher" not in by:
         return (f"Trained on the labels alone (no distillation losses, so no teacher ran): {metric} {s[metric]:.2f}, "
                 f"{count(s['parameters'])} parameters, {megabytes(s['size_mb'] * 1e6)} MB, {s['latency_ms']:.2f} ms "
                 "at batch 1. Use it as the teacher of a distillation run.")
-    text = (f"The student keeps {s['retention_pct']:.1f}% of the teacher's {metric}, is "
-            f"{s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster at batch 1 "
-            f"({s['speedup_throughput_x']:.2f}x at batch 64).")
+    kept = (f"keeps {s['retention_pct']:.1f}% of the teacher's {metric}" if s["retention_pct"] is not None else
+            f"scores {s[metric]:.2f} {metric} against the teacher's {by['teacher'][metric]:.2f}")
+    text = (f"The student {kept}, is {s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster "
+            f"at batch 1 ({s['speedup_throughput_x']:.2f}x at batch 64).")
     if "baseline" in by:
         gain = s[metric] - by["baseline"][metric]
         if untrained:

@@ -1,5 +1,7 @@
 """The report's plots compare like with like."""
 
+import pytest
+
 from distill import report
 
 
@@ -21,3 +23,14 @@ def test_curves_put_the_task_losses_on_one_axis_unweighted_and_the_distillation_
     assert lines == {"student": [1.0, 0.8], "baseline": [1.2, 1.0]}  # the student's 0.5 x CE, divided by 0.5
     assert {line.get_label(): list(line.get_ydata()) for line in terms.lines} == {"student: kd_loss": [0.4, 0.3]}
     assert [list(line.get_ydata()) for line in evals.lines] == [[80.0], [78.0]]
+
+
+def test_a_teacher_scoring_zero_or_below_gets_no_share_and_no_crash():
+    models = {role: {"spearman": value, "parameters": 10, "size_bytes": 100, "latency_ms": 1.0, "throughput": 5.0}
+              for role, value in (("teacher", -3.0), ("student", 12.0))}
+    rows = report.summarize(models, "spearman")
+    assert [r["retention_pct"] for r in rows] == [None, None]
+    models["teacher"]["spearman"] = 0.0
+    assert report.summarize(models, "spearman")[1]["retention_pct"] is None
+    models["teacher"]["spearman"] = 40.0
+    assert report.summarize(models, "spearman")[1]["retention_pct"] == pytest.approx(30.0)

@@ -145,7 +145,7 @@ def test_images_from_a_hugging_face_dataset_read_as_a_folder_of_them_does(tmp_pa
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     for name in ("dark", "light"):
         (tmp_path / name).mkdir()
-        Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(tmp_path / name / "0.png")
+        Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(tmp_path / name / "0.png")
     assert Image.open(tmp_path / "dark" / "0.png").mode == "I;16"
     folder, _, channels = read_image_folder(tmp_path)
     row = folder.images[0, 0, 0].astype(int)
