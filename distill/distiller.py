@@ -194,6 +194,8 @@ class Distiller:
         self.folder = Path(folder)
         self.resume = resume
         self.seed = seed
+        self.result: dict[str, Any] | None = None
+        """What the last :meth:`fit` returned (``None`` before one)."""
 
     def fit(self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None) -> dict[str, Any]:
         """Train; returns ``{"steps", "eval"}``. The trained student is ``self.student.module``."""
@@ -240,7 +242,7 @@ class Distiller:
         in ``folder/student``; a teacher with no folder on disk is saved in ``folder/teacher``.
 
         Args:
-            task: The recipe task: ``classification``, ``sts``, ``embedding`` or ``lm``.
+            task: The recipe task: ``classification``, ``regression``, ``sts``, ``embedding`` or ``lm``.
             data: The recipe's ``data`` section, for example ``{"format": "labelled-text",
                 "path": "data/trec", "encoding": "latin-1"}``.
             tokenizer: The tokenizer of ``transformers`` models (both models share it).
@@ -255,7 +257,7 @@ class Distiller:
             RunFolderError: No finished fit, or the folder already holds a recipe's run.
             RecipeError: A model whose kind cannot be told, or a bad ``task``/``data``.
         """
-        if getattr(self, "result", None) is None:
+        if self.result is None:
             raise RunFolderError("save_run() comes after fit(): there is no trained student yet")
         folder = self.folder
         if (folder / "recipe.yaml").is_file():
