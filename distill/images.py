@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.data import expand_path
+from distill.data import dataset_rows, expand_path
 from distill.errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "image_folder_splits", "read_image_folder", "read_image_records"]
@@ -89,8 +89,6 @@ def read_image_records(source: str, split: str, image_column: str, label_column:
     """Read the images and labels of one split of a Hugging Face dataset (a ``save_to_disk``
     folder or a Hub id), as :func:`read_image_folder` reads a folder. An image is what
     ``datasets`` decodes (a PIL image), or ``{"bytes": ..., "path": ...}``, bytes or a file path."""
-    from distill.data import dataset_rows
-
     items = []
     for record, where in dataset_rows(source, split):
         missing = [c for c in (image_column, label_column) if c not in record]
