@@ -187,6 +187,23 @@ def front_matter(summary: dict[str, Any], recipe: Recipe) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
 
 
+def _verdict(rows: dict[str, dict[str, Any]], metric: str) -> str:
+    """The card's one-paragraph summary of the student against its teacher and baseline."""
+    if "teacher" not in rows:
+        return ""
+    s = rows["student"]
+    kept = (f"keeps {s['retention_pct']:.1f}% of the teacher's {metric}" if s.get("retention_pct") is not None
+            else f"scores {s[metric]:.2f} {metric}")
+    text = (f"The student {kept}, is {s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster "
+            "at batch 1 on CPU.")
+    if "baseline" in rows:
+        b = rows["baseline"]
+        text += (f" Trained without the teacher, the same student keeps {b['retention_pct']:.1f}%." if
+                 b.get("retention_pct") is not None else
+                 f" Trained without the teacher, the same student scores {b[metric]:.2f}.")
+    return text
+
+
 def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: dict[str, Any]) -> str:
     """The student's README.md: where it comes from, how good, small and fast it is, how to load it.
 
@@ -223,17 +240,7 @@ def model_card(summary: dict[str, Any], recipe: Recipe, student: Path, exports: 
         lines.append(f"| {r['model']} | {r[metric]:.2f} | {ratio(r['retention_pct'], '%', 1)} | "
                      f"{count(r['parameters'])} | {megabytes(r['size_mb'] * 1e6)} | {ratio(r['smaller_x'])} | "
                      f"{r['latency_ms']:.2f} | {ratio(r['speedup_latency_x'])} |")
-    kept = (f"keeps {s['retention_pct']:.1f}% of the teacher's {metric}" if s.get("retention_pct") is not None
-            else f"scores {s[metric]:.2f} {metric}")
-    text = "" if "teacher" not in rows else (
-        f"The student {kept}, is {s['smaller_x']:.2f}x smaller on disk and {s['speedup_latency_x']:.2f}x faster at "
-        "batch 1 on CPU.")
-    if "baseline" in rows and "teacher" in rows:
-        b = rows["baseline"]
-        text += (f" Trained without the teacher, the same student keeps {b['retention_pct']:.1f}%." if
-                 b.get("retention_pct") is not None else
-                 f" Trained without the teacher, the same student scores {b[metric]:.2f}.")
-    lines += ["", text]
+    lines += ["", _verdict(rows, metric)]
     if "deployment" in exports:
         dep = exports["deployment"]
         head, body = deployment_table(dep)

@@ -273,8 +273,11 @@ def test_model_card_is_written_with_the_report_and_its_code_runs(sts_run):
     assert f"`{summary['teacher']}`" in card and "stsbenchmark" in card
     assert "1 x cosine, 1 x task loss" in card and "4 steps" in card
     assert "| teacher | " in card and "| student | " in card and "| baseline | " in card
-    retained = 100 * summary["models"]["student"]["spearman"] / summary["models"]["teacher"]["spearman"]
-    assert f"keeps {retained:.1f}% of the teacher's spearman" in card
+    student, teacher = (summary["models"][role]["spearman"] for role in ("student", "teacher"))
+    # An untrained tiny teacher may score below 0: a share of it would mean nothing.
+    told = f"keeps {100 * student / teacher:.1f}% of the teacher's spearman" if teacher > 0 else \
+        f"The student scores {student:.2f} spearman"
+    assert told in card
     assert "distill export" in card  # not exported yet: how to get an ONNX model
     (snippet,) = _snippets(card)
     scope = {}
