@@ -216,7 +216,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _local_paths(recipe: Any) -> list[tuple[str, Path]]:
     """The recipe's paths on this machine that must exist (sources that are not Hub ids or packages)."""
-    from distill.models.sources import RUNS
+    from distill.models.sources import RUNS, resolve_source
 
     paths = [("data.path", recipe.data.path)] + [(f"data.mix.{i}.path", m.path) for i, m in enumerate(recipe.data.mix)]
     if recipe.data.test_path is not None:
@@ -226,6 +226,8 @@ def _local_paths(recipe: Any) -> list[tuple[str, Path]]:
         # A Hub id is "name" or "owner/name"; anything deeper is a local folder (a run's student, say).
         if source and source.startswith("run:"):
             paths.append((f"{role}.source", RUNS / source[len("run:"):] / "student" / "distill.json"))
+        elif source and source.startswith("pkg://"):
+            resolve_source(source)  # an installed package's folder, or a one-line error naming what to install
         elif source and (source.startswith((".", "/", "~")) or source.count("/") > 1
                          or Path(source).suffix in (".safetensors", ".gguf")):
             paths.append((f"{role}.source", Path(source).expanduser()))

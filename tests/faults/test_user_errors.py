@@ -172,3 +172,19 @@ def test_overrides_given_as_one_string_are_named():
     told = r"overrides are a list of 'key=value' strings, for example \['seed=1'\]"
     with pytest.raises(distill.RecipeError, match=told):
         distill.run("recipes/fashion-mnist.yaml", "seed=1")
+
+
+def test_validate_resolves_package_sources(tmp_path, capsys):
+    import yaml
+
+    recipe = {**BASE, "task": "sts", "teacher": {"kind": "hf-embedding", "source": "pkg://distill/models"},
+              "student": {"derive": {"layers": [0]}}, "data": {"format": "stsb", "path": str(tmp_path)},
+              "losses": [{"name": "cosine"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 0  # an installed package's folder is found
+    assert "valid" in capsys.readouterr().out
+    recipe["teacher"]["source"] = "pkg://no_such_package_here/model"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 2
+    assert "'no_such_package_here' is not installed (pip install no-such-package-here)" in capsys.readouterr().err
