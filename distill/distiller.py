@@ -23,6 +23,7 @@ from distill.models.causal_lm import HFCausalLMAdapter
 from distill.pairing import build_loss_terms, prepare_pair
 from distill.runner import RunResult, evaluate_run, report_run
 from distill.tasks import Batch
+from distill.tasks.base import evaluating
 
 __all__ = ["Distiller"]
 
@@ -120,15 +121,13 @@ class _LoaderTask:
     def evaluate(self, model: ModuleAdapter, split: str) -> float | None:
         if self.eval_loader is None or self.output != "logits":
             return None
-        was_training = model.module.training
-        model.module.eval()
         correct = total = 0
-        for item in self.eval_loader:
-            batch = _to_batch(item)
-            pred = model(batch["inputs"])["logits"].argmax(-1).cpu()
-            correct += int((pred == batch["labels"]).sum())
-            total += len(pred)
-        model.module.train(was_training)
+        with evaluating(model):
+            for item in self.eval_loader:
+                batch = _to_batch(item)
+                pred = model(batch["inputs"])["logits"].argmax(-1).cpu()
+                correct += int((pred == batch["labels"]).sum())
+                total += len(pred)
         return 100.0 * correct / max(1, total)
 
 

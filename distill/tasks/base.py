@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Task", "TextBlocks", "spearman"]
+__all__ = ["Batch", "Task", "TextBlocks", "evaluating", "spearman"]
 
 #: A batch: ``index`` (positions in the training set, for the cache), ``inputs`` for the
 #: adapters, ``labels`` for the task loss (or ``None``).
@@ -95,3 +96,15 @@ class TextBlocks:
 
     def items(self) -> list[Any]:
         return self.blocks
+
+
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """An adapter's model in eval mode for the block, its training mode put back after (however
+    the block ends): what every evaluation runs under."""
+    was_training = model.module.training
+    model.module.eval()
+    try:
+        yield
+    finally:
+        model.module.train(was_training)

@@ -16,7 +16,7 @@ from distill.config import DataSpec
 from distill.data import LABELLED_SUFFIXES, Text, dataset_splits, labelled_file, read_idx_images, read_labelled
 from distill.errors import DataError
 from distill.images import image_folder_splits, read_image_folder, read_image_records
-from distill.tasks.base import Batch
+from distill.tasks.base import Batch, evaluating
 
 __all__ = ["PIXEL_MEAN", "PIXEL_STD", "ClassificationTask", "ImageSet", "TextClassificationTask", "TextSet"]
 
@@ -78,14 +78,12 @@ class _Accuracy:
     @torch.inference_mode()
     def evaluate(self, model: Any, split: str, batch_size: int = 256) -> float:
         data = self.splits[split]
-        was_training = model.module.training
-        model.module.eval()
         correct = 0
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(range(start, min(start + batch_size, len(data))))
-            pred = model(batch["inputs"])["logits"].argmax(-1).cpu()
-            correct += int((pred == batch["labels"]).sum())
-        model.module.train(was_training)
+        with evaluating(model):
+            for start in range(0, len(data), batch_size):
+                batch = data.batch(range(start, min(start + batch_size, len(data))))
+                pred = model(batch["inputs"])["logits"].argmax(-1).cpu()
+                correct += int((pred == batch["labels"]).sum())
         return 100.0 * correct / len(data)
 
     def sample_inputs(self, n: int) -> dict[str, Any]:

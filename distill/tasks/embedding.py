@@ -22,7 +22,7 @@ from torch import Tensor
 from distill.config import DataSpec
 from distill.data import mix_texts, read_texts, unique
 from distill.errors import DataError, RecipeError
-from distill.tasks.base import Batch, TextBlocks, spearman
+from distill.tasks.base import Batch, TextBlocks, evaluating, spearman
 
 __all__ = ["EmbeddingTask", "encode_texts"]
 
@@ -34,16 +34,12 @@ def encode_texts(model: Any, texts: list[str], batch_size: int = 64) -> np.ndarr
     Texts are batched by length (little padding) and each distinct text is encoded once.
     """
     distinct = sorted(set(texts), key=len)
-    was_training = model.module.training
-    model.module.eval()
     rows: dict[str, np.ndarray] = {}
-    try:
+    with evaluating(model):
         for start in range(0, len(distinct), batch_size):
             chunk = distinct[start : start + batch_size]
             emb = F.normalize(model({"text": chunk})["embedding"].float(), dim=-1).cpu().numpy()
             rows.update(zip(chunk, emb, strict=True))
-    finally:
-        model.module.train(was_training)
     return np.stack([rows[t] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -16,7 +16,7 @@ from distill.config import DataSpec
 from distill.data import read_records, read_text
 from distill.errors import DataError
 from distill.losses.chunked import chunked_cross_entropy
-from distill.tasks.base import Batch, TextBlocks
+from distill.tasks.base import Batch, TextBlocks, evaluating
 
 __all__ = ["LanguageModelingTask", "Records", "TextBlocks"]
 
@@ -116,15 +116,13 @@ class LanguageModelingTask:
     def evaluate(self, model: Any, split: str, batch_size: int = 16) -> float:
         """Perplexity: exp of the mean next-token negative log-likelihood over every real token."""
         data = self.splits[split]
-        was_training = model.module.training
-        model.module.eval()
         nll, tokens = 0.0, 0
-        for start in range(0, len(data), batch_size):
-            out = model(data.batch(range(start, min(start + batch_size, len(data))))["inputs"])
-            count = int(out["token_mask"].sum())
-            nll += float(self.task_loss(out, {})) * count
-            tokens += count
-        model.module.train(was_training)
+        with evaluating(model):
+            for start in range(0, len(data), batch_size):
+                out = model(data.batch(range(start, min(start + batch_size, len(data))))["inputs"])
+                count = int(out["token_mask"].sum())
+                nll += float(self.task_loss(out, {})) * count
+                tokens += count
         return math.exp(nll / max(tokens, 1))
 
     @staticmethod

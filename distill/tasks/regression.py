@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import DataError
-from distill.tasks.base import Batch, spearman
+from distill.tasks.base import Batch, evaluating, spearman
 from distill.tasks.classification import TextClassificationTask
 
 __all__ = ["TextRegressionTask"]
@@ -47,13 +47,11 @@ class TextRegressionTask(TextClassificationTask):
     @torch.inference_mode()
     def evaluate(self, model: Any, split: str, batch_size: int = 256) -> float:
         data = self.splits[split]
-        was_training = model.module.training
-        model.module.eval()
         predicted = []
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(range(start, min(start + batch_size, len(data))))
-            predicted.append(model(batch["inputs"])["logits"][:, 0].float().cpu())
-        model.module.train(was_training)
+        with evaluating(model):
+            for start in range(0, len(data), batch_size):
+                batch = data.batch(range(start, min(start + batch_size, len(data))))
+                predicted.append(model(batch["inputs"])["logits"][:, 0].float().cpu())
         return 100.0 * spearman(torch.cat(predicted).numpy(), data.labels.numpy())
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from distill.config import DataSpec
 from distill.data import SentencePairs, read_stsb
 from distill.errors import DataError
-from distill.tasks.base import Batch, spearman
+from distill.tasks.base import Batch, evaluating, spearman
 
 __all__ = ["PairSet", "STSTask", "cosent_loss"]
 
@@ -90,13 +90,11 @@ class STSTask:
         pairs = self.splits[split]
         unique = sorted(set(pairs.first) | set(pairs.second), key=len)
         vectors: dict[str, Tensor] = {}
-        was_training = model.module.training
-        model.module.eval()
-        for start in range(0, len(unique), batch_size):
-            chunk = unique[start : start + batch_size]
-            emb = F.normalize(model({"text": chunk})["embedding"].float(), dim=-1).cpu()
-            vectors.update(zip(chunk, emb, strict=True))
-        model.module.train(was_training)
+        with evaluating(model):
+            for start in range(0, len(unique), batch_size):
+                chunk = unique[start : start + batch_size]
+                emb = F.normalize(model({"text": chunk})["embedding"].float(), dim=-1).cpu()
+                vectors.update(zip(chunk, emb, strict=True))
         a = torch.stack([vectors[s] for s in pairs.first])
         b = torch.stack([vectors[s] for s in pairs.second])
         cosine = (a * b).sum(-1).numpy()
