@@ -222,6 +222,28 @@ def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: St
     return TrainState()
 
 
+def copy_model_atomic(source: Path, target: Path) -> None:
+    """Copy the saved model folder ``source`` to ``target`` as one step (written beside it, then
+    renamed over it); files are hard-linked where the file system allows, else copied."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    try:
+        shutil.copytree(source, tmp, copy_function=link_or_copy)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"cannot copy the model {source} to {target} ({' '.join(str(exc).split())}); is the disk "
+                            "full? Free some space and run the same command again") from None
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def save_model_atomic(model: Any, target: Path) -> None:
     """``model.save`` into ``target`` as one step: written beside it, then renamed over it. A
     write that fails (a full disk) leaves no ``target`` and no partial folder, and says so in

@@ -202,9 +202,11 @@ def _validate(args: argparse.Namespace) -> int:
             if spec.arch is not None:
                 ARCHITECTURES.get(spec.arch)  # an unknown name is refused with a suggestion
     # A later stage's student is the one the stage before it trains: it does not exist yet.
-    paths = _local_paths(recipe) + [p for i, stage in enumerate(stages) for p in _local_paths(stage)
-                                    if not (i and p[0] == "student.source")]
-    missing = [f"{name} {path}" for name, path in dict.fromkeys(paths) if not path.exists()]
+    own = _local_paths(recipe)
+    paths = [("", *p) for p in own] + [  # a stage's own paths are named by their stage
+        (f"stages.{i} ({recipe.stages[i].name}) ", *p) for i, stage in enumerate(stages) for p in _local_paths(stage)
+        if p not in own and not (i and p[0] == "student.source")]
+    missing = [f"{where}{name} {path}" for where, name, path in dict.fromkeys(paths) if not path.exists()]
     if missing:
         raise DistillError(f"{args.recipe}: not found: {'; '.join(missing)}")
     shown = f"{len(stages)} stages: " + ", ".join(f"{s.name} ({r.task})" for s, r in zip(recipe.stages, stages,

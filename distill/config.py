@@ -90,6 +90,10 @@ class Recipe(Spec):
     (language models with a ``token_kd`` loss); ``null``: the data only."""
     baseline: bool = True
     """Also train the same student without the teacher, on the task loss and the same budget."""
+    baseline_from: Path | None = None
+    """The model folder the baseline starts from; ``null``: the run's student as built. Set by
+    ``stages``: a later stage's baseline continues the baseline of the stage before it (the same
+    stages without the teacher), not that stage's distilled student."""
     evaluate: EvalSpec = EvalSpec()
     """Final evaluation settings."""
     stages: list[StageSpec] = []
@@ -97,7 +101,8 @@ class Recipe(Spec):
     task-specific stage (TinyBERT's two stages). Each stage names the fields it changes; a field
     a stage gives replaces the recipe's whole (a section too: give all the ``train`` settings
     the stage needs). The first stage trains the recipe's student, each later one the student
-    the stage before it trained. Each stage is a run of its own in ``<run folder>/<stage name>``,
+    the stage before it trained; each later stage's baseline continues the baseline of the stage
+    before it, so it never learns from the teacher. Each stage is a run of its own in ``<run folder>/<stage name>``,
     resumed or reused like any run; the run folder's report shows every stage's rows."""
 
     @field_validator("name")
@@ -241,6 +246,8 @@ class Recipe(Spec):
                     "output_dir": str(self.run_dir() / stage.name)}
             if recipes:
                 data["student"] = self._student_of(recipes[-1])
+                if data.get("baseline", True) and "baseline_from" not in changes:
+                    data["baseline_from"] = self._baseline_of(recipes[-1], i)
             try:
                 recipes.append(Recipe.model_validate(data))
             except ValidationError as exc:
@@ -250,8 +257,28 @@ class Recipe(Spec):
 
     def _student_of(self, before: Recipe) -> dict[str, Any]:
         """The student spec of the stage after ``before``: the student ``before`` trains."""
+        return self._student_at(before.run_dir() / "student")
+
+    def _student_at(self, folder: Path) -> dict[str, Any]:
+        """This recipe's student spec, loading the student from ``folder`` instead of building it."""
         spec = self.student.model_dump(mode="json", exclude={"source", "arch", "arch_args", "derive", "init"})
-        return {**spec, "kind": self.student_kind, "source": str(before.run_dir() / "student")}
+        return {**spec, "kind": self.student_kind, "source": str(folder)}
+
+    def baseline_start(self) -> Recipe:
+        """This recipe with the student it builds replaced by :attr:`baseline_from`'s model."""
+        if self.baseline_from is None:
+            return self
+        student = ModelSpec.model_validate(self._student_at(self.baseline_from))
+        return self.model_copy(update={"student": student, "baseline_from": None})
+
+    def _baseline_of(self, before: Recipe, i: int) -> str:
+        """Where stage ``i``'s baseline starts: the baseline of the stage before it, which never
+        learnt from the teacher either."""
+        if not before.baseline:
+            raise ValueError(f"stages.{i}: stage '{self.stages[i].name}': its baseline continues the baseline of "
+                             f"stage '{self.stages[i - 1].name}', which trains none; set baseline: true there, or "
+                             "baseline: false here")
+        return str(before.run_dir() / "baseline")
 
     @property
     def student_kind(self) -> str:

@@ -192,9 +192,10 @@ def _facts(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_SUITE_NOTE = ("Tasks no training data comes from: STS12-16 and STS-B test (Spearman x 100 of cosine), SST-2 and "
-               "TREC (accuracy x 100 of a logistic-regression probe on the frozen embeddings); in brackets, the "
-               "share of the teacher's score.")
+_SUITE_NOTE = ("Each task's test set: STS12-16 and STS-B test (Spearman x 100 of cosine), SST-2 and TREC (accuracy "
+               "x 100 of a logistic-regression probe on the frozen embeddings); in brackets, the share of the "
+               "teacher's score. Unseen unless the run trains on the task: a run on STS-B's training pairs has seen "
+               "STS-B, and STS12-16 come from the same sources.")
 
 
 def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True, untrained: bool = False) -> str:
@@ -284,7 +285,19 @@ def write_stages_report(folder: Path, name: str, stages: list[tuple[str, Path]])
         stages: ``(stage name, stage run folder)`` in the order they ran; each has a report.
     """
     md = [f"# Distillation report: {name}, {len(stages)} stages", "",
-          "Each stage is a run of its own; each later stage starts from the student the stage before it trained.", ""]
+          "Each stage is a run of its own; each later stage starts from the student the stage before it trained, "
+          "and its baseline from the stage before's baseline: the baseline rows are the same stages without the "
+          "teacher.", ""]
+    last = json.loads((stages[-1][1] / "report.json").read_text())
+    result = _verdict(last["table"], last["metric"], last.get("higher_is_better", True))
+    suite = last.get("suite") or {}
+    if {"student", "baseline"} <= suite.keys():
+        mean = {role: sum(suite[role].values()) / len(suite[role]) for role in ("teacher", "student", "baseline")
+                if role in suite}
+        result += (f" On the evaluation suite ({len(suite['student'])} tasks) the student averages "
+                   f"{mean['student']:.2f}, the baseline {mean['baseline']:.2f}"
+                   + (f", the teacher {mean['teacher']:.2f}." if "teacher" in mean else "."))
+    md += [f"**Result** (the last stage's models, also in `student/` and `baseline/`): {result}", ""]
     pages = []
     for i, (stage, path) in enumerate(stages, 1):
         rel = path.relative_to(folder) if path.is_relative_to(folder) else path

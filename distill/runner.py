@@ -25,7 +25,7 @@ from accelerate import PartialState
 from distill.batches import ShuffledBatches, per_process_batch
 from distill.cache import TeacherCache, model_fingerprint
 from distill.card import read_exports, write_model_card
-from distill.checkpoint import checkpoints, save_model_atomic
+from distill.checkpoint import checkpoints, copy_model_atomic, save_model_atomic
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
 from distill.errors import RecipeError, RunFolderError
@@ -359,10 +359,12 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
         pair.release()
     del pair  # the check's copy of the student: each role trains its own
     _train_one(recipe, "student", built, teacher, task, cache, folder, procs)
-    if recipe.baseline and isinstance(task, EmbeddingTask):
-        _save_untrained(recipe, built, folder, procs)  # no labels: "without the teacher" is the untrained student
-    elif recipe.baseline:
-        _train_one(recipe, "baseline", built, teacher, task, None, folder, procs)
+    if recipe.baseline:
+        start = built if recipe.baseline_from is None else BuiltStudent.build(recipe.baseline_start(), teacher, task)
+        if isinstance(task, EmbeddingTask):  # no labels: "without the teacher" is the untrained student
+            _save_untrained(recipe, start, folder, procs)
+        else:
+            _train_one(recipe, "baseline", start, teacher, task, None, folder, procs)
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
     # A sharded teacher is whole nowhere: the main process loads it again, on the CPU, to measure it.
@@ -382,12 +384,15 @@ def _run_stages(recipe: Recipe, procs: PartialState) -> RunResult:
             result = _run(stage, procs)
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
+    for role in ("student", "baseline"):  # the run's models where a run keeps them: the last stage's
+        if (stages[-1].run_dir() / role / "distill.json").is_file():
+            copy_model_atomic(stages[-1].run_dir() / role, folder / role)
     return RunResult(folder, report_stages(recipe), result.models)
 
 
 def final_folder(folder: Path) -> Path:
     """The folder holding a run's final student: the run's own, or a staged run's last stage's."""
-    if not (folder / "student").is_dir() and _staged(folder):
+    if _staged(folder):
         return load_recipe(folder / "recipe.yaml").stage_recipes()[-1].run_dir()
     return folder
 

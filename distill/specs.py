@@ -382,9 +382,10 @@ class EvalSpec(Spec):
 class StageSpec(BaseModel):
     """One stage of a staged recipe: a name and the recipe fields this stage changes.
 
-    Every other field is the recipe's own. Sections (``train``, ``data``, ``evaluate``, ...) are
-    merged key by key; lists (``losses``) and plain values are replaced. The first stage trains
-    the recipe's student; each later stage starts from the student the stage before it trained.
+    Every other field is the recipe's own. A field the stage gives replaces the recipe's whole:
+    a section (``train``, ``data``, ...) as much as a list (``losses``) or a plain value. The first
+    stage trains the recipe's student; each later stage starts from the student the stage before
+    it trained, and its baseline from the baseline the stage before it trained.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)

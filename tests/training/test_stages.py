@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import metrics_lines, run_recipe_cli
 
@@ -98,7 +99,66 @@ def test_a_staged_run_in_process_and_its_report(tmp_path, data_dir, tiny_bert):
     first = json.loads((run / "general" / "eval.json").read_text())
     second = json.loads((run / "sts" / "eval.json").read_text())
     assert first["metric"] == "agreement" and second["metric"] == "spearman"
+    # The run folder holds the run's models where a one-stage run keeps them: the last stage's.
+    for role in ("student", "baseline"):
+        weights = run / role / "model.safetensors"
+        assert weights.read_bytes() == (run / "sts" / role / "model.safetensors").read_bytes()
     # A second run reuses both finished stages and trains nothing.
     again = distill.run(_staged(tmp_path, data_dir, tiny_bert))
     assert again.models["student"]["spearman"] == pytest.approx(result.models["student"]["spearman"])
     assert (run / "report.html").read_text().count("report.html") == 2
+    # The staged report leads with the last stage's result, the models it names being the run folder's.
+    sts_report = json.loads((run / "sts" / "report.json").read_text())
+    gain = sts_report["table"][1]["spearman"] - sts_report["table"][2]["spearman"]
+    result = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("**Result**"))
+    assert "also in `student/` and `baseline/`" in result and f"adds {gain:+.2f} spearman" in result
+
+
+def test_a_later_stage_baseline_continues_the_baseline_before_it_never_the_distilled_student(
+        tmp_path, data_dir, tiny_bert):
+    from safetensors.torch import load_file
+
+    spec = _staged(tmp_path, data_dir, tiny_bert)
+    general, sts = parse_recipe(spec).stage_recipes()
+    assert general.baseline_from is None and sts.baseline_from == tmp_path / "run" / "general" / "baseline"
+    # Stage 2 barely moves its models, so each ends where it started.
+    spec["stages"][1]["train"]["lr"] = 1e-12
+    distill.run(spec)
+    run = tmp_path / "run"
+
+    def weights(folder):
+        return load_file(folder / "model.safetensors")
+
+    before, distilled, after = (weights(run / "general" / "baseline"), weights(run / "general" / "student"),
+                                weights(run / "sts" / "baseline"))
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert not all(torch.allclose(distilled[k], after[k], atol=1e-3) for k in distilled)
+    assert all(torch.allclose(distilled[k], v, atol=1e-6) for k, v in weights(run / "sts" / "student").items())
+
+
+def test_a_later_stage_baseline_needs_one_in_the_stage_before(tmp_path, data_dir, tiny_bert):
+    spec = _staged(tmp_path, data_dir, tiny_bert)
+    spec["stages"][0]["baseline"] = False
+    with pytest.raises(RecipeError, match="stages.1: stage 'sts': its baseline continues the baseline of stage "
+                                          "'general', which trains none"):
+        parse_recipe(spec)
+    spec["stages"][1]["baseline"] = False
+    assert parse_recipe(spec).stage_recipes()[1].baseline_from is None
+
+
+def test_the_commands_take_a_staged_run_folder_and_use_its_last_stage(tmp_path, data_dir, tiny_bert):
+    from distill.cli import main
+
+    distill.run(_staged(tmp_path, data_dir, tiny_bert))
+    run = tmp_path / "run"
+    before = json.loads((run / "sts" / "eval.json").read_text())["models"]["student"]["spearman"]
+    assert main(["eval", str(run)]) == 0
+    assert json.loads((run / "sts" / "eval.json").read_text())["models"]["student"]["spearman"] == pytest.approx(before)
+    assert main(["report", str(run)]) == 0 and (run / "report.md").read_text().startswith("# Distillation report")
+    assert main(["export", str(run), "--format", "safetensors"]) == 0
+    shipped = next((run / "sts" / "export" / "safetensors").rglob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    exported, trained = load_file(shipped), load_file(run / "student" / "model.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
