@@ -20,8 +20,9 @@ $(VENV)/.demo: $(STAMP)
 demo: $(VENV)/.demo
 	$(BIN)/distill run recipes/demo-minilm-sts.yaml
 	@echo
-	@echo "That was recipes/demo-minilm-sts.yaml: distillation on top of labels (STS-B's gold scores)."
-	@echo "Label-free, on unlabelled text and scored on tasks it never saw (about 40 minutes on 2 cores):"
+	@echo "That was recipes/demo-minilm-sts.yaml: label-free on unlabelled text, then STS-B's gold scores."
+	@echo "The student: runs/demo-minilm-sts/student; the report: runs/demo-minilm-sts/report.md (.html)."
+	@echo "Label-free only, all of the Brown corpus for 3 epochs (about 40 minutes on 2 cores):"
 	@echo "  $(BIN)/distill run recipes/minilm-general.yaml"
 
 test: $(STAMP)

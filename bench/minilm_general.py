@@ -7,11 +7,11 @@ teacher" exists), the distilled student per seed and as mean ± std over seeds, 
 the evaluation suite, with the share of the teacher's score. Size and speed come from the runs'
 own reports (teacher and student timed in turn in one process).
 
-``--with-gold RUN`` adds the suite scores of a run of a gold-trained recipe (e.g. the demo,
+``--with-gold RUN`` adds the suite scores of a run of a gold-trained recipe (e.g. sts-minilm,
 trained on STS-B's training pairs and scores) for comparison; its STS12-16 scores are not a fair
 measure of generalisation, because STS-B is drawn from the same sources as STS12-16.
 
-    python bench/minilm_general.py [--seeds 0 1 2] [--parallel 2] [--threads 1] [--with-gold runs/demo-minilm-sts]
+    python bench/minilm_general.py [--seeds 0 1 2] [--parallel 2] [--threads 1] [--with-gold runs/sts-minilm]
         [--write docs/results.md]
 """
 

@@ -47,7 +47,7 @@ from distill.tasks import build_task
 #: recipe -> what the student is. Ordered from the largest student to the smallest.
 FAMILY = {
     "recipes/sts-minilm-l3.yaml": "layers 0, 2, 5 at width 384",
-    "recipes/demo-minilm-sts.yaml": "layers 0, 5, width 256 (the demo)",
+    "recipes/sts-minilm.yaml": "layers 0, 5, width 256 (the demo's shape, STS-B only)",
     "recipes/sts-minilm-relation.yaml": "layers 0, 5, width 256, data vocabulary, + MiniLMv2 relations",
     "recipes/sts-minilm-l1.yaml": "layer 0, width 256, data vocabulary",
     "recipes/sts-static.yaml": "static: no layers, 256-wide token vectors",

@@ -1,25 +1,26 @@
-"""Two stages against one: the demo's STS-B stage alone, and after label-free general distillation.
+"""What the teacher adds to the demo, on tasks no stage trains on, over seeds.
 
-Runs ``recipes/minilm-two-stage.yaml`` (general distillation on the Brown corpus, then the demo's
-STS-B stage from its student) and ``recipes/demo-minilm-sts.yaml`` (the STS-B stage alone, from
-the derived student) unless their run folders hold finished runs, then prints one table of the
-evaluation suite for the teacher, each run's student and its baseline:
+Runs ``recipes/demo-minilm-sts.yaml`` once per seed (folders ``runs/demo-minilm-sts-sSEED``):
+a label-free general stage on half of the Brown corpus, then STS-B's gold scores plus the
+teacher. Each run's baseline is the same derived student through the same stages without the
+teacher (untrained, then STS-B's gold scores alone). Beside them, one seed each (a finished run
+folder is reused, else the recipe is run):
 
-- one stage, no teacher: the derived student trained on STS-B's gold scores alone;
-- one stage, distilled: the demo (gold scores + the teacher's similarities);
-- two stages, no teacher in stage 2: the general student trained on the gold scores alone;
-- two stages, distilled: the general student, then the demo's stage.
+- ``recipes/sts-minilm.yaml``: the STS-B stage alone, the teacher only on top of the gold scores;
+- ``recipes/minilm-two-stage.yaml``: a longer general stage (all of Brown, 3 epochs), then the same
+  STS-B stage.
 
-    python bench/two_stage.py [--demo runs/demo-minilm-sts] [--write docs/results.md]
+Prints one table of the evaluation suite (teacher, students, baselines; mean +- std over the
+seeds), and the demo's gain over its baseline per seed.
 
-The demo's run folder must have suite scores (``distill eval runs/demo-minilm-sts --suite
-sts12 sts13 sts14 sts15 sts16 stsb sst2 trec`` adds them to a finished run).
+    python bench/two_stage.py [--seeds 0 1 2] [--threads 2] [--write docs/results.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from _markdown import write_section
@@ -29,39 +30,68 @@ from distill.config import load_recipe
 
 TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sst2", "trec")
 STS = TASKS[:6]
+SUITE = [f"evaluate.suite=[{', '.join(TASKS)}]", "evaluate.suite_data=../shared/data"]
 
 
 def suite_of(folder: Path) -> dict[str, dict[str, float]]:
-    summary = json.loads((folder / "eval.json").read_text())
+    """The suite scores of a finished run (a staged run's last stage)."""
+    recipe = load_recipe(folder / "recipe.yaml")
+    last = recipe.stage_recipes()[-1].run_dir() if recipe.stages else folder
+    summary = json.loads((last / "eval.json").read_text())
     if "suite" not in summary:
         raise SystemExit(f"{folder}: no suite scores; run distill eval {folder} --suite {' '.join(TASKS)}")
     return summary["suite"]
 
 
+def finished(recipe: str, folder: Path, threads: int, extra: list[str] | None = None) -> Path:
+    """``folder``, after running ``recipe`` into it unless it holds a finished run."""
+    if not (folder / "report.md").is_file():
+        distill.run(recipe, [f"output_dir={folder}", f"train.threads={threads}", *(extra or [])])
+    return folder
+
+
+def averages(scores: dict[str, float]) -> tuple[float, float]:
+    return (statistics.mean(scores[t] for t in STS), statistics.mean(scores[t] for t in TASKS))
+
+
+def row(name: str, runs: list[dict[str, float]]) -> str:
+    """A table row: each task's mean (+- std over ``runs`` when there are several)."""
+    cells = []
+    for values in ([r[t] for r in runs] for t in TASKS):
+        cells.append(f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(runs) > 1 else ""))
+    for i in range(2):
+        values = [averages(r)[i] for r in runs]
+        cells.append(f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(runs) > 1 else ""))
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", type=Path, default=Path("runs/demo-minilm-sts"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each training run")
     parser.add_argument("--write", type=Path, help="update this markdown file between the two-stage markers")
     args = parser.parse_args()
-    staged = load_recipe("recipes/minilm-two-stage.yaml")
-    if not (staged.run_dir() / "report.md").is_file():
-        distill.run(staged)
-    if not (args.demo / "eval.json").is_file():
-        distill.run(load_recipe("recipes/demo-minilm-sts.yaml", [f"output_dir={args.demo}"]))
-    one, two = suite_of(args.demo), suite_of(staged.run_dir() / "sts")
-    teacher = one["teacher"]
-    rows = [("teacher all-MiniLM-L6-v2", teacher),
-            ("one stage (STS-B gold), no teacher", one["baseline"]),
-            ("one stage (STS-B gold), distilled: the demo", one["student"]),
-            ("two stages: general distillation, then STS-B gold without the teacher", two["baseline"]),
-            ("two stages: general distillation, then the demo's stage", two["student"])]
+    demo = {seed: suite_of(finished("recipes/demo-minilm-sts.yaml", Path(f"runs/demo-minilm-sts-s{seed}"),
+                                    args.threads, [f"seed={seed}"])) for seed in args.seeds}
+    one = suite_of(finished("recipes/sts-minilm.yaml", Path("runs/sts-minilm"), args.threads, SUITE))
+    longer = suite_of(finished("recipes/minilm-two-stage.yaml", Path("runs/minilm-two-stage"), args.threads))
+    n = len(args.seeds)
     lines = ["| student (demo shape: 2 layers, width 256) | " + " | ".join(TASKS) + " | STS avg (6) | average (8) |",
-             "|---|" + "---|" * (len(TASKS) + 2)]
-    for name, scores in rows:
-        sts = sum(scores[t] for t in STS) / len(STS)
-        every = sum(scores[t] for t in TASKS) / len(TASKS)
-        lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.2f}" for t in TASKS) + f" | {sts:.2f} | {every:.2f} |")
-    text = "\n".join(lines)
+             "|---|" + "---|" * (len(TASKS) + 2),
+             row("teacher all-MiniLM-L6-v2", [one["teacher"]]),
+             row(f"no teacher: untrained, then STS-B gold (the demo's baseline; {n} seeds)",
+                 [d["baseline"] for d in demo.values()]),
+             row("the teacher on STS-B only: gold + the teacher's similarities (sts-minilm, seed 0)", [one["student"]]),
+             row(f"**the demo**: general stage (half of Brown, 2 epochs), then the STS-B stage ({n} seeds)",
+                 [d["student"] for d in demo.values()]),
+             row("longer general stage (all of Brown, 3 epochs), then the STS-B stage (minilm-two-stage, seed 0)",
+                 [longer["student"]])]
+    gains = ["", "The demo's student minus its baseline, per seed (STS avg / average of 8 / TREC):"]
+    for seed, d in demo.items():
+        (s_sts, s_all), (b_sts, b_all) = averages(d["student"]), averages(d["baseline"])
+        gains.append(f"- seed {seed}: {s_sts - b_sts:+.2f} / {s_all - b_all:+.2f} / "
+                     f"{d['student']['trec'] - d['baseline']['trec']:+.2f}")
+    text = "\n".join(lines + gains)
     print(text)
     if args.write:
         write_section(args.write, "two-stage", text)

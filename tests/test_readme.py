@@ -89,3 +89,16 @@ def test_the_stages_example_is_a_valid_two_stage_recipe():
     general, sts = parse_recipe(recipe).stage_recipes()
     assert general.task == "embedding" and sts.task == "sts" and sts.task_loss_weight == 1.0
     assert sts.student.source == str(general.run_dir() / "student")
+
+
+def test_the_demo_data_overrides_reach_both_stages(tmp_path):
+    from distill.config import load_recipe
+
+    text = " ".join(README.read_text().split())
+    command = re.search(r"`\.venv/bin/distill run (recipes/demo-minilm-sts\.yaml (?:--set \S+ ?)+)`", text).group(1)
+    recipe_path, *sets = command.split(" --set ")
+    brown, stsb = tmp_path / "brown.txt", tmp_path / "stsb"
+    values = {"/your/brown-sentences.txt": str(brown), "/your/stsbenchmark": str(stsb)}
+    overrides = [re.sub(r"/your/\S+", lambda m: values[m.group(0)], s) for s in sets]
+    general, sts = load_recipe(README.parent / recipe_path.strip(), overrides).stage_recipes()
+    assert general.data.path == brown and sts.data.path == stsb and sts.data.format == "stsb"
