@@ -222,6 +222,19 @@ def dataset_rows(source: str, split: str) -> list[tuple[dict, str]]:
     return [(r, f"{source}[{split}], row {i}") for i, r in enumerate(data)]
 
 
+def dataset_class_names(source: Path | str, split: str, column: str) -> list[str] | None:
+    """The class names of a Hugging Face dataset's label ``column`` when it is a ``ClassLabel``
+    (its integer ids index them), else ``None``."""
+    import datasets
+
+    local = Path(source)
+    data = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(str(source))
+    if isinstance(data, datasets.DatasetDict):
+        data = data[split]
+    feature = data.features.get(column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
 def dataset_splits(source: Path | str) -> list[str]:
     """The split names of a Hugging Face dataset (``[]`` for a single split saved alone)."""
     try:

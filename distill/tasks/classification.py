@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import DataSpec
-from distill.data import LABELLED_SUFFIXES, Text, dataset_splits, labelled_file, read_idx_images, read_labelled
+from distill.data import (
+    LABELLED_SUFFIXES,
+    Text,
+    dataset_class_names,
+    dataset_splits,
+    labelled_file,
+    read_idx_images,
+    read_labelled,
+)
 from distill.errors import DataError
 from distill.images import image_folder_splits, read_image_folder, read_image_records
 from distill.tasks.base import Batch, evaluating
@@ -102,7 +110,8 @@ class ClassificationTask(_Accuracy):
 
     def __init__(self, spec: DataSpec) -> None:
         if spec.format != "fashion-mnist":
-            splits, self.label_names = _image_splits(spec)
+            splits, names = _image_splits(spec)
+            self.label_names = _dataset_names(spec, names)
             pixels = splits["train"][0].astype(np.float64) / 255.0
             mean = pixels.mean(axis=(0, 2, 3)).round(4).tolist()
             std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-3).round(4).tolist()
@@ -253,6 +262,7 @@ class TextClassificationTask(_Accuracy):
             raise DataError(f"{path}: {len(texts)} example(s) are too few to hold out the test and validation sets "
                             "from; give more, or separate test and dev files")
         self.label_names, ids = self.encode_labels(train_raw, {split: labels for split, (_, labels) in held.items()})
+        self.label_names = _dataset_names(spec, self.label_names)
         self.num_classes = len(self.label_names)
         limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
         self.train = TextSet(train_texts[: limits["train"]], ids["train"][: limits["train"]])
@@ -297,6 +307,15 @@ def _sources(spec: DataSpec) -> dict[str, tuple[Path, str] | None]:
     dev = labelled_file(folder, fmt, "dev") if folder else None
     return {"train": (train, "train"), "test": (test, "train") if test else None,
             "eval": (dev, "train") if dev else None}
+
+
+def _dataset_names(spec: DataSpec, names: list[str]) -> list[str]:
+    """The class names of a Hugging Face dataset whose label column is a ``ClassLabel``, in its
+    id order, for labels that are its ids (``names`` is then ``0 .. n-1``); else ``names``."""
+    if spec.format != "hf-dataset" or names != [str(i) for i in range(len(names))]:
+        return names
+    named = dataset_class_names(spec.path, spec.split, spec.label_column)
+    return named if named is not None and len(named) >= len(names) else names
 
 
 def _number_labels(train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:

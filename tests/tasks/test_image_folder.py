@@ -130,6 +130,16 @@ def test_images_from_a_hugging_face_dataset_read_as_a_folder_of_them_does(tmp_pa
         assert torch.equal(from_dataset.splits[split].images, from_folder.splits[split].images)
         assert torch.equal(from_dataset.splits[split].labels, from_folder.splits[split].labels)
     assert torch.equal(from_dataset.train.mean, from_folder.train.mean)
+    # A ClassLabel column: its ids, in its own order, and its names.
+    names = list(reversed(from_folder.label_names))
+    files = sorted((root / "train").rglob("*.png"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"img": [str(f) for f in files], "label": [names.index(f.parent.name) for f in files]},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)}))}
+    ).save_to_disk(str(tmp_path / "labelled"))
+    labelled = build_task("classification",
+                          DataSpec(format="hf-dataset", path=tmp_path / "labelled", image_column="img"))
+    assert labelled.label_names == names
     with pytest.raises(DataError, match=r"no field \['picture'\]"):
         build_task("classification", DataSpec(format="hf-dataset", path=tmp_path / "dataset", image_column="picture"))
     recipe = {"name": "x", "task": "classification", "teacher": {"kind": "hf-classifier", "source": "x"},

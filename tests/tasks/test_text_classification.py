@@ -226,3 +226,25 @@ def test_text_pairs_are_read_batched_and_tokenized_as_pairs(tmp_path, data_dir, 
               "data": {"format": "jsonl", "path": str(folder), "text_column": ["a", "b"]}}
     with pytest.raises(RecipeError, match="text pairs are for tasks 'classification' and 'regression'"):
         parse_recipe(recipe)
+
+
+def test_a_dataset_class_label_names_the_classes_in_its_own_id_order(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    # Ids in the dataset's order (not alphabetical), and a class no example has: a teacher trained
+    # on this dataset has a head of three outputs in this order.
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["World", "Sports", "Business"])})
+    rows = {"text": [f"match report {i}" for i in range(10)] + [f"election news {i}" for i in range(10)],
+            "label": [1] * 10 + [0] * 10}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features),
+                          "test": datasets.Dataset.from_dict({"text": ["cup final"], "label": [1]}, features=features)}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    task = TextClassificationTask(DataSpec(format="hf-dataset", path=tmp_path / "ds"))
+    assert task.label_names == ["World", "Sports", "Business"] and task.num_classes == 3
+    assert all((label == 1) == text.startswith("match") for text, label in zip(task.train.texts,
+                                                                               task.train.labels.tolist(), strict=True))
+    assert task.splits["test"].labels.tolist() == [1]
+    # Integer labels without names stay ids.
+    plain = {"text": rows["text"], "label": rows["label"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(plain)}).save_to_disk(str(tmp_path / "plain"))
+    assert TextClassificationTask(DataSpec(format="hf-dataset", path=tmp_path / "plain")).label_names == ["0", "1"]
