@@ -132,7 +132,8 @@ def _add_eval_and_report(sub: Subparsers) -> None:
 def _add_inspect(sub: Subparsers) -> None:
     inspect = sub.add_parser(
         "inspect", help="list a model's layer names and output shapes (what feature losses can name)")
-    inspect.add_argument("model", help="a recipe YAML (its teacher and student), or a model source")
+    inspect.add_argument("model", help="a recipe YAML (its teacher and student), a model source, or - for a torch "
+                                        "model built from scratch by --arch")
     inspect.add_argument("--kind", choices=["torch", "hf-classifier", "hf-embedding"],
                          help="model kind when MODEL is a source (default: torch)")
     inspect.add_argument("--arch", help="architecture name for a torch model built from scratch")
