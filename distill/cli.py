@@ -297,6 +297,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     result = runner.run(args.recipe, args.overrides)
     if _rank() == 0:
+        from distill.report import headline
+
+        print(f"\n{headline(runner.final_folder(result.folder))}")
         print(f"\nreport: {result.report}\n        {result.report.with_suffix('.html')}")
     return 0
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.suite import summarize_suite  # noqa: E402
 
-__all__ = ["ROLES", "count", "deployment_table", "megabytes", "ratio", "summarize", "write_report",
+__all__ = ["ROLES", "count", "deployment_table", "headline", "megabytes", "ratio", "summarize", "write_report",
            "write_stages_report"]
 
 ROLES = ("teacher", "student", "baseline")
@@ -276,6 +276,21 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
     )
 
 
+def headline(folder: Path) -> str:
+    """What a finished run's report concludes, in a few sentences: the verdict on the student,
+    and its suite average beside the baseline's and the teacher's when there is a suite."""
+    report = json.loads((folder / "report.json").read_text())
+    text = _verdict(report["table"], report["metric"], report.get("higher_is_better", True),
+                    report.get("baseline_untrained", False))
+    suite = report.get("suite") or {}
+    if "student" in suite:
+        mean = {role: sum(scores.values()) / len(scores) for role, scores in suite.items() if scores}
+        others = [f"the {role} {mean[role]:.2f}" for role in ("baseline", "teacher") if role in mean]
+        text += (f" On the evaluation suite ({len(suite['student'])} tasks) the student averages {mean['student']:.2f}"
+                 + (f", {', '.join(others)}." if others else "."))
+    return text
+
+
 def write_stages_report(folder: Path, name: str, stages: list[tuple[str, Path]]) -> Path:
     """The report of a staged run: each stage's report in turn, under its own heading.
 
@@ -288,16 +303,7 @@ def write_stages_report(folder: Path, name: str, stages: list[tuple[str, Path]])
           "Each stage is a run of its own; each later stage starts from the student the stage before it trained, "
           "and its baseline from the stage before's baseline: the baseline rows are the same stages without the "
           "teacher.", ""]
-    last = json.loads((stages[-1][1] / "report.json").read_text())
-    result = _verdict(last["table"], last["metric"], last.get("higher_is_better", True))
-    suite = last.get("suite") or {}
-    if {"student", "baseline"} <= suite.keys():
-        mean = {role: sum(suite[role].values()) / len(suite[role]) for role in ("teacher", "student", "baseline")
-                if role in suite}
-        result += (f" On the evaluation suite ({len(suite['student'])} tasks) the student averages "
-                   f"{mean['student']:.2f}, the baseline {mean['baseline']:.2f}"
-                   + (f", the teacher {mean['teacher']:.2f}." if "teacher" in mean else "."))
-    md += [f"**Result** (the last stage's models, also in `student/` and `baseline/`): {result}", ""]
+    md += [f"**Result** (the last stage's models, also in `student/` and `baseline/`): {headline(stages[-1][1])}", ""]
     pages = []
     for i, (stage, path) in enumerate(stages, 1):
         rel = path.relative_to(folder) if path.is_relative_to(folder) else path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -83,6 +84,8 @@ def test_a_staged_run_resumes_each_stage_after_sigkill_as_if_never_stopped(tmp_p
     assert third.returncode == 0, third.stderr
     straight = cli(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
+    # The command ends with what the report concludes, then where it is.
+    assert re.search(r"\nThe student .* Distillation adds [-+]\d+\.\d+ spearman .*\n\nreport: ", straight.stdout, re.S)
     for stage in ("general", "sts"):
         lines = {name: metrics_lines(tmp_path / name / stage / "train/student") for name in ("killed", "straight")}
         assert lines["killed"] == lines["straight"] and lines["killed"], stage
