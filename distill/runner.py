@@ -359,7 +359,7 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
         pair.release()
     del pair  # the check's copy of the student: each role trains its own
     _train_one(recipe, "student", built, teacher, task, cache, folder, procs)
-    if recipe.baseline:
+    if recipe.baseline and not (folder / "baseline" / "distill.json").is_file():
         start = built if recipe.baseline_from is None else BuiltStudent.build(recipe.baseline_start(), teacher, task)
         if isinstance(task, EmbeddingTask):  # no labels: "without the teacher" is the untrained student
             _save_untrained(recipe, start, folder, procs)
