@@ -46,7 +46,10 @@ def suite_of(folder: Path) -> dict[str, dict[str, float]]:
 def finished(recipe: str, folder: Path, threads: int, extra: list[str] | None = None) -> Path:
     """``folder``, after running ``recipe`` into it unless it holds a finished run."""
     if not (folder / "report.md").is_file():
-        distill.run(recipe, [f"output_dir={folder}", f"train.threads={threads}", *(extra or [])])
+        # A stage that gives its own train section needs the thread count too.
+        stages = [f"stages.{i}.train.threads={threads}" for i, stage in enumerate(load_recipe(recipe).stages)
+                  if "train" in stage.changes()]
+        distill.run(recipe, [f"output_dir={folder}", f"train.threads={threads}", *stages, *(extra or [])])
     return folder
 
 
