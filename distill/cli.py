@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from distill.errors import DistillError, RecipeError
 
@@ -202,12 +202,9 @@ def _validate(args: argparse.Namespace) -> int:
         for spec in (each.teacher, each.student):
             if spec.arch is not None:
                 ARCHITECTURES.get(spec.arch)  # an unknown name is refused with a suggestion
-    # A later stage's student is the one the stage before it trains: it does not exist yet.
-    own = _local_paths(recipe)
-    paths = [("", *p) for p in own] + [  # a stage's own paths are named by their stage
-        (f"stages.{i} ({recipe.stages[i].name}) ", *p) for i, stage in enumerate(stages) for p in _local_paths(stage)
-        if p not in own and not (i and p[0] == "student.source")]
-    missing = [f"{where}{name} {path}" for where, name, path in dict.fromkeys(paths) if not path.exists()]
+    from distill.preflight import missing_paths
+
+    missing = missing_paths(recipe)
     if missing:
         raise DistillError(f"{args.recipe}: not found: {'; '.join(missing)}")
     shown = f"{len(stages)} stages: " + ", ".join(f"{s.name} ({r.task})" for s, r in zip(recipe.stages, stages,
@@ -215,28 +212,6 @@ def _validate(args: argparse.Namespace) -> int:
         f"{recipe.task}, {len(recipe.losses)} loss term(s)")
     print(f"{args.recipe}: valid ({shown}, output {recipe.run_dir()})")
     return 0
-
-
-def _local_paths(recipe: Any) -> list[tuple[str, Path]]:
-    """The recipe's paths on this machine that must exist (sources that are not Hub ids or packages)."""
-    from distill.models.sources import RUNS, resolve_source
-
-    paths = [("data.path", recipe.data.path)] + [(f"data.mix.{i}.path", m.path) for i, m in enumerate(recipe.data.mix)]
-    if recipe.data.test_path is not None:
-        paths.append(("data.test_path", recipe.data.test_path))
-    for role in ("teacher", "student"):
-        source = getattr(recipe, role).source
-        # A Hub id is "name" or "owner/name"; anything deeper is a local folder (a run's student, say).
-        if source and source.startswith("run:"):
-            paths.append((f"{role}.source", RUNS / source[len("run:"):] / "student" / "distill.json"))
-        elif source and source.startswith("pkg://"):
-            resolve_source(source)  # an installed package's folder, or a one-line error naming what to install
-        elif source and (source.startswith((".", "/", "~")) or source.count("/") > 1
-                         or Path(source).suffix in (".safetensors", ".gguf")):
-            paths.append((f"{role}.source", Path(source).expanduser()))
-    if recipe.data.format == "hf-dataset" and not Path(recipe.data.path).exists():
-        paths = [p for p in paths if p[0] != "data.path"]  # a Hub dataset id
-    return [(name, Path(str(path)).expanduser()) for name, path in paths]
 
 
 def _losses(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from distill.card import read_exports, write_model_card
 from distill.checkpoint import checkpoints, copy_model_atomic, save_model_atomic
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
-from distill.errors import RecipeError, RunFolderError
+from distill.errors import DataError, RecipeError, RunFolderError
 from distill.evaluate import measure, suite_scores, time_models
 from distill.launch import process_state, shard_frozen, sync_batchnorm
 from distill.locks import locked
@@ -39,25 +39,14 @@ from distill.models.load import load_model, load_teacher
 from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
+from distill.preflight import missing_paths
 from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
 from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
 
-__all__ = [
-    "RunResult",
-    "as_recipe",
-    "build_loss_terms",
-    "evaluate_run",
-    "final_folder",
-    "locked",
-    "build_logit_cache",
-    "open_logit_cache",
-    "open_teacher_cache",
-    "pair_outputs",
-    "report_run",
-    "run",
-]
+__all__ = ["RunResult", "as_recipe", "build_logit_cache", "build_loss_terms", "evaluate_run", "final_folder",
+           "locked", "open_logit_cache", "open_teacher_cache", "pair_outputs", "report_run", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +364,8 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
 
 def _run_stages(recipe: Recipe, procs: PartialState) -> RunResult:
     """Run each stage in turn (a finished stage is reused), then write the staged report."""
+    if missing := missing_paths(recipe):  # before stage 1 trains: a later stage's typo costs nothing
+        raise DataError(f"{recipe.name}: not found: {'; '.join(missing)}")
     folder = _prepare_folder(recipe, procs)
     stages = recipe.stage_recipes()
     result = RunResult(folder, folder / "report.md", {})

@@ -165,3 +165,13 @@ def test_the_commands_take_a_staged_run_folder_and_use_its_last_stage(tmp_path, 
 
     exported, trained = load_file(shipped), load_file(run / "student" / "model.safetensors")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_a_later_stage_path_that_does_not_exist_stops_the_run_before_stage_one_trains(tmp_path, data_dir, tiny_bert):
+    from distill.errors import DataError
+
+    spec = _staged(tmp_path, data_dir, tiny_bert)
+    spec["stages"][1]["data"]["path"] = str(tmp_path / "no-stsb")
+    with pytest.raises(DataError, match=r"not found: stages.1 \(sts\) data.path .*no-stsb"):
+        distill.run(spec)
+    assert not (tmp_path / "run").exists()  # nothing trained, the folder not claimed
