@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -206,20 +207,25 @@ def _parquet_rows(path: Path) -> list[tuple[dict, str]]:
     return [(r, f"{path}, row {i}") for i, r in enumerate(records)]
 
 
-def dataset_rows(source: str, split: str) -> list[tuple[dict, str]]:
-    """The records of one split of a Hugging Face dataset (a ``save_to_disk`` folder or a Hub
-    id), each with where it is."""
+def _dataset_split(source: Path | str, split: str) -> Any:
+    """One split of a Hugging Face dataset (a ``save_to_disk`` folder or a Hub id)."""
     try:
         import datasets
     except ImportError:
         raise DataError("data.format 'hf-dataset' needs the datasets package: pip install datasets") from None
     local = Path(source)
-    data = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(source)
+    data = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(str(source))
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{source}: no split '{split}' (has {sorted(data)}); set data.split")
         data = data[split]
-    return [(r, f"{source}[{split}], row {i}") for i, r in enumerate(data)]
+    return data
+
+
+def dataset_rows(source: str, split: str) -> list[tuple[dict, str]]:
+    """The records of one split of a Hugging Face dataset (a ``save_to_disk`` folder or a Hub
+    id), each with where it is."""
+    return [(r, f"{source}[{split}], row {i}") for i, r in enumerate(_dataset_split(source, split))]
 
 
 def dataset_class_names(source: Path | str, split: str, column: str) -> list[str] | None:
@@ -227,11 +233,7 @@ def dataset_class_names(source: Path | str, split: str, column: str) -> list[str
     (its integer ids index them), else ``None``."""
     import datasets
 
-    local = Path(source)
-    data = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(str(source))
-    if isinstance(data, datasets.DatasetDict):
-        data = data[split]
-    feature = data.features.get(column)
+    feature = _dataset_split(source, split).features.get(column)
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
