@@ -61,15 +61,25 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _group_names(groups: list[list[Path]], recipes: list[str]) -> list[str]:
+    """A label per group: its recipe's name (with the seed count), and where two groups would
+    read the same (one recipe run with different settings), the first run folder's name too."""
+    names = [recipe if len(group) == 1 else f"{recipe} ({len(group)} seeds)"
+             for group, recipe in zip(groups, recipes, strict=True)]
+    return [f"{name} [{group[0].name}]" if names.count(name) > 1 else name
+            for name, group in zip(names, groups, strict=True)]
+
+
 def comparison_rows(folders: list[Path]) -> list[dict[str, Any]]:
     """One row per (group of seeds, model): mean and std of the quality metric over the seeds,
     mean latency and size, and the per-seed values. A teacher shared by several groups gets one row."""
     rows: list[dict[str, Any]] = []
     teachers: set[str] = set()
-    for group in group_runs(folders):
-        figures = [run_figures(folder) for folder in group]
+    groups = group_runs(folders)
+    figured = [[run_figures(folder) for folder in group] for group in groups]
+    names = _group_names(groups, [figures[0]["recipe"] for figures in figured])
+    for group, figures, name in zip(groups, figured, names, strict=True):
         first = figures[0]
-        name = first["recipe"] if len(group) == 1 else f"{first['recipe']} ({len(group)} seeds)"
         for role in ROLES:
             if role not in first["models"]:
                 continue

@@ -73,6 +73,14 @@ def test_seeds_run_in_their_own_folders_and_aggregate(tmp_path, recipe_file, cap
     assert rows[-1]["values"] == [_accuracy(other, "student")]
     assert "| tiny | student | accuracy |" in capsys.readouterr().out
 
+    # Two runs of one recipe with different settings are two rows each, told apart by folder.
+    assert main(["compare", str(folders[0]), str(other), "--out", str(out)]) == 0
+    rows = json.loads((out / "report.json").read_text())
+    assert [(r["run"], r["model"]) for r in rows] == [
+        ("teacher of tiny", "teacher"), ("tiny [tiny-s0]", "student"), ("tiny [tiny-s0]", "baseline"),
+        ("tiny [other]", "student")]
+    assert [r["values"] for r in rows[1::2]] == [[students[0]], [_accuracy(other, "student")]]
+
 
 def test_compare_refuses_what_it_cannot_read(tmp_path, recipe_file, capsys):
     empty = tmp_path / "empty"
