@@ -6,7 +6,14 @@ accuracy of the teacher's own embeddings, whole and reduced that way (centred, p
 top k directions of its embeddings of the corpus), so that a probe the student loses can be put
 on the map or on the student.
 
+With ``--students FOLDER...`` (saved students, e.g. ``runs/minilm-general-s0/student``) it also
+prints, per band of those directions, how much of the teacher's coordinates on TREC's test
+questions each student's embedding carries: the R^2 of a least-squares map from the student's
+embedding to the band, fitted on TREC's training questions (so any rotation of the student's
+axes counts as carried), and the TREC probe of the teacher's coordinates in that band alone.
+
     python bench/probe_pca.py [--corpus ../shared/data/brown/brown-sentences.txt] [--sample 20000]
+        [--students runs/minilm-general-s0/student ...]
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with sst2/ and trec/")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--students", type=Path, nargs="*", default=[], help="saved students to measure on TREC")
+    parser.add_argument("--bands", type=int, nargs="+", default=[0, 32, 64, 128, 256],
+                        help="edges of the bands of directions --students are measured on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
@@ -58,6 +68,34 @@ def main() -> None:
             basis = directions[:k].T
             cells.append(probe_accuracy((x - mean) @ basis, train.labels, (y - mean) @ basis, test.labels))
         print(f"| {task} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        if task == "trec" and args.students:
+            carried(teacher, recipe, args, (x - mean) @ directions[: args.bands[-1]].T,
+                    (y - mean) @ directions[: args.bands[-1]].T, train, test)
+
+
+def _r2(train_s: np.ndarray, train_t: np.ndarray, test_s: np.ndarray, test_t: np.ndarray) -> float:
+    """Share of ``test_t``'s variance a least-squares map from ``*_s`` (fitted on train) explains."""
+    design = np.hstack([train_s, np.ones((len(train_s), 1))])
+    coef = np.linalg.lstsq(design, train_t, rcond=None)[0]
+    residual = test_t - np.hstack([test_s, np.ones((len(test_s), 1))]) @ coef
+    return float(1 - residual.var(axis=0).sum() / test_t.var(axis=0).sum())
+
+
+def carried(teacher, recipe, args, train_t: np.ndarray, test_t: np.ndarray, train, test) -> None:
+    """Per band of the teacher's directions: its TREC probe, and the share of it each student carries."""
+    bands = list(zip(args.bands[:-1], args.bands[1:], strict=True))
+    students = {}
+    for folder in args.students:
+        student = load_model(recipe.teacher, recipe.teacher.kind, source=str(folder))
+        students[folder] = (encode_texts(student, train.texts), encode_texts(student, test.texts))
+    print()
+    print("| TREC, directions | probe on the teacher's coordinates | "
+          + " | ".join(f"R^2 carried by {folder}" for folder in students) + " |")
+    print("|---|---:|" + "---:|" * len(students))
+    for a, b in bands:
+        cells = [probe_accuracy(train_t[:, a:b], train.labels, test_t[:, a:b], test.labels)]
+        cells += [100 * _r2(s_train, train_t[:, a:b], s_test, test_t[:, a:b]) for s_train, s_test in students.values()]
+        print(f"| {a + 1}-{b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
