@@ -32,6 +32,10 @@ class MSELoss(nn.Module):
     With a token ``mask`` (``(N, T)``, 1 for real tokens) on ``(N, T, D)`` inputs, padding
     positions are left out.
 
+    The mean is over every element, so on unit vectors of width ``D`` it equals
+    ``2 (1 - cos) / D``: beside :class:`CosineLoss` it weighs ``1 / (D / 2)`` as much unless its
+    term's weight makes up for it.
+
     Shapes: any equal shapes in, scalar out.
     """
 
