@@ -140,6 +140,10 @@ class Recipe(Spec):
                              "(token-level losses compare whole next-token distributions); use 'all'")
         if self.student.derive is not None and kind == "torch":
             raise ValueError("student.derive: only Hugging Face students can be derived")
+        if self.student.derive is not None and self.student.source is not None and kind != "hf-embedding":
+            raise ValueError("student.source with derive: only an hf-embedding student is derived from a model other "
+                             "than the teacher (each model reads the texts with its own tokenizer); drop source to "
+                             "derive from the teacher, or derive to load the student whole")
         if self.student.derive is None and self.student.source is None and self.student.arch is None:
             raise ValueError("student: give derive, source or arch")
         if self.teacher.kind == "static-embedding":

@@ -90,7 +90,10 @@ class ModelSpec(Spec):
     """Let ``transformers`` run model code shipped with the weights (Hugging Face models whose
     architecture is not part of ``transformers``). Off unless the recipe opts in."""
     derive: DeriveSpec | None = None
-    """Student only: derive the student from the teacher instead of loading one."""
+    """Student only: derive the student from the teacher instead of loading one. With ``source``
+    too (``hf-embedding`` students), derive it from that model instead: a smaller sibling of a
+    large teacher (all-MiniLM-L6-v2's layers under all-mpnet-base-v2), which the teacher then
+    teaches; each model reads the texts with its own tokenizer."""
     init: Literal["pretrained", "random"] = "pretrained"
     """``random``: build the architecture the ``source`` folder's config describes with fresh
     weights drawn from the recipe's seed (Hugging Face kinds; a model trained from scratch)."""

@@ -116,7 +116,8 @@ def _calibration(task: Any, spec: DeriveSpec, batch_size: int) -> Iterator[dict[
 
 
 def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
-    """Derive the student from the teacher, or load/build it, with the recipe's seed."""
+    """Derive the student from the teacher (or from ``student.source``), or load/build it, with the
+    recipe's seed."""
     set_seed(recipe.seed)
     spec = recipe.student.derive
     labels = getattr(task, "label_names", None)  # a text classification task's classes
@@ -129,13 +130,17 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
         if isinstance(student, TorchClassifierAdapter) and hasattr(task, "preprocessing"):
             student.preprocessing = task.preprocessing()
         return student
+    # The model the student is cut from: the teacher, or the recipe's student.source (a smaller
+    # sibling of the teacher, loaded whole first).
+    base = teacher if recipe.student.source is None else load_model(
+        recipe.student.model_copy(update={"derive": None}), recipe.teacher.kind or "hf-embedding")
     texts = task.train_texts() if hasattr(task, "train_texts") else None
     keep = None
     if spec.vocab == "data":
         if texts is None:
             raise RecipeError("student.derive.vocab: 'data' needs a text task")
-        keep = vocabulary_of(teacher.tokenizer, texts)  # type: ignore[attr-defined]
-    student = derive_student(teacher, spec, _calibration(task, spec, recipe.train.batch_size), keep,
+        keep = vocabulary_of(base.tokenizer, texts)  # type: ignore[attr-defined]
+    student = derive_student(base, spec, _calibration(task, spec, recipe.train.batch_size), keep,
                              kind=recipe.student_kind, texts=texts)
     config = getattr(student.module, "config", None)
     if labels is not None and getattr(config, "num_labels", None) == len(labels):

@@ -154,3 +154,39 @@ def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
     saved = load_file(str(last / "projectors.safetensors"))
     assert {k.split(".")[-1] for k in saved} == {"components", "kept"}
     assert np.isfinite(saved["teacher_0_0.components"].numpy()).all()
+
+
+def test_student_derived_from_a_smaller_sibling_of_the_teacher(tmp_path, data_dir, tiny_bert):
+    """``student.source`` with ``derive``: the student is cut from that model, not the teacher."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    sibling = tmp_path / "sibling"
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=len((tiny_bert / "vocab.txt").read_text().split()), hidden_size=24,
+                         num_hidden_layers=3, num_attention_heads=3, intermediate_size=48,
+                         max_position_embeddings=64)).save_pretrained(sibling)
+    BertTokenizerFast.from_pretrained(tiny_bert).save_pretrained(sibling)
+    recipe = {
+        "name": "tiny-sibling", "task": "embedding", "seed": 0,
+        "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
+        "student": {"source": str(sibling),
+                    "derive": {"layers": [0, 2], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"format": "text", "path": str(_corpus(tmp_path, data_dir)), "eval_fraction": 0.1},
+        "losses": [{"name": "cosine", "projector": "pca"}],
+        "train": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
+        "output_dir": str(tmp_path / "run"),
+        "baseline": True,
+    }
+    distill.run(recipe)
+    untrained = BertModel.from_pretrained(tmp_path / "run" / "baseline")
+    assert (untrained.config.num_hidden_layers, untrained.config.hidden_size) == (2, 16)
+    # Its word embeddings are 16 of the sibling's 24 channels (the teacher has 32).
+    words = BertModel.from_pretrained(sibling).embeddings.word_embeddings.weight
+    kept = untrained.embeddings.word_embeddings.weight
+    assert all(any(torch.equal(kept[:, i], words[:, j]) for j in range(24)) for i in range(16))
+
+    static = {**recipe, "student": {**recipe["student"], "kind": "static-embedding", "derive": {"hidden_size": 16}}}
+    with pytest.raises(RecipeError, match="only an hf-embedding student is derived from a model other"):
+        parse_recipe(static)
