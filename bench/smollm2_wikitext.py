@@ -42,6 +42,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                                "losses=[{name: token_kd, weight: 0.5, params: {kind: forward_kl}}]"]),
     "online": ("-online", ["baseline=false", "cache.top_k=null"]),
     "top128": ("-k128", ["baseline=false", "cache.top_k=128"]),
+    "top128+ce": ("-k128mix", ["baseline=false", "cache.top_k=128", "task_loss_weight=0.5",
+                               "losses=[{name: token_kd, weight: 0.5, params: {kind: forward_kl}}]"]),
     "kd-then-on-policy": ("-onpolicy", ["baseline=false", "cache.top_k=null", "on_policy.fraction=0.5",
                                         "on_policy.start=0.5"]),
 }
@@ -49,6 +51,7 @@ NAMES = {"forward_kl": "distilled student (forward KL, top-32 cache)",
          "forward_kl+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-32 cache)",
          "online": "distilled student (forward KL, the teacher run online: no cache)",
          "top128": "distilled student (forward KL, top-128 cache: the recipe)",
+         "top128+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-128 cache)",
          "kd-then-on-policy": "distilled student (forward KL, on-policy batches from halfway, online teacher)"}
 
 
