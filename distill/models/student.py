@@ -133,7 +133,7 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
     # The model the student is cut from: the teacher, or the recipe's student.source (a smaller
     # sibling of the teacher, loaded whole first).
     base = teacher if recipe.student.source is None else load_model(
-        recipe.student.model_copy(update={"derive": None}), recipe.teacher.kind or "hf-embedding")
+        recipe.student.model_copy(update={"derive": None}), recipe.student_kind)
     texts = task.train_texts() if hasattr(task, "train_texts") else None
     keep = None
     if spec.vocab == "data":
