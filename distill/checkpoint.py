@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -222,11 +223,24 @@ def resume(accelerator: Accelerator, folder: Path, metrics: MetricsLog, step: St
     return TrainState()
 
 
+def _write_folder_atomic(target: Path, write: Callable[[Path], None], errors: tuple[type[BaseException], ...],
+                         failure: str) -> None:
+    """``write`` a folder beside ``target``, then rename it over ``target``. On ``errors`` the
+    partial folder is removed and a ``TrainingError`` says ``failure`` (its ``{reason}`` filled)."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except errors as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(failure.replace("{reason}", " ".join(str(exc).split()))) from None
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def copy_model_atomic(source: Path, target: Path) -> None:
     """Copy the saved model folder ``source`` to ``target`` as one step (written beside it, then
     renamed over it); files are hard-linked where the file system allows, else copied."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def link_or_copy(src: str, dst: str) -> None:
         try:
@@ -234,29 +248,16 @@ def copy_model_atomic(source: Path, target: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    try:
-        shutil.copytree(source, tmp, copy_function=link_or_copy)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"cannot copy the model {source} to {target} ({' '.join(str(exc).split())}); is the disk "
-                            "full? Free some space and run the same command again") from None
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    _write_folder_atomic(target, lambda tmp: shutil.copytree(source, tmp, copy_function=link_or_copy), (OSError,),
+                         f"cannot copy the model {source} to {target} ({{reason}}); is the disk full? Free some "
+                         "space and run the same command again")
 
 
 def save_model_atomic(model: Any, target: Path) -> None:
     """``model.save`` into ``target`` as one step: written beside it, then renamed over it. A
     write that fails (a full disk) leaves no ``target`` and no partial folder, and says so in
     one line."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save(tmp)
     # A full disk: safetensors and torch.save report it as their own errors, not as OSError.
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = " ".join(str(exc).split())
-        raise TrainingError(f"cannot save the model to {target} ({reason}); is the disk full? Training is kept: free "
-                            "some space and run the same command again to save it") from None
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    _write_folder_atomic(target, model.save, (OSError, RuntimeError, SafetensorError),
+                         f"cannot save the model to {target} ({{reason}}); is the disk full? Training is kept: free "
+                         "some space and run the same command again to save it")
