@@ -42,6 +42,7 @@ from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_m
 from distill.preflight import missing_paths
 from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
+from distill.step import teacher_map_key
 from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
 
@@ -165,9 +166,11 @@ FIT_EXAMPLES = 8192
 @torch.no_grad()
 def _teacher_rows(pair: Pairing, cache: TeacherCache | TokenLogitCache | None, task: Any, batch_size: int
                   ) -> dict[tuple[int, int], torch.Tensor]:
-    """The teacher's outputs on the training data, per (term, pair): from the cache when it holds
-    them, else from the teacher on up to :data:`FIT_EXAMPLES` examples."""
-    keys = {(i, j): t_key for i, term in enumerate(pair.terms) for j, (_, t_key) in enumerate(term.pairs)}
+    """The teacher's outputs on the training data for each (term, pair) with a ``projector: pca``
+    map to fit: from the cache when it holds them, else from the teacher on up to
+    :data:`FIT_EXAMPLES` examples. Other terms' outputs (token-level ones among them) are not read."""
+    keys = {(i, j): t_key for i, term in enumerate(pair.terms) for j, (_, t_key) in enumerate(term.pairs)
+            if teacher_map_key(i, j) in pair.projectors}
     stored = cache.arrays if isinstance(cache, TeacherCache) else {}
     needed = sorted({k for k in keys.values() if k not in stored})
     online: dict[str, list[torch.Tensor]] = {k: [] for k in needed}

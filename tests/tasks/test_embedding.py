@@ -156,6 +156,29 @@ def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
     assert np.isfinite(saved["teacher_0_0.components"].numpy()).all()
 
 
+def test_pca_map_beside_a_token_level_term(tmp_path, data_dir, tiny_bert):
+    """A ``projector: pca`` term fits its map on the teacher's embeddings alone; a token-level term
+    beside it (attention relations, sentences of uneven length) is not read for the fit."""
+    recipe = {
+        "name": "tiny-general", "task": "embedding", "seed": 0,
+        "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
+        "student": {"derive": {"layers": [0], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"format": "text", "path": str(_corpus(tmp_path, data_dir, n=80)), "eval_fraction": 0.1},
+        "losses": [{"name": "cosine", "projector": "pca"},
+                   {"name": "attention_relation", "layers": {"student": [-1], "teacher": [-1]},
+                    "params": {"heads": 2}}],
+        "train": {"max_steps": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 3, "checkpoint_every": 3},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 16},
+        "output_dir": str(tmp_path / "run"),
+        "baseline": False,
+    }
+    distill.run(recipe)
+    records = [json.loads(x) for x in (tmp_path / "run/train/student/metrics.jsonl").read_text().splitlines()]
+    parts = [r for r in records if "loss" in r]
+    assert parts and all(np.isfinite(r["loss"]) for r in parts)
+
+
 def test_student_derived_from_a_smaller_sibling_of_the_teacher(tmp_path, data_dir, tiny_bert):
     """``student.source`` with ``derive``: the student is cut from that model, not the teacher."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
