@@ -6,7 +6,9 @@ batches), trained with forward KL on every token from a top-32 logit cache (``fo
 derived student is trained on the text alone for the same steps (the baseline); ``forward_kl+ce``
 trains it on 0.5 x forward KL + 0.5 x cross-entropy (run folder ``OUT-mix-sSEED``), ``top128``
 with forward KL from a top-128 cache (the recipe as shipped; ``OUT-k128-sSEED``), ``online``
-from the teacher run at every step. Prints
+from the teacher run at every step, ``data`` the same student on the text alone as a run of its own
+(with ``--set train.lr=...``: a learning-rate sweep; point ``--gguf`` at the corrected teacher's
+folder). Prints
 WikiText-2 test perplexity and forward-pass tokens/s on CPU for teacher, distilled student and
 baseline as a markdown table.
 
@@ -46,13 +48,15 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                                "losses=[{name: token_kd, weight: 0.5, params: {kind: forward_kl}}]"]),
     "kd-then-on-policy": ("-onpolicy", ["baseline=false", "cache.top_k=null", "on_policy.fraction=0.5",
                                         "on_policy.start=0.5"]),
+    "data": ("-data", ["baseline=false", "losses=[]", "task_loss_weight=1.0"]),
 }
 NAMES = {"forward_kl": "distilled student (forward KL, top-32 cache)",
          "forward_kl+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-32 cache)",
          "online": "distilled student (forward KL, the teacher run online: no cache)",
          "top128": "distilled student (forward KL, top-128 cache: the recipe)",
          "top128+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-128 cache)",
-         "kd-then-on-policy": "distilled student (forward KL, on-policy batches from halfway, online teacher)"}
+         "kd-then-on-policy": "distilled student (forward KL, on-policy batches from halfway, online teacher)",
+         "data": "same student, data alone (cross-entropy), as its own run"}
 
 
 def _overrides(args: argparse.Namespace, teacher: Path) -> list[str]:
@@ -87,9 +91,10 @@ def _shape(config) -> str:
             f"FFN {config.intermediate_size}")
 
 
-def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: float | None = None) -> str:
-    """The markdown table of a finished run (teacher, distilled student, baseline), with the
-    students of ``others`` (method -> run folder of the same recipe with other losses)."""
+def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: float | None = None,
+          method: str = "forward_kl") -> str:
+    """The markdown table of a finished run of ``method`` (teacher, its student, baseline), with
+    the students of ``others`` (method -> run folder of the same recipe with other losses)."""
     from transformers import AutoConfig
 
     from distill.config import load_recipe
@@ -110,7 +115,7 @@ def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: floa
     name = ("teacher (GGUF Q4_1, dequantised)" if is_gguf(str(recipe.teacher.source))
             else f"teacher (corrected: `{recipe.teacher.source}`)")
     rows = [(name, models["teacher"], teacher_shape, True),
-            (NAMES["forward_kl"], models["student"], student_shape, True)]
+            (NAMES[method], models["student"], student_shape, True)]
     for method, other in (others or {}).items():
         rows.append((NAMES[method], json.loads((other / "eval.json").read_text())["models"]["student"],
                      student_shape, False))
@@ -219,7 +224,7 @@ def main() -> None:
             folders[seed][method] = folder
     first, *rest = args.methods
     runs = folders[args.seeds[0]]
-    print(table(runs[first], {m: runs[m] for m in rest}, time.perf_counter() - start if ran else None))
+    print(table(runs[first], {m: runs[m] for m in rest}, time.perf_counter() - start if ran else None, first))
     if len(args.seeds) > 1:
         print()
         print(seeds_table(folders))
