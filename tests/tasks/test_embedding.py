@@ -121,19 +121,29 @@ def test_label_free_recipe_is_checked():
         parse_recipe({**recipe, "data": {"format": "stsb", "path": "x"}})
 
 
-def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
+def _tiny_recipe(tmp_path, data_dir, tiny_bert, **fields):
+    """A label-free recipe on the tiny teacher and a corpus of real sentences; ``fields`` replace sections."""
     recipe = {
         "name": "tiny-general", "task": "embedding", "seed": 0,
         "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
         "student": {"derive": {"layers": [0], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
         "data": {"format": "text", "path": str(_corpus(tmp_path, data_dir)), "eval_fraction": 0.1},
-        "losses": [{"name": "cosine", "projector": "pca"}, {"name": "mse", "projector": "pca", "weight": 1.0}],
-        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
+        "losses": [{"name": "cosine", "projector": "pca"}],
+        "train": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
         "cache": {"dir": str(tmp_path / "cache")},
-        "evaluate": {"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 32,
-                     "suite": ["stsb"], "suite_data": str(data_dir)},
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
         "output_dir": str(tmp_path / "run"),
     }
+    return {**recipe, **fields}
+
+
+def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
+    recipe = _tiny_recipe(
+        tmp_path, data_dir, tiny_bert,
+        losses=[{"name": "cosine", "projector": "pca"}, {"name": "mse", "projector": "pca", "weight": 1.0}],
+        train={"epochs": 2, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
+        evaluate={"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 32,
+                  "suite": ["stsb"], "suite_data": str(data_dir)})
     result = distill.run(recipe)
     run = tmp_path / "run"
     assert json.loads((run / "baseline" / "distill.json").read_text())["untrained"] is True
@@ -159,21 +169,10 @@ def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
 def test_pca_map_beside_a_token_level_term(tmp_path, data_dir, tiny_bert):
     """A ``projector: pca`` term fits its map on the teacher's embeddings alone; a token-level term
     beside it (attention relations, sentences of uneven length) is not read for the fit."""
-    recipe = {
-        "name": "tiny-general", "task": "embedding", "seed": 0,
-        "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
-        "student": {"derive": {"layers": [0], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
-        "data": {"format": "text", "path": str(_corpus(tmp_path, data_dir, n=80)), "eval_fraction": 0.1},
-        "losses": [{"name": "cosine", "projector": "pca"},
-                   {"name": "attention_relation", "layers": {"student": [-1], "teacher": [-1]},
-                    "params": {"heads": 2}}],
-        "train": {"max_steps": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 3, "checkpoint_every": 3},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 16},
-        "output_dir": str(tmp_path / "run"),
-        "baseline": False,
-    }
-    distill.run(recipe)
+    relation = {"name": "attention_relation", "layers": {"student": [-1], "teacher": [-1]}, "params": {"heads": 2}}
+    distill.run(_tiny_recipe(
+        tmp_path, data_dir, tiny_bert, baseline=False, losses=[{"name": "cosine", "projector": "pca"}, relation],
+        train={"max_steps": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 3, "checkpoint_every": 3}))
     records = [json.loads(x) for x in (tmp_path / "run/train/student/metrics.jsonl").read_text().splitlines()]
     parts = [r for r in records if "loss" in r]
     assert parts and all(np.isfinite(r["loss"]) for r in parts)
@@ -189,19 +188,9 @@ def test_student_derived_from_a_smaller_sibling_of_the_teacher(tmp_path, data_di
                          num_hidden_layers=3, num_attention_heads=3, intermediate_size=48,
                          max_position_embeddings=64)).save_pretrained(sibling)
     BertTokenizerFast.from_pretrained(tiny_bert).save_pretrained(sibling)
-    recipe = {
-        "name": "tiny-sibling", "task": "embedding", "seed": 0,
-        "teacher": {"kind": "hf-embedding", "source": str(tiny_bert), "max_length": 32},
-        "student": {"source": str(sibling),
-                    "derive": {"layers": [0, 2], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
-        "data": {"format": "text", "path": str(_corpus(tmp_path, data_dir)), "eval_fraction": 0.1},
-        "losses": [{"name": "cosine", "projector": "pca"}],
-        "train": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
-        "output_dir": str(tmp_path / "run"),
-        "baseline": True,
-    }
+    recipe = _tiny_recipe(tmp_path, data_dir, tiny_bert, name="tiny-sibling", baseline=True, student={
+        "source": str(sibling),
+        "derive": {"layers": [0, 2], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}})
     distill.run(recipe)
     untrained = BertModel.from_pretrained(tmp_path / "run" / "baseline")
     assert (untrained.config.num_hidden_layers, untrained.config.hidden_size) == (2, 16)
