@@ -5,7 +5,8 @@ the teacher (kept layers initialised from the teacher's, narrower width ranked o
 batches), trained with forward KL on every token from a top-32 logit cache (``forward_kl``), and the same
 derived student is trained on the text alone for the same steps (the baseline); ``forward_kl+ce``
 trains it on 0.5 x forward KL + 0.5 x cross-entropy (run folder ``OUT-mix-sSEED``), ``top128``
-with forward KL from a top-128 cache (the recipe as shipped; ``OUT-k128-sSEED``), ``online``
+with forward KL from a top-128 cache (the recipe as shipped; ``OUT-k128-sSEED``), ``sampled32``
+from a cache of 32 tokens drawn from the teacher's distribution per position (``cache.sample``), ``online``
 from the teacher run at every step, ``data`` the same student on the text alone as a run of its own
 (with ``--set train.lr=...``: a learning-rate sweep; point ``--gguf`` at the corrected teacher's
 folder). Prints
@@ -49,6 +50,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "kd-then-on-policy": ("-onpolicy", ["baseline=false", "cache.top_k=null", "on_policy.fraction=0.5",
                                         "on_policy.start=0.5"]),
     "data": ("-data", ["baseline=false", "losses=[]", "task_loss_weight=1.0"]),
+    "sampled32": ("-s32", ["baseline=false", "cache.top_k=32", "cache.sample=true"]),
 }
 NAMES = {"forward_kl": "distilled student (forward KL, top-32 cache)",
          "forward_kl+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-32 cache)",
@@ -56,7 +58,8 @@ NAMES = {"forward_kl": "distilled student (forward KL, top-32 cache)",
          "top128": "distilled student (forward KL, top-128 cache: the recipe)",
          "top128+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-128 cache)",
          "kd-then-on-policy": "distilled student (forward KL, on-policy batches from halfway, online teacher)",
-         "data": "same student, data alone (cross-entropy), as its own run"}
+         "data": "same student, data alone (cross-entropy), as its own run",
+         "sampled32": "distilled student (forward KL, 32 tokens drawn from the teacher per position)"}
 
 
 def _overrides(args: argparse.Namespace, teacher: Path) -> list[str]:

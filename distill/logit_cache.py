@@ -8,6 +8,13 @@ the ``k`` tokens is not thrown away: it is ``1 - sum(p)`` of the kept ones, and 
 it into one "other" bucket for both models (:func:`distill.losses.chunked.chunked_topk_loss`).
 ``k = 0`` keeps the whole distribution.
 
+With ``sample``, the ``k`` places hold ``k`` tokens drawn from the teacher's distribution instead
+(with replacement, seeded by the example's index), stored as the distinct tokens drawn and
+``log(count / k)`` (Anshumann et al. 2025, "Sparse Logit Sampling"): the drawn frequencies are an
+unbiased estimate of the whole distribution, so forward KL against them gives the student the
+full-distribution gradient on average, the tail included, where a top-k cache pools the tail
+into one bucket. Unused places hold tokens not drawn, with ``-inf``.
+
 On disk a cache folder holds shards of ``shard_size`` consecutive examples. A shard is three
 arrays: ``offsets`` (where each example's rows start), ``logp`` (rows x k, float16) and ``ids``
 (rows x k, uint16 or int32; absent for the full distribution). ``meta.json`` lists the
@@ -39,16 +46,27 @@ from distill.losses.tokens import TeacherTopK
 from distill.progress import progress
 from distill.tmpfiles import remove_abandoned, temporary_name
 
-__all__ = ["TokenLogitCache"]
+__all__ = ["TokenLogitCache", "drawn_log_frequencies"]
 
 log = logging.getLogger(__name__)
 FORMAT = 1
 #: The ``meta.json`` fields that must match for shards to belong to one cache.
-_IDENTITY = ("format", "teacher", "data", "k", "temperature", "examples", "shard_size")
+_IDENTITY = ("format", "teacher", "data", "k", "temperature", "examples", "shard_size", "sample")
 
 
 def _ids_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab <= 2**16 else np.dtype(np.int32)
+
+
+def drawn_log_frequencies(logp: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``k`` tokens drawn with replacement from each row of ``logp`` (``(n, V)`` log-probabilities),
+    as ``(log(count / k), ids)``, both ``(n, k)``: the distinct tokens drawn first, then tokens not
+    drawn at ``-inf``. Seeded: the same rows and seed give the same draws on any device."""
+    probs = logp.float().exp().cpu()
+    drawn = torch.multinomial(probs, k, replacement=True, generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros_like(probs).scatter_add_(1, drawn, torch.ones(drawn.shape))
+    top = counts.topk(k, dim=-1)
+    return torch.log(top.values / k), top.indices
 
 
 def _write_array(path: Path, array: np.ndarray) -> str:
@@ -86,16 +104,19 @@ class TokenLogitCache:
         self.temperature = float(meta["temperature"])
         self.vocab = int(meta["vocab"])
         self.shard_size = int(meta["shard_size"])
+        self.sample = bool(meta.get("sample"))
         self._meta_file = "meta.json"
         self._shards: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     # --- identity and layout -------------------------------------------------------------
 
     @staticmethod
-    def folder_for(root: Path, teacher_id: str, data_id: str, k: int, temperature: float) -> Path:
+    def folder_for(root: Path, teacher_id: str, data_id: str, k: int, temperature: float,
+                   sample: bool = False) -> Path:
         """Where the cache of this teacher on this data, at this ``k`` and temperature, lives."""
-        tag = hashlib.sha256(f"{teacher_id}:{data_id}:{k}:{temperature}".encode()).hexdigest()[:16]
-        return root / f"logits-k{k or 'full'}-{tag}"
+        key = f"{teacher_id}:{data_id}:{k}:{temperature}" + (":sample" if sample else "")
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return root / f"logits-{'s' if sample else 'k'}{k or 'full'}-{tag}"
 
     @property
     def examples(self) -> int:
@@ -248,6 +269,7 @@ class TokenLogitCache:
         examples: int,
         k: int,
         temperature: float = 1.0,
+        sample: bool = False,
         batch_size: int = 16,
         shard_size: int = 256,
         rank: int = 0,
@@ -272,13 +294,16 @@ class TokenLogitCache:
             examples: Number of training examples.
             k: Tokens kept per position; 0 keeps the full distribution.
             temperature: The distillation temperature the log-probabilities are taken at.
+            sample: Keep ``k`` tokens drawn from the distribution (their frequencies), not the top ``k``.
             batch_size, shard_size: Examples per teacher pass, and per shard.
             rank, world: This process's index, and the number of processes building the cache.
             barrier: Waits for all ``world`` processes.
         """
+        if sample and not k:
+            raise CacheError("a sampled logit cache draws k tokens per position; k must be at least 1")
         identity = {"format": FORMAT, "teacher": teacher_id, "data": data_id, "k": k, "temperature": temperature,
-                    "examples": examples, "shard_size": shard_size}
-        folder = cls.folder_for(root, teacher_id, data_id, k, temperature)
+                    "examples": examples, "shard_size": shard_size, **({"sample": True} if sample else {})}
+        folder = cls.folder_for(root, teacher_id, data_id, k, temperature, sample)
         cache = cls._reopen(folder, identity)
         if world > 1:
             cache._meta_file = f"meta.rank-{rank}.json"
@@ -314,8 +339,8 @@ class TokenLogitCache:
 
     def _build(self, shards: list[int], teacher: Any, batches: Callable[[Sequence[int]], dict[str, Any]],
                batch_size: int, show: bool = True) -> None:
-        log.info("writing the teacher's %s log-probabilities to %s (%d shards)",
-                 f"top-{self.k}" if self.k else "full", self.folder, len(shards))
+        what = f"{self.k} drawn" if self.sample else f"top-{self.k}" if self.k else "full"
+        log.info("writing the teacher's %s log-probabilities to %s (%d shards)", what, self.folder, len(shards))
         module = teacher.module
         was_training = module.training
         module.eval()
@@ -342,9 +367,11 @@ class TokenLogitCache:
                     logits = logits + bias.float()
                 logp = F.log_softmax(logits / self.temperature, -1)
                 if self.k:
-                    top = logp.topk(min(self.k, logp.shape[-1]), dim=-1)
-                    values.append(top.values.cpu().numpy().astype(np.float16))
-                    tokens.append(top.indices.cpu().numpy().astype(_ids_dtype(self.vocab)))
+                    k = min(self.k, logp.shape[-1])
+                    kept, ids = (drawn_log_frequencies(logp, k, start + row) if self.sample
+                                 else logp.topk(k, dim=-1))
+                    values.append(kept.cpu().numpy().astype(np.float16))
+                    tokens.append(ids.cpu().numpy().astype(_ids_dtype(self.vocab)))
                 else:
                     values.append(logp.cpu().numpy().astype(np.float16))
                 offsets.append(offsets[-1] + n)

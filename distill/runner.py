@@ -251,11 +251,16 @@ def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | No
     if recipe.cache.top_k is None:
         raise RecipeError("cache.top_k: not set; give the number of teacher tokens to keep per position "
                           "(0 for the whole distribution)")
+    kinds = sorted({loss.kind for loss in token_losses} - {"forward_kl"})
+    if recipe.cache.sample and (kinds or not recipe.cache.top_k):
+        raise RecipeError(f"cache.sample: drawn tokens estimate the teacher's distribution for forward KL only, "
+                          f"and need cache.top_k >= 1 draws; got {f'kind {kinds}' if kinds else 'top_k 0'}")
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"kind": spec.kind, "max_length": spec.max_length})
     return TokenLogitCache.open_or_build(
         recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
         examples=len(task.train), k=recipe.cache.top_k, temperature=temperatures.pop() if temperatures else 1.0,
+        sample=recipe.cache.sample,
         batch_size=recipe.evaluate.batch_size, shard_size=recipe.cache.shard_size, rank=rank, world=world,
         barrier=procs.wait_for_everyone if world > 1 and world == procs.num_processes else None,
     )

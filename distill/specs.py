@@ -331,6 +331,11 @@ class CacheSpec(Spec):
     per position on disk (``0``: the whole distribution) and train from them instead of running
     the teacher; the mass outside the top k is kept as one pooled bucket. ``null``: the teacher
     runs online. ``distill cache RECIPE`` builds it ahead of training."""
+    sample: bool = False
+    """With ``top_k``: keep ``top_k`` tokens *drawn* from the teacher's distribution per position
+    (their frequencies, seeded) instead of its ``top_k`` most likely ones. The frequencies are an
+    unbiased estimate of the whole distribution, tail included, so forward KL from them trains
+    the student towards the teacher run online (Anshumann et al. 2025); forward KL only."""
     shard_size: int = Field(256, ge=1)
     """Examples per shard of the logit cache (a killed build resumes at the first unfinished shard)."""
     max_gb: float = Field(4.0, gt=0)

@@ -9,8 +9,8 @@ from conftest import killed_then_resumed, tiny_lm_recipe
 
 import distill
 from distill.config import DataSpec
-from distill.errors import CacheError
-from distill.logit_cache import TokenLogitCache
+from distill.errors import CacheError, RecipeError
+from distill.logit_cache import TokenLogitCache, drawn_log_frequencies
 from distill.losses.chunked import chunked_topk_loss, token_loss
 from distill.losses.divergence import DIVERGENCES, sparse_token_divergence, token_divergence
 from distill.losses.tokens import TokenKDLoss
@@ -215,3 +215,55 @@ def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_p
     killed, straight, resumed = killed_then_resumed(recipe, tmp_path, step=5)
     assert "resuming from" in resumed.stderr + resumed.stdout
     assert killed == straight and any("token_kd_loss" in x for x in straight)
+
+
+def test_drawn_frequencies_give_the_full_forward_kl_gradient_on_average():
+    """A sampled cache's frequencies are unbiased: averaged over draws, forward KL against them
+    has the gradient of forward KL against the whole distribution, the tail included; a top-k
+    cache of the same size does not."""
+    s, t = _logits(rows=6, vocab=40)
+    s = s.requires_grad_()
+    logp = torch.log_softmax(t, -1)
+    (full,) = torch.autograd.grad(token_divergence(s, t, "forward_kl").sum(), s)
+    mean = torch.zeros_like(s)
+    draws = 400
+    for seed in range(draws):
+        values, ids = drawn_log_frequencies(logp, 8, seed)
+        assert torch.allclose(values.exp().sum(-1), torch.ones(6, dtype=values.dtype))
+        mean += torch.autograd.grad(sparse_token_divergence(s, values, ids).sum(), s)[0] / draws
+    top = logp.topk(8, dim=-1)
+    (topk,) = torch.autograd.grad(sparse_token_divergence(s, top.values, top.indices).sum(), s)
+    assert float((mean - full).abs().max()) < 0.04 < float((topk - full).abs().max())
+    same = drawn_log_frequencies(logp, 8, 3)
+    assert all(torch.equal(a, b) for a, b in zip(same, drawn_log_frequencies(logp, 8, 3), strict=True))
+
+
+def test_sampled_cache_holds_draws_from_the_teacher(tmp_path, lm):
+    teacher, task = lm
+    cache = _open(tmp_path, teacher, task, k=16, sample=True)
+    assert cache.sample and cache.folder.name.startswith("logits-s16-")
+    assert cache.folder != _open(tmp_path, teacher, task, k=16).folder  # a top-k cache is another one
+    logp, ids = (np.asarray(a) for a in cache.rows(7))
+    mass = np.exp(logp.astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(mass, 1.0, atol=5e-3)  # the frequencies of 16 draws, float16 on disk
+    counts = np.round(np.exp(logp.astype(np.float64)) * 16)
+    assert set(np.unique(counts)) <= set(range(17)) and (counts[:, 0] >= 1).all()
+    batch = task.train.batch([7])
+    with torch.no_grad():
+        out = teacher(batch["inputs"])
+        probs = torch.softmax(out["hidden"][0] @ out["head"].T, -1)[: len(ids)]
+    drawn = torch.from_numpy(ids.astype(np.int64))[torch.from_numpy(counts > 0)]
+    rows = torch.arange(len(ids))[:, None].expand_as(torch.from_numpy(counts))[torch.from_numpy(counts > 0)]
+    assert float(probs[rows, drawn].min()) > 0  # only tokens the teacher gives mass to are drawn
+    rebuilt = TokenLogitCache.open_or_build(tmp_path / "again", "teacher", task.fingerprint(), teacher=teacher,
+                                            batches=task.train.batch, examples=len(task.train), k=16,
+                                            batch_size=3, shard_size=5, sample=True)
+    np.testing.assert_array_equal(np.asarray(rebuilt.rows(7)[1]), ids)  # seeded by example, not by batch
+
+
+def test_sampled_cache_refuses_other_divergences(tmp_path, data_dir, gpt_pair):
+    teacher, student = gpt_pair
+    recipe = tiny_lm_recipe(tmp_path, data_dir, teacher, student, task_loss_weight=0.0, baseline=False,
+                            cache={"enabled": True, "top_k": 8, "sample": True})
+    with pytest.raises(RecipeError, match="forward KL only.*jsd"):
+        build_logit_cache(recipe)
