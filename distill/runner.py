@@ -252,9 +252,9 @@ def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | No
         raise RecipeError("cache.top_k: not set; give the number of teacher tokens to keep per position "
                           "(0 for the whole distribution)")
     kinds = sorted({loss.kind for loss in token_losses} - {"forward_kl"})
-    if recipe.cache.sample and (kinds or not recipe.cache.top_k):
-        raise RecipeError(f"cache.sample: drawn tokens estimate the teacher's distribution for forward KL only, "
-                          f"and need cache.top_k >= 1 draws; got {f'kind {kinds}' if kinds else 'top_k 0'}")
+    if recipe.cache.sample and kinds:
+        raise RecipeError(f"cache.sample: drawn tokens estimate the teacher's distribution for forward KL only; "
+                          f"this recipe's token_kd uses {kinds} (set cache.sample: false for a top-k cache)")
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"kind": spec.kind, "max_length": spec.max_length})
     return TokenLogitCache.open_or_build(

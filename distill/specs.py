@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.errors import RecipeError
 from distill.losses import LOSSES
@@ -341,6 +341,13 @@ class CacheSpec(Spec):
     max_gb: float = Field(4.0, gt=0)
     """Largest cache to write. Intermediate layers that feature losses read can be large (a
     feature map per example); when the cache would exceed this, the teacher runs online."""
+
+    @model_validator(mode="after")
+    def _draws(self) -> CacheSpec:
+        if self.sample and not self.top_k:
+            raise ValueError(f"cache.sample: draws top_k tokens per position; set top_k to 1 or more "
+                             f"(got {self.top_k})")
+        return self
 
 
 class OnPolicySpec(Spec):

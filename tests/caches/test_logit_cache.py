@@ -8,7 +8,7 @@ import torch
 from conftest import killed_then_resumed, tiny_lm_recipe
 
 import distill
-from distill.config import DataSpec
+from distill.config import DataSpec, parse_recipe
 from distill.errors import CacheError, RecipeError
 from distill.logit_cache import TokenLogitCache, drawn_log_frequencies
 from distill.losses.chunked import chunked_topk_loss, token_loss
@@ -267,3 +267,5 @@ def test_sampled_cache_refuses_other_divergences(tmp_path, data_dir, gpt_pair):
                             cache={"enabled": True, "top_k": 8, "sample": True})
     with pytest.raises(RecipeError, match="forward KL only.*jsd"):
         build_logit_cache(recipe)
+    with pytest.raises(RecipeError, match="cache.sample: draws top_k tokens"):
+        parse_recipe({**recipe, "cache": {"top_k": 0, "sample": True}})
