@@ -108,26 +108,26 @@ def table(run_folder: Path, others: dict[str, Path] | None = None, elapsed: floa
     recipe = load_recipe(run_folder / "recipe.yaml")
     task = build_task(recipe.task, recipe.data)
     student_dir = run_folder / "student"
-    models = summary["models"]
-    if models["teacher"].get("throughput_unit") != "tokens":
+    models = summary["models"]  # a run with no distillation term (``data``) has no teacher row
+    teacher = models.get("teacher")
+    if models["student"].get("throughput_unit") != "tokens":
         raise SystemExit(f"{run_folder}/eval.json: throughput is not counted in tokens; rerun 'distill eval'")
-    teacher_params = models["teacher"]["parameters"]
     folder, gguf = from_pretrained_args(str(recipe.teacher.source))
     teacher_shape = _shape(AutoConfig.from_pretrained(folder, **gguf))
     student_shape = _shape(AutoConfig.from_pretrained(student_dir))
     name = ("teacher (GGUF Q4_1, dequantised)" if is_gguf(str(recipe.teacher.source))
             else f"teacher (corrected: `{recipe.teacher.source}`)")
-    rows = [(name, models["teacher"], teacher_shape, True),
-            (NAMES[method], models["student"], student_shape, True)]
-    for method, other in (others or {}).items():
-        rows.append((NAMES[method], json.loads((other / "eval.json").read_text())["models"]["student"],
+    rows = [(name, teacher, teacher_shape, True)] if teacher else []
+    rows.append((NAMES[method], models["student"], student_shape, True))
+    for other_method, other in (others or {}).items():
+        rows.append((NAMES[other_method], json.loads((other / "eval.json").read_text())["models"]["student"],
                      student_shape, False))
     if "baseline" in models:
         rows.append(("same student, data alone (cross-entropy)", models["baseline"], student_shape, True))
     lines = ["| model | parameters | shape | WikiText-2 test perplexity | tokens/s |",
              "|---|---:|---|---:|---:|"]
     for name, m, shape, timed in rows:
-        ratio = "" if m is models["teacher"] else f" ({teacher_params / m['parameters']:.2f}x smaller)"
+        ratio = "" if m is teacher or not teacher else f" ({teacher['parameters'] / m['parameters']:.2f}x smaller)"
         # A student of another run has the same shape; its speed is the one measured above.
         speed = f"{m['throughput']:.0f}" if timed else "(same shape)"
         lines.append(f"| {name} | {m['parameters'] / 1e6:.1f}M{ratio} | {shape} | {m['perplexity']:.2f} | {speed} |")
