@@ -182,17 +182,18 @@ def test_corrupt_shard_is_detected_and_rebuilt(tmp_path, lm):
     np.testing.assert_array_equal(rebuilt.rows(7)[0], before)
 
 
-def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair):
+@pytest.mark.parametrize("sample", [False, True])
+def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair, sample):
     teacher, student = gpt_pair
     recipe = tiny_lm_recipe(
         tmp_path, data_dir, teacher, student, name="tiny-lm-cache", task_loss_weight=0.0, baseline=False,
         data={"train_limit": 24, "eval_limit": 4, "test_limit": 4},
         losses=[{"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 2.0}}],
-        cache={"enabled": True, "top_k": 8, "shard_size": 10},
+        cache={"enabled": True, "top_k": 8, "shard_size": 10, "sample": sample},
         train={"epochs": 1, "max_steps": None, "lr": 1e-3, "eval_every": 100, "checkpoint_every": 100},
     )
     built = build_logit_cache(recipe)
-    assert built.k == 8 and built.temperature == 2.0 and built.examples == 24
+    assert built.k == 8 and built.temperature == 2.0 and built.examples == 24 and built.sample == sample
     result = distill.run(recipe)
     metrics = (result.folder / "train" / "student" / "metrics.jsonl").read_text()
     log = [json.loads(line) for line in metrics.splitlines()]
