@@ -318,8 +318,8 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
                         line = raw.decode(encoding).strip()
                     except UnicodeDecodeError as exc:
                         raise DataError(f"{file}:{lineno}: not {encoding} text ({exc.reason} at byte {exc.start} "
-                                        "of the line); set data.encoding if the file is in another one "
-                                        "(e.g. latin-1)") from None
+                                        "of the line); set data.encoding (a data.mix entry: its own encoding) "
+                                        "if the file is in another one (e.g. latin-1)") from None
                     if line:
                         texts.append(line)
         except (OSError, EOFError) as exc:
@@ -329,11 +329,12 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     return texts
 
 
-def read_texts(path: Path, fmt: str, column: str = "text", split: str = "train") -> list[str]:
-    """Unlabelled texts from ``text`` files (one a line, see :func:`read_lines`) or from the
-    ``column`` field of ``jsonl`` / ``parquet`` / ``hf-dataset`` records; blank ones skipped."""
+def read_texts(path: Path, fmt: str, column: str = "text", split: str = "train", encoding: str = "utf-8"
+               ) -> list[str]:
+    """Unlabelled texts from ``text`` files (one a line in ``encoding``, see :func:`read_lines`) or
+    from the ``column`` field of ``jsonl`` / ``parquet`` / ``hf-dataset`` records; blank ones skipped."""
     if fmt == "text":
-        return read_lines(path)
+        return read_lines(path, encoding)
     rows = _record_rows(path, fmt, split)
     texts = []
     for record, where in rows:

@@ -109,6 +109,8 @@ class MixSpec(Spec):
     for the fraction (0.5: a random half)."""
     format: Literal["text", "jsonl", "parquet", "hf-dataset"] | None = None
     """Its format (default: ``data.format``)."""
+    encoding: str | None = None
+    """Its text encoding (default: ``data.encoding``)."""
 
 
 class DataSpec(Spec):

@@ -67,17 +67,17 @@ class EmbeddingTask:
     labelled = False
 
     def __init__(self, spec: DataSpec, seed: int = 0) -> None:
-        main = unique(read_texts(spec.path, spec.format, spec.text_column, spec.split))
+        main = unique(read_texts(spec.path, spec.format, spec.text_column, spec.split, spec.encoding))
         cut = int(len(main) * (1 - spec.eval_fraction))
         if cut < 1 or len(main) - cut < 4:
             raise DataError(f"{spec.path}: {len(main)} distinct texts are too few to hold out a share of "
                             f"{spec.eval_fraction}")
         held = main[cut:]
-        extra = [(unique(read_texts(m.path, m.format or spec.format, spec.text_column, spec.split)), m.weight)
-                 for m in spec.mix]
+        extra = [(unique(read_texts(m.path, m.format or spec.format, spec.text_column, spec.split,
+                                    m.encoding or spec.encoding)), m.weight) for m in spec.mix]
         train = mix_texts([(main[:cut], spec.weight), *extra], seed)
-        test = (unique(read_texts(spec.test_path, spec.format, spec.text_column)) if spec.test_path
-                else held[len(held) // 2 :])
+        test = (unique(read_texts(spec.test_path, spec.format, spec.text_column, encoding=spec.encoding))
+                if spec.test_path else held[len(held) // 2 :])
         self.train = TextBlocks(train[: spec.train_limit])
         self.splits = {"eval": held[: len(held) // 2][: spec.eval_limit], "test": test[: spec.test_limit]}
         self._reference: dict[str, np.ndarray] = {}

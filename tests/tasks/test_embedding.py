@@ -97,6 +97,23 @@ def test_embedding_task_holds_out_text_and_scores_agreement(tmp_path, data_dir, 
     assert task.evaluate(other, "eval") < 90
 
 
+def test_corpus_encodings_for_the_main_text_and_each_mixed_in_one(tmp_path, data_dir):
+    latin = tmp_path / "questions.txt"
+    latin.write_bytes("Qui a écrit Candide ?\nOù est Genève ?\n".encode("latin-1"))
+    main = _corpus(tmp_path, data_dir, 20)
+    with pytest.raises(DataError, match=r"questions.txt:1: not utf-8 text.*data.mix entry: its own encoding"):
+        EmbeddingTask(DataSpec(format="text", path=main, mix=[MixSpec(path=latin)]))
+    task = EmbeddingTask(DataSpec(format="text", path=main, eval_fraction=0.2,
+                                  mix=[MixSpec(path=latin, encoding="latin-1")]))
+    assert {"Qui a écrit Candide ?", "Où est Genève ?"} <= set(task.train.blocks)
+    # data.encoding is the main corpus's, and the default of every mixed-in one
+    main_latin = tmp_path / "main-latin.txt"
+    main_latin.write_bytes(main.read_text().encode("utf-8") + "Ça va ?\n".encode("latin-1"))
+    task = EmbeddingTask(DataSpec(format="text", path=main_latin, encoding="latin-1", eval_fraction=0.2,
+                                  mix=[MixSpec(path=latin)]))
+    assert "Où est Genève ?" in task.train.blocks
+
+
 def test_teacher_map_keeps_the_top_principal_components():
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
