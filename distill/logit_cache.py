@@ -315,13 +315,20 @@ class TokenLogitCache:
                 cache._build(todo, teacher, batches, batch_size, show=rank == 0)
             except OSError as exc:
                 raise CacheError(f"cannot write the logit cache at {folder}: {exc}") from None
+        return cls._opened(cache, rank, world, barrier)
+
+    @classmethod
+    def _opened(cls, cache: TokenLogitCache, rank: int, world: int, barrier: Callable[[], None] | None
+                ) -> TokenLogitCache:
+        """After this process's shards: with a ``barrier``, rank 0 merges every process's list
+        and all open the whole cache; without one, the caller waits and opens it again."""
         if world > 1 and barrier is not None:
             barrier()
             if rank == 0:
                 cache._merge_ranks()
             barrier()
-            return cls.load(folder)
-        return cache if world > 1 else cls.load(folder)
+            return cls.load(cache.folder)
+        return cache if world > 1 else cls.load(cache.folder)
 
     @classmethod
     def _reopen(cls, folder: Path, identity: dict[str, Any]) -> TokenLogitCache:
