@@ -153,23 +153,29 @@ def seeds_table(folders: dict[int, dict[str, Path]]) -> str:
     """Test perplexity per method, mean +- std over seeds, and how often the teacher helped."""
     per: dict[str, list[float]] = {}
     base: list[float] = []
+    teachers: list[float] = []
     for methods in folders.values():
         for i, (method, folder) in enumerate(methods.items()):
             models = json.loads((folder / "eval.json").read_text())["models"]
             per.setdefault(method, []).append(models["student"]["perplexity"])
-            if i == 0:
-                base.append(models["baseline"]["perplexity"])
-                teacher = models["teacher"]["perplexity"]
+            if i == 0:  # the first method's runs hold the teacher and (if trained) the baseline
+                base += [models["baseline"]["perplexity"]] if "baseline" in models else []
+                teachers += [models["teacher"]["perplexity"]] if "teacher" in models else []
     seeds = " / ".join(str(s) for s in folders)
-    lines = [f"| model | WikiText-2 test perplexity, seeds {seeds} | mean +- std | vs data alone, mean | "
-             "better than data alone |", "|---|---|---|---|---|",
-             f"| teacher | {teacher:.2f} | | | |"]
-    for name, values in [*((NAMES[m], v) for m, v in per.items()), ("same student, data alone", base)]:
-        ratio = [v / b for v, b in zip(values, base, strict=True)]
-        wins = sum(r < 1 for r in ratio)
-        lines.append(f"| {name} | {' / '.join(f'{v:.2f}' for v in values)} | {statistics.mean(values):.2f} +- "
-                     f"{statistics.stdev(values) if len(values) > 1 else 0:.2f} | "
-                     f"{statistics.mean(ratio):.3f}x | {wins}/{len(ratio)} |")
+    rows = [*((NAMES[m], v) for m, v in per.items())]
+    compared = len(base) == len(folders)  # without a baseline in every seed, no ratio columns
+    lines = [f"| model | WikiText-2 test perplexity, seeds {seeds} | mean +- std |"
+             + (" vs data alone, mean | better than data alone |" if compared else ""),
+             "|---|---|---|" + ("---|---|" if compared else "")]
+    if teachers:
+        lines.append(f"| teacher | {teachers[0]:.2f} | |" + (" | |" if compared else ""))
+    for name, values in rows + ([("same student, data alone", base)] if compared else []):
+        line = (f"| {name} | {' / '.join(f'{v:.2f}' for v in values)} | {statistics.mean(values):.2f} +- "
+                f"{statistics.stdev(values) if len(values) > 1 else 0:.2f} |")
+        if compared:
+            ratio = [v / b for v, b in zip(values, base, strict=True)]
+            line += f" {statistics.mean(ratio):.3f}x | {sum(r < 1 for r in ratio)}/{len(ratio)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
