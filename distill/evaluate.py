@@ -122,7 +122,8 @@ def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | 
         def encode(texts: list[str], model: Adapter = model) -> Any:
             return encode_texts(model, texts, spec.batch_size)
 
-        fresh = run_suite(encode, todo, spec.suite_data, probe_limit=spec.probe_limit) if todo else {}
+        fresh = run_suite(encode, todo, spec.suite_data, probe_limit=spec.probe_limit,
+                          label=role) if todo else {}
         known.update({f"{weights}:{t}": v for t, v in fresh.items()})
         scores[role] = {t: known[f"{weights}:{t}"] for t in tasks}
     if store is not None:

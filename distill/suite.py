@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import DataError, ModelError, RecipeError
+from distill.progress import progress
 from distill.registry import suggest
 from distill.tasks.base import spearman
 
@@ -317,7 +318,7 @@ def _required_files(task: str, folder: Path) -> list[Path]:
 
 def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: Path | None = None,
               paths: Mapping[str, Path] | None = None, probe_limit: int | None = None,
-              seed: int = 0) -> dict[str, float]:
+              seed: int = 0, label: str | None = None) -> dict[str, float]:
     """Score ``encode`` on each of ``tasks`` (names from :data:`SUITE_TASKS`).
 
     Task data is found under ``data_root`` in the shared layout (``sts12-16/STS12`` ...,
@@ -334,6 +335,7 @@ def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: P
             and ``test.txt`` for a probe.
         probe_limit: Train each probe on at most this many examples (all when ``None``).
         seed: Seed of the draw that ``probe_limit`` makes.
+        label: Show progress over the tasks under this name (e.g. the model's role).
 
     Returns:
         ``{task: score}``: Spearman x 100 for STS tasks, accuracy x 100 for probes.
@@ -350,7 +352,10 @@ def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: P
             if not required.exists():
                 raise DataError(f"data for suite task '{task}' not found: {required}")
     scores: dict[str, float] = {}
-    for task, folder in folders.items():
+    bar = progress(folders.items(), show=label is not None, desc=f"suite: {label}", unit="task",
+                   total=len(folders))
+    for task, folder in bar:
+        bar.set_postfix_str(task, refresh=False)
         if task in _PROBES:
             train, test = (read_labelled_texts(folder / f"{split}.txt", _ENCODINGS[task])
                            for split in ("train", "test"))

@@ -210,6 +210,14 @@ def test_run_suite_on_a_small_tree(data_root: Path):
     assert scores["sts12"] == pytest.approx(100 * 1.5 / math.sqrt(1.5 * 2))
 
 
+def test_run_suite_shows_its_progress_under_a_label(data_root: Path, capsys, monkeypatch):
+    monkeypatch.delenv("DISTILL_PROGRESS", raising=False)
+    run_suite(bag_of_chars(), ["stsb", "sst2"], data_root)
+    assert capsys.readouterr().err == ""
+    run_suite(bag_of_chars(), ["stsb", "sst2"], data_root, label="teacher")
+    assert "suite: teacher: 2/2 task (100%)" in capsys.readouterr().err
+
+
 def test_run_suite_accepts_explicit_paths(data_root: Path, tmp_path: Path):
     moved = data_root.rename(tmp_path / "elsewhere")
     scores = run_suite(bag_of_chars(), ["stsb", "sts12"], tmp_path / "missing",
