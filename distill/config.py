@@ -213,6 +213,11 @@ class Recipe(Spec):
             raise ValueError("cache.top_k: a logit cache holds the teacher's top tokens at its own positions; "
                              "cross_vocab_kd pairs positions across two tokenizers and runs the teacher online "
                              "(set cache.top_k: null)")
+        kinds = sorted({s.params.get("kind", "forward_kl") for s in self.losses if s.name == "token_kd"}
+                       - {"forward_kl"})
+        if self.cache.enabled and self.cache.sample and kinds:
+            raise ValueError(f"cache.sample: drawn tokens estimate the teacher's distribution for forward KL only; "
+                             f"this recipe's token_kd uses {kinds} (set cache.sample: false for a top-k cache)")
         if self.train.shard_teacher and self.cache.top_k is not None:
             raise ValueError("train.shard_teacher: a sharded teacher runs online, beside the training; build the "
                              "logit cache without it (distill cache) or set cache.top_k: null")

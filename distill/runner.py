@@ -251,10 +251,6 @@ def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | No
     if recipe.cache.top_k is None:
         raise RecipeError("cache.top_k: not set; give the number of teacher tokens to keep per position "
                           "(0 for the whole distribution)")
-    kinds = sorted({loss.kind for loss in token_losses} - {"forward_kl"})
-    if recipe.cache.sample and kinds:
-        raise RecipeError(f"cache.sample: drawn tokens estimate the teacher's distribution for forward KL only; "
-                          f"this recipe's token_kd uses {kinds} (set cache.sample: false for a top-k cache)")
     spec = recipe.teacher
     teacher_id = model_fingerprint(teacher.module, {"kind": spec.kind, "max_length": spec.max_length})
     return TokenLogitCache.open_or_build(
