@@ -5,8 +5,9 @@ the teacher (kept layers initialised from the teacher's, narrower width ranked o
 batches), trained with forward KL on every token from a top-32 logit cache (``forward_kl``), and the same
 derived student is trained on the text alone for the same steps (the baseline); ``forward_kl+ce``
 trains it on 0.5 x forward KL + 0.5 x cross-entropy (run folder ``OUT-mix-sSEED``), ``top128``
-with forward KL from a top-128 cache (the recipe as shipped; ``OUT-k128-sSEED``), ``sampled32``
-from a cache of 32 tokens drawn from the teacher's distribution per position (``cache.sample``), ``online``
+with forward KL from a top-128 cache (``OUT-k128-sSEED``), ``sampled32``
+from a cache of 32 tokens drawn from the teacher's distribution per position (``cache.sample``, the
+recipe as shipped; ``OUT-s32-sSEED``), ``online``
 from the teacher run at every step, ``data`` the same student on the text alone as a run of its own
 (with ``--set train.lr=...``: a learning-rate sweep; point ``--gguf`` at the corrected teacher's
 folder). Prints
@@ -37,17 +38,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 #: method -> (run-folder suffix, recipe overrides). The first trains the baseline too.
-#: The recipe's cache keeps the teacher's top 128 tokens; ``forward_kl`` and ``forward_kl+ce`` are
-#: measured from a top-32 cache (4x less disk), ``top128`` is the recipe as shipped.
+#: The recipe's cache keeps 32 tokens drawn from the teacher per position (``sampled32``);
+#: ``forward_kl`` and ``forward_kl+ce`` are measured from its top 32 tokens, ``top128`` from its top 128.
+_TOP_K = "cache.sample=false"  # every method but ``sampled32`` keeps the teacher's top tokens (or no cache)
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "forward_kl": ("", ["cache.top_k=32"]),
-    "forward_kl+ce": ("-mix", ["baseline=false", "cache.top_k=32", "task_loss_weight=0.5",
+    "forward_kl": ("", [_TOP_K, "cache.top_k=32"]),
+    "forward_kl+ce": ("-mix", ["baseline=false", _TOP_K, "cache.top_k=32", "task_loss_weight=0.5",
                                "losses=[{name: token_kd, weight: 0.5, params: {kind: forward_kl}}]"]),
-    "online": ("-online", ["baseline=false", "cache.top_k=null"]),
-    "top128": ("-k128", ["baseline=false", "cache.top_k=128"]),
-    "top128+ce": ("-k128mix", ["baseline=false", "cache.top_k=128", "task_loss_weight=0.5",
+    "online": ("-online", ["baseline=false", _TOP_K, "cache.top_k=null"]),
+    "top128": ("-k128", ["baseline=false", _TOP_K, "cache.top_k=128"]),
+    "top128+ce": ("-k128mix", ["baseline=false", _TOP_K, "cache.top_k=128", "task_loss_weight=0.5",
                                "losses=[{name: token_kd, weight: 0.5, params: {kind: forward_kl}}]"]),
-    "kd-then-on-policy": ("-onpolicy", ["baseline=false", "cache.top_k=null", "on_policy.fraction=0.5",
+    "kd-then-on-policy": ("-onpolicy", ["baseline=false", _TOP_K, "cache.top_k=null", "on_policy.fraction=0.5",
                                         "on_policy.start=0.5"]),
     "data": ("-data", ["baseline=false", "losses=[]", "task_loss_weight=1.0"]),
     "sampled32": ("-s32", ["baseline=false", "cache.top_k=32", "cache.sample=true"]),
@@ -55,11 +57,11 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 NAMES = {"forward_kl": "distilled student (forward KL, top-32 cache)",
          "forward_kl+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-32 cache)",
          "online": "distilled student (forward KL, the teacher run online: no cache)",
-         "top128": "distilled student (forward KL, top-128 cache: the recipe)",
+         "top128": "distilled student (forward KL, top-128 cache)",
          "top128+ce": "distilled student (0.5 forward KL + 0.5 cross-entropy, top-128 cache)",
          "kd-then-on-policy": "distilled student (forward KL, on-policy batches from halfway, online teacher)",
          "data": "same student, data alone (cross-entropy), as its own run",
-         "sampled32": "distilled student (forward KL, 32 tokens drawn from the teacher per position)"}
+         "sampled32": "distilled student (forward KL, 32 tokens drawn from the teacher per position: the recipe)"}
 
 
 def _overrides(args: argparse.Namespace, teacher: Path) -> list[str]:
