@@ -202,11 +202,11 @@ def _validate(args: argparse.Namespace) -> int:
         for spec in (each.teacher, each.student):
             if spec.arch is not None:
                 ARCHITECTURES.get(spec.arch)  # an unknown name is refused with a suggestion
-    from distill.preflight import missing_paths
+    from distill.preflight import missing_paths, not_found
 
     missing = missing_paths(recipe)
     if missing:
-        raise DistillError(f"{args.recipe}: not found: {'; '.join(missing)}")
+        raise DistillError(not_found(args.recipe, missing))
     shown = f"{len(stages)} stages: " + ", ".join(f"{s.name} ({r.task})" for s, r in zip(recipe.stages, stages,
                                                                                        strict=True)) if stages else (
         f"{recipe.task}, {len(recipe.losses)} loss term(s)")

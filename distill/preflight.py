@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.models.sources import RUNS, resolve_source
 
-__all__ = ["local_paths", "missing_paths"]
+__all__ = ["local_paths", "missing_paths", "not_found"]
 
 
 def local_paths(recipe: Any) -> list[tuple[str, Path]]:
@@ -42,3 +42,11 @@ def missing_paths(recipe: Any) -> list[str]:
         (f"stages.{i} ({recipe.stages[i].name}) ", *p) for i, stage in enumerate(recipe.stage_recipes())
         for p in local_paths(stage) if p not in own and not (i and p[0] == "student.source")]
     return [f"{where}{name} {path}" for where, name, path in dict.fromkeys(paths) if not path.exists()]
+
+
+def not_found(name: Any, missing: list[str]) -> str:
+    """The error for ``missing`` paths of recipe ``name``, with how to point the recipe elsewhere."""
+    field = missing[0].split(") ", 1)[-1].split(" ", 1)[0]
+    stage = missing[0].split(" ", 1)[0] + "." if missing[0].startswith("stages.") else ""
+    return (f"{name}: not found: {'; '.join(missing)} (relative paths are read from the working directory, "
+            f"{Path.cwd()}; give others with --set {stage}{field}=PATH)")

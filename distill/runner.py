@@ -39,7 +39,7 @@ from distill.models.load import load_model, load_teacher
 from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
 from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
-from distill.preflight import missing_paths
+from distill.preflight import missing_paths, not_found
 from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
 from distill.step import teacher_map_key
@@ -369,7 +369,7 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
 def _run_stages(recipe: Recipe, procs: PartialState) -> RunResult:
     """Run each stage in turn (a finished stage is reused), then write the staged report."""
     if missing := missing_paths(recipe):  # before stage 1 trains: a later stage's typo costs nothing
-        raise DataError(f"{recipe.name}: not found: {'; '.join(missing)}")
+        raise DataError(not_found(recipe.name, missing))
     folder = _prepare_folder(recipe, procs)
     stages = recipe.stage_recipes()
     result = RunResult(folder, folder / "report.md", {})

@@ -67,13 +67,15 @@ def test_validate_names_paths_that_do_not_exist(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not found: data.path" in err and "teacher.source no-teacher" in err
+    assert f"read from the working directory, {Path.cwd()}; give others with --set data.path=PATH" in err
 
 
 def test_validate_names_the_stage_of_a_path_that_does_not_exist(tmp_path, capsys):
     recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "minilm-two-stage.yaml")
     sets = [f"teacher.source={tmp_path}", f"data.path={tmp_path}", "evaluate.suite=[]", "stages.1.data.path=/no/stsb"]
     assert main(["validate", recipe, *(a for s in sets for a in ("--set", s))]) == 2
-    assert "not found: stages.1 (sts) data.path /no/stsb" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found: stages.1 (sts) data.path /no/stsb" in err and "--set stages.1.data.path=PATH" in err
 
 
 def _recipe_file(tmp_path, recipe):
