@@ -33,20 +33,20 @@ def local_paths(recipe: Any) -> list[tuple[str, Path]]:
     return [(name, Path(str(path)).expanduser()) for name, path in paths]
 
 
-def missing_paths(recipe: Any) -> list[str]:
-    """``field path`` of every path of the recipe and its stages that does not exist; a stage's
-    own paths are named by their stage. A later stage's student is the one the stage before it
-    trains, so it is not looked for."""
+def missing_paths(recipe: Any) -> list[tuple[str, str, Path]]:
+    """``(field, key, path)`` of every path of the recipe and its stages that does not exist: the
+    field as shown (a stage's own paths are named by their stage) and its ``--set`` key. A later
+    stage's student is the one the stage before it trains, so it is not looked for."""
     own = local_paths(recipe)
-    paths = [("", *p) for p in own] + [
-        (f"stages.{i} ({recipe.stages[i].name}) ", *p) for i, stage in enumerate(recipe.stage_recipes())
-        for p in local_paths(stage) if p not in own and not (i and p[0] == "student.source")]
-    return [f"{where}{name} {path}" for where, name, path in dict.fromkeys(paths) if not path.exists()]
+    paths = [(name, name, path) for name, path in own] + [
+        (f"stages.{i} ({recipe.stages[i].name}) {name}", f"stages.{i}.{name}", path)
+        for i, stage in enumerate(recipe.stage_recipes())
+        for name, path in local_paths(stage) if (name, path) not in own and not (i and name == "student.source")]
+    return [p for p in dict.fromkeys(paths) if not p[2].exists()]
 
 
-def not_found(name: Any, missing: list[str]) -> str:
-    """The error for ``missing`` paths of recipe ``name``, with how to point the recipe elsewhere."""
-    field = missing[0].split(") ", 1)[-1].split(" ", 1)[0]
-    stage = missing[0].split(" ", 1)[0] + "." if missing[0].startswith("stages.") else ""
-    return (f"{name}: not found: {'; '.join(missing)} (relative paths are read from the working directory, "
-            f"{Path.cwd()}; give others with --set {stage}{field}=PATH)")
+def not_found(name: Any, missing: list[tuple[str, str, Path]]) -> str:
+    """The error for the ``missing`` paths of recipe ``name``, with how to point the recipe elsewhere."""
+    shown = "; ".join(f"{field} {path}" for field, _, path in missing)
+    return (f"{name}: not found: {shown} (relative paths are read from the working directory, {Path.cwd()}; "
+            f"give others with --set {missing[0][1]}=PATH)")
