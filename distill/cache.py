@@ -130,12 +130,17 @@ class TeacherCache:
         Examples are visited in order of ``lengths`` so that each batch pads little. The rows
         go into memory-mapped files in ``<folder>.building``, whose ``progress.json`` records
         how many batches are written (every :data:`PROGRESS_EVERY` batches): a build killed
-        part-way resumes from there. A lock file keeps two builds of one cache apart.
+        part-way resumes from there. A lock file keeps two builds of one cache apart; a run that
+        waited for another's build uses the cache it built.
         """
         chunks = _chunks(lengths, batch_size)
         remove_abandoned(folder.parent, folder.name)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(folder.with_name(folder.name + ".lock"), wait=True):
+            # Another run may have built it while this one waited for the lock.
+            built = cls._usable(folder, teacher_id, data_id, names)
+            if built is not None:
+                return built
             tmp = folder.with_name(folder.name + ".building")
             plan = {"teacher": teacher_id, "data": data_id, "names": list(names), "examples": len(lengths),
                     "batch_size": batch_size}

@@ -39,6 +39,21 @@ def test_lookup_returns_teacher_outputs_in_dataset_order(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_a_build_that_waited_for_the_lock_uses_the_cache_built_meanwhile(tmp_path):
+    """Two runs of one recipe start together: the second waits for the first's build, then opens
+    its cache instead of running the teacher again."""
+    data, w = Data(), torch.randn(3, 5)
+    first = build(tmp_path, data, w)
+
+    def refuses(inputs):
+        raise AssertionError("the teacher ran again")
+
+    # What the waiting run does once the lock is its: it had seen no cache before waiting.
+    again = TeacherCache.build(first.folder, "t1", "d1", teacher=refuses, batches=data.batch,
+                               lengths=list(range(10, 0, -1)), names=["logits"], batch_size=4)
+    torch.testing.assert_close(again.lookup(torch.arange(10))["logits"], data.x @ w)
+
+
 def test_stale_cache_is_refused(tmp_path):
     data, w = Data(), torch.randn(3, 5)
     cache = build(tmp_path, data, w)
