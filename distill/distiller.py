@@ -20,7 +20,7 @@ from distill.engine import make_accelerator, train
 from distill.errors import DataError, ModelError, RecipeError, RunFolderError
 from distill.models.adapters import HFClassifierAdapter, HFEmbeddingAdapter, TorchClassifierAdapter
 from distill.models.causal_lm import HFCausalLMAdapter
-from distill.pairing import build_loss_terms, prepare_pair
+from distill.pairing import build_loss_terms, fit_teacher_maps, prepare_pair, teacher_map_outputs, teacher_rows
 from distill.runner import RunResult, evaluate_run, report_run
 from distill.tasks import Batch
 from distill.tasks.base import evaluating
@@ -214,6 +214,10 @@ class Distiller:
         dataset = getattr(train_loader, "dataset", None)
         size = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
         pair = prepare_pair(self.specs, self.output, self.student, self.teacher, sample, _NoCheck(), size)
+        keys = teacher_map_outputs(pair.terms, pair.projectors)
+        if keys:  # projector: pca / whiten, fitted on the teacher's outputs on the first batches
+            rows = teacher_rows(pair.teacher, (_to_batch(item)["inputs"] for item in train_loader), keys.values())
+            fit_teacher_maps(pair.projectors, {ij: rows[k] for ij, k in keys.items()})
         try:
             self.result = train(
                 student=pair.student, task=task, batches=_LoaderBatches(train_loader), terms=pair.terms,

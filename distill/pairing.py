@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,11 @@ from distill.models.layout import channels_last_for_inference
 from distill.registry import suggest
 from distill.step import LossTerm, loss_extras, projector_key, teacher_map_key
 
-__all__ = ["Pairing", "TeacherMap", "build_loss_terms", "fit_teacher_maps", "make_projector", "pair_outputs",
-           "prepare_pair", "tap_models"]
+__all__ = ["FIT_EXAMPLES", "Pairing", "TeacherMap", "build_loss_terms", "fit_teacher_maps", "make_projector",
+           "pair_outputs", "prepare_pair", "tap_models", "teacher_map_outputs", "teacher_rows"]
+
+#: Training examples the teacher runs on to fit a ``projector: pca`` map when there is no cache.
+FIT_EXAMPLES = 8192
 
 
 log = logging.getLogger(__name__)
@@ -157,12 +161,21 @@ class TeacherMap(nn.Module):
     training data (eigenvectors of their covariance); the outputs are projected without
     centring, so the cosine geometry of normalised embeddings is kept as far as ``D_s``
     dimensions can. Fitted once (:meth:`fit`), never trained, checkpointed with the projectors.
+
+    With ``whiten``, the loss compares both sides in the teacher's whitened coordinates: centred
+    on the teacher's mean and each axis divided by the teacher's spread along it
+    (:meth:`compare`), so that an error along a direction of small spread counts as much as one
+    along a dominant direction.
     """
 
-    def __init__(self, teacher_dim: int, student_dim: int) -> None:
+    def __init__(self, teacher_dim: int, student_dim: int, whiten: bool = False) -> None:
         super().__init__()
+        self.whiten = whiten
         self.register_buffer("components", torch.eye(teacher_dim, student_dim))
         self.register_buffer("kept", torch.zeros(()))
+        if whiten:  # only then: checkpoints of plain maps keep their keys
+            self.register_buffer("mean", torch.zeros(student_dim))
+            self.register_buffer("scale", torch.ones(student_dim))
 
     def fit(self, rows: Tensor) -> float:
         """Fit on ``(N, D_t)`` teacher outputs; returns the share of their (centred) variance kept."""
@@ -172,6 +185,7 @@ class TeacherMap(nn.Module):
         width = self.components.shape[1]
         self.components.copy_(vectors[:, -width:].flip(-1).to(self.components.dtype))
         self.kept.fill_(float(values[-width:].sum() / values.sum().clamp_min(1e-30)))
+        self._fit_spread(rows)
         return float(self.kept)
 
     def use(self, basis: Tensor, rows: Tensor) -> float:
@@ -183,10 +197,29 @@ class TeacherMap(nn.Module):
         x = rows.double()
         x = x - x.mean(0)
         self.kept.fill_(float((x @ basis.double()).square().sum() / x.square().sum().clamp_min(1e-30)))
+        self._fit_spread(rows)
         return float(self.kept)
 
+    def _fit_spread(self, rows: Tensor) -> None:
+        """The teacher's mean and spread along each mapped axis, for whitened comparison."""
+        if not self.whiten:
+            return
+        mapped = rows.double() @ self.components.double()
+        spread = mapped.std(0) if len(mapped) > 1 else torch.ones_like(mapped[0])
+        # Axes along which the teacher does not vary at all are not amplified without bound.
+        floor = 1e-3 * float(spread.max().clamp_min(1e-12))
+        self.mean.copy_(mapped.mean(0).to(self.mean))
+        self.scale.copy_((1.0 / spread.clamp_min(floor)).to(self.scale))
+
     def forward(self, teacher_out: Tensor) -> Tensor:
-        return teacher_out @ self.components.to(teacher_out.dtype)
+        return self.compare(teacher_out @ self.components.to(teacher_out.dtype))
+
+    def compare(self, mapped: Tensor) -> Tensor:
+        """``(N, D_s)`` vectors in the mapped space as the loss compares them: as they are, or
+        whitened (``whiten``). The student's output passes through this too."""
+        if not self.whiten:
+            return mapped
+        return (mapped - self.mean.to(mapped.dtype)) * self.scale.to(mapped.dtype)
 
 
 def fit_teacher_maps(projectors: nn.ModuleDict, outputs: dict[tuple[int, int], Tensor],
@@ -205,6 +238,30 @@ def fit_teacher_maps(projectors: nn.ModuleDict, outputs: dict[tuple[int, int], T
             kept = projectors[key].fit(rows)
             log.info("projector pca (loss %d): the top %d components keep %.1f%% of the teacher's variance",
                      i, projectors[key].components.shape[1], 100 * kept)
+
+
+def teacher_map_outputs(terms: list[LossTerm], projectors: nn.ModuleDict) -> dict[tuple[int, int], str]:
+    """The teacher output each fixed map (``projector: pca`` / ``whiten``) is fitted on, by (term, pair)."""
+    return {(i, j): t_key for i, term in enumerate(terms) for j, (_, t_key) in enumerate(term.pairs)
+            if teacher_map_key(i, j) in projectors}
+
+
+@torch.no_grad()
+def teacher_rows(teacher: Any, inputs: Iterable[dict[str, Any]], names: Iterable[str],
+                 limit: int = FIT_EXAMPLES) -> dict[str, Tensor]:
+    """The teacher's outputs ``names`` on the first ``limit`` examples of a stream of model inputs
+    (batches), as float32 rows on the CPU, to fit fixed maps on."""
+    names = sorted(set(names))
+    rows: dict[str, list[Tensor]] = {k: [] for k in names}
+    count = 0
+    for batch in inputs if names else ():
+        if count >= limit:
+            break
+        out = teacher(batch)
+        for k in names:
+            rows[k].append(out[k].float().cpu())
+        count += len(out[names[0]])
+    return {k: torch.cat(v)[:limit] for k, v in rows.items() if v}
 
 
 def _width_axis(x: Tensor) -> int:
@@ -229,11 +286,12 @@ def pair_outputs(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[st
             where = f"loss '{term.name}' ({s_key} vs {t_key})"
             if mode == "never":
                 continue
-            if mode == "pca":
+            if mode in ("pca", "whiten"):
                 if s.dim() != 2 or t.dim() != 2 or s.shape[-1] >= t.shape[-1]:
-                    raise ModelError(f"{where}: projector pca maps (N, D) teacher outputs down to a narrower student; "
-                                     f"got student {tuple(s.shape)}, teacher {tuple(t.shape)}")
-                projectors[teacher_map_key(i, j)] = TeacherMap(t.shape[-1], s.shape[-1]).to(s.device)
+                    raise ModelError(f"{where}: projector {mode} maps (N, D) teacher outputs down to a narrower "
+                                     f"student; got student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+                t_map = TeacherMap(t.shape[-1], s.shape[-1], whiten=mode == "whiten")
+                projectors[teacher_map_key(i, j)] = t_map.to(s.device)
                 continue
             axis = _width_axis(s)
             s_rest = [d for k, d in enumerate(s.shape) if k != axis % s.dim()]
@@ -262,6 +320,7 @@ def _dry_run(terms: list[LossTerm], s_out: dict[str, Tensor], t_out: dict[str, T
                 t = t_out[t_key].to(s.dtype)
                 if t_map in projectors:
                     t = projectors[t_map](t)
+                    s = projectors[t_map].compare(s)
                 try:
                     extra = loss_extras(term.loss, s_out, index, t_out)
                     term.loss(s, t, labels, **extra)

@@ -38,11 +38,20 @@ from distill.models.adapters import Adapter
 from distill.models.load import load_model, load_teacher
 from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
-from distill.pairing import Pairing, TeacherMap, build_loss_terms, fit_teacher_maps, pair_outputs, prepare_pair
+from distill.pairing import (
+    FIT_EXAMPLES,
+    Pairing,
+    TeacherMap,
+    build_loss_terms,
+    fit_teacher_maps,
+    pair_outputs,
+    prepare_pair,
+    teacher_map_outputs,
+    teacher_rows,
+)
 from distill.preflight import missing_paths, not_found
 from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
-from distill.step import teacher_map_key
 from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
 
@@ -159,28 +168,20 @@ def _drop_checkpoints(folder: Path, keep: int | str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-#: Training examples the teacher runs on to fit a ``projector: pca`` map when there is no cache.
-FIT_EXAMPLES = 8192
-
-
-@torch.no_grad()
 def _teacher_rows(pair: Pairing, cache: TeacherCache | TokenLogitCache | None, task: Any, batch_size: int
                   ) -> dict[tuple[int, int], torch.Tensor]:
     """The teacher's outputs on the training data for each (term, pair) with a ``projector: pca``
     map to fit: from the cache when it holds them, else from the teacher on up to
-    :data:`FIT_EXAMPLES` examples. Other terms' outputs (token-level ones among them) are not read."""
-    keys = {(i, j): t_key for i, term in enumerate(pair.terms) for j, (_, t_key) in enumerate(term.pairs)
-            if teacher_map_key(i, j) in pair.projectors}
+    :data:`~distill.pairing.FIT_EXAMPLES` examples. Other terms' outputs (token-level ones among
+    them) are not read."""
+    keys = teacher_map_outputs(pair.terms, pair.projectors)
     stored = cache.arrays if isinstance(cache, TeacherCache) else {}
-    needed = sorted({k for k in keys.values() if k not in stored})
-    online: dict[str, list[torch.Tensor]] = {k: [] for k in needed}
     count = min(len(task.train), FIT_EXAMPLES)
-    for start in range(0, count if needed else 0, batch_size):
-        out = pair.teacher(task.train.batch(range(start, min(start + batch_size, count)))["inputs"])
-        for k in needed:
-            online[k].append(out[k].float().cpu())
-    rows = {k: torch.from_numpy(np.array(stored[k], dtype=np.float32)).flatten(0, 1) if k in stored
-            else torch.cat(online[k]) for k in set(keys.values())}
+    batches = (task.train.batch(range(start, min(start + batch_size, count)))["inputs"]
+               for start in range(0, count, batch_size))
+    rows = teacher_rows(pair.teacher, batches, {k for k in keys.values() if k not in stored}, count)
+    rows.update({k: torch.from_numpy(np.array(stored[k], dtype=np.float32)).flatten(0, 1)
+                 for k in set(keys.values()) if k in stored})
     return {ij: rows[k] for ij, k in keys.items()}
 
 

@@ -226,7 +226,7 @@ class LossSpec(Spec):
     """Optimizer step at which the term starts to count (weight 0 before)."""
     ramp_steps: int = Field(0, ge=0)
     """Steps over which the weight rises linearly from 0 to ``weight`` after ``start_step``."""
-    projector: Literal["always", "never", "pca"] | None = None
+    projector: Literal["always", "never", "pca", "whiten"] | None = None
     """Put a learned projector between the student's output and the loss (``always``) or not
     (``never``); by default the loss decides (where widths differ; never for relation losses).
     ``pca`` maps the *teacher's* output down to the student's width with a fixed map, its top

@@ -137,8 +137,18 @@ def _token_ends(student_out: dict[str, Tensor], teacher_out: dict[str, Tensor] |
             "teacher_ends": teacher_out["token_ends"], "teacher_mask": teacher_out["token_mask"]}
 
 
+class TeacherSideMap(Protocol):
+    """A fixed map of the teacher's outputs (``projector: pca``, :class:`distill.pairing.TeacherMap`)."""
+
+    def __call__(self, teacher_out: Tensor) -> Tensor: ...
+
+    def compare(self, mapped: Tensor) -> Tensor:
+        """Vectors in the mapped space as the loss compares them (the student's side too)."""
+        ...
+
+
 def _term_value(term: LossTerm, s: Tensor, t_key: str, out: dict[str, Tensor], teacher_out: TeacherOutputs,
-                t_map: nn.Module | None, labels: Tensor | None, index: Tensor | None, share: float) -> Tensor:
+                t_map: TeacherSideMap | None, labels: Tensor | None, index: Tensor | None, share: float) -> Tensor:
     if isinstance(teacher_out, TeacherTopK):
         if not term.loss.traits.uses_head:  # only token losses can read a logit cache
             raise RecipeError(f"loss '{term.name}' cannot read the teacher from a logit cache (cache.top_k); "
@@ -148,6 +158,7 @@ def _term_value(term: LossTerm, s: Tensor, t_key: str, out: dict[str, Tensor], t
     t = teacher_out[t_key].to(s.device, s.dtype)
     if t_map is not None:
         t = t_map(t)
+        s = t_map.compare(s)
     if term.loss.traits.in_batch and world_size() > 1:
         # The whole global batch, as one process sees it; labels and indices are not used by such losses.
         # A process left with no example (share 0) holds a stand-in row, which is not gathered.
@@ -183,7 +194,7 @@ def distill_step(
             if key in projectors:
                 s = projectors[key](s)
             values.append(_term_value(term, s, t_key, out, teacher_out,
-                                      projectors[t_map] if t_map in projectors else None,
+                                      cast(TeacherSideMap, projectors[t_map]) if t_map in projectors else None,
                                       None if labels is None else labels.to(s.device), index, share))
         value = torch.stack(values).mean() if len(values) > 1 else values[0]
         label = term.label if term.label not in parts else f"{term.name}{i}_loss"

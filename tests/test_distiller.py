@@ -42,6 +42,26 @@ def test_the_default_folder_is_new_for_every_distiller(tmp_path, monkeypatch):
     assert a.folder.parent.name == "runs" and a.folder != b.folder
 
 
+def test_a_fixed_teacher_map_is_fitted_on_the_loader(tmp_path):
+    """``projector: pca`` in the Python API: the map is the teacher's principal components on the
+    training batches, as in a recipe's run, not the unfitted identity."""
+    from safetensors.torch import load_file
+
+    from distill.pairing import TeacherMap
+
+    torch.manual_seed(0)
+    teacher = MLP(hidden=8, depth=1, num_classes=12, dropout=0.0)
+    distill.Distiller(teacher, MLP(hidden=4, depth=1, num_classes=3), losses=[{"name": "mse", "projector": "pca"}],
+                      train={"epochs": 1, "checkpoint_every": 4}, folder=tmp_path / "fit").fit(_loader())
+    saved = load_file(str(tmp_path / "fit/train/student/checkpoints/step-00000004/projectors.safetensors"))
+    expected = TeacherMap(12, 3)
+    with torch.no_grad():
+        expected.fit(torch.cat([teacher(x) for x, _ in _loader()]))
+    # Principal axes are defined up to sign.
+    overlap = (saved["teacher_0_0.components"].T @ expected.components).abs()
+    torch.testing.assert_close(overlap, torch.eye(3), atol=1e-3, rtol=0)
+
+
 def _trec(data_dir, tokenizer, n=256):
     from distill.data import read_labelled
 

@@ -127,6 +127,32 @@ def test_teacher_map_keeps_the_top_principal_components():
     assert float((projected.norm(dim=1) / rows.norm(dim=1)).mean()) > 0.97
 
 
+def test_whitened_teacher_map_weighs_every_direction_alike():
+    """``projector: whiten``: the same axes as ``pca``; both sides are compared centred and scaled to
+    the teacher's unit spread per axis, so an error along a weak direction counts as one along a strong one."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    spread = torch.tensor([5.0, 3, 2, 0.1, 0.1, 0.1, 0.1, 0.1])
+    rows = (torch.randn(4000, 8, generator=g) * spread + 1.0) @ basis.T
+    plain, white = TeacherMap(8, 3), TeacherMap(8, 3, whiten=True)
+    assert plain.fit(rows) == pytest.approx(white.fit(rows))
+    torch.testing.assert_close(white.components, plain.components)
+    mapped = white(rows)
+    torch.testing.assert_close(mapped.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mapped.std(0), torch.ones(3), atol=1e-3, rtol=0)
+    # The student's side goes through the same affine map: a difference along the third (weakest
+    # kept) axis weighs 2.5x one of the same size along the first, where plain pca weighs them alike.
+    target = plain(rows[:1])
+    along = [target + 0.1 * torch.eye(3)[k] for k in (0, 2)]
+    plain_errors = [float((plain.compare(a) - plain.compare(target)).norm()) for a in along]
+    white_errors = [float((white.compare(a) - white.compare(target)).norm()) for a in along]
+    assert plain_errors[0] == pytest.approx(plain_errors[1], rel=1e-4)
+    assert white_errors[1] / white_errors[0] == pytest.approx(5.0 / 2.0, rel=0.05)
+    # Plain maps keep their checkpoint keys; whitened ones add their centre and scale.
+    assert set(plain.state_dict()) == {"components", "kept"}
+    assert set(white.state_dict()) == {"components", "kept", "mean", "scale"}
+
+
 def test_label_free_recipe_is_checked():
     recipe = {"name": "x", "task": "embedding",
               "teacher": {"kind": "hf-embedding", "source": "t"}, "student": {"derive": {"layers": [0]}},
