@@ -32,6 +32,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from distill.cache import file_sha256
 from distill.errors import CacheError
+from distill.locks import exclusive
 from distill.losses.tokens import TeacherTopK
 from distill.progress import progress
 from distill.tmpfiles import remove_abandoned, temporary_name
@@ -304,18 +306,27 @@ class TokenLogitCache:
         identity = {"format": FORMAT, "teacher": teacher_id, "data": data_id, "k": k, "temperature": temperature,
                     "examples": examples, "shard_size": shard_size, **({"sample": True} if sample else {})}
         folder = cls.folder_for(root, teacher_id, data_id, k, temperature, sample)
-        cache = cls._reopen(folder, identity)
-        if world > 1:
-            cache._meta_file = f"meta.rank-{rank}.json"
-        for shard in cache._verify():
-            log.warning("logit cache %s: shard %d is missing or corrupt; rebuilding it", folder, shard)
-        todo = [s for s in range(rank, cache.shard_count, world) if str(s) not in cache.meta["shards"]]
+        # The processes of one run write disjoint shards, each its own list; separate runs of one
+        # cache take turns, so that a run that waited reads the shards the other wrote meanwhile.
+        turns = exclusive(folder.with_name(f".{folder.name}.lock"), wait=True) if world == 1 else nullcontext()
+        with turns:
+            cache = cls._reopen(folder, identity)
+            if world > 1:
+                cache._meta_file = f"meta.rank-{rank}.json"
+            cache._complete(rank, world, teacher, batches, batch_size)
+        return cls._opened(cache, rank, world, barrier)
+
+    def _complete(self, rank: int, world: int, teacher: Any, batches: Callable[[Sequence[int]], dict[str, Any]],
+                  batch_size: int) -> None:
+        """Write this process's shards that are missing or corrupt."""
+        for shard in self._verify():
+            log.warning("logit cache %s: shard %d is missing or corrupt; rebuilding it", self.folder, shard)
+        todo = [s for s in range(rank, self.shard_count, world) if str(s) not in self.meta["shards"]]
         if todo:
             try:
-                cache._build(todo, teacher, batches, batch_size, show=rank == 0)
+                self._build(todo, teacher, batches, batch_size, show=rank == 0)
             except OSError as exc:
-                raise CacheError(f"cannot write the logit cache at {folder}: {exc}") from None
-        return cls._opened(cache, rank, world, barrier)
+                raise CacheError(f"cannot write the logit cache at {self.folder}: {exc}") from None
 
     @classmethod
     def _opened(cls, cache: TokenLogitCache, rank: int, world: int, barrier: Callable[[], None] | None

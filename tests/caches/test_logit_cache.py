@@ -148,6 +148,38 @@ def test_killed_build_resumes_at_the_first_unfinished_shard(tmp_path, lm):
     assert calls == [10, 15, 20] and len(cache.meta["shards"]) == 5
 
 
+def test_a_run_that_waited_for_another_s_build_reads_its_shards(tmp_path, lm):
+    """Two runs of one recipe open the same logit cache together: the second waits for the first's
+    build and finds its shards written, instead of running the teacher over them again."""
+    import threading
+
+    teacher, task = lm
+    started, go = threading.Event(), threading.Event()
+
+    def first_batches(indices):
+        started.set()
+        go.wait(10)
+        return task.train.batch(indices)
+
+    second_calls = []
+    first = threading.Thread(target=lambda: TokenLogitCache.open_or_build(
+        tmp_path, "teacher", task.fingerprint(), teacher=teacher, batches=first_batches, examples=len(task.train),
+        k=4, batch_size=5, shard_size=5))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: TokenLogitCache.open_or_build(
+        tmp_path, "teacher", task.fingerprint(), teacher=teacher,
+        batches=lambda i: (second_calls.append(i[0]), task.train.batch(i))[1], examples=len(task.train),
+        k=4, batch_size=5, shard_size=5))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the first build's turn
+    go.set()
+    first.join(60)
+    second.join(60)
+    assert not second_calls
+
+
 def test_files_half_written_by_a_killed_process_are_swept_on_reopening(tmp_path, lm):
     import os
     import subprocess
