@@ -8,6 +8,7 @@ what is allowed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -213,8 +214,8 @@ class Recipe(Spec):
             raise ValueError("cache.top_k: a logit cache holds the teacher's top tokens at its own positions; "
                              "cross_vocab_kd pairs positions across two tokenizers and runs the teacher online "
                              "(set cache.top_k: null)")
-        kinds = sorted({s.params.get("kind", "forward_kl") for s in self.losses if s.name == "token_kd"}
-                       - {"forward_kl"})
+        default = inspect.signature(LOSSES.get("token_kd")).parameters["kind"].default
+        kinds = sorted({s.params.get("kind", default) for s in self.losses if s.name == "token_kd"} - {"forward_kl"})
         if self.cache.enabled and self.cache.sample and kinds:
             raise ValueError(f"cache.sample: drawn tokens estimate the teacher's distribution for forward KL only; "
                              f"this recipe's token_kd uses {kinds} (set cache.sample: false for a top-k cache)")
