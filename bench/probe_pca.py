@@ -10,7 +10,10 @@ With ``--students FOLDER...`` (saved students, e.g. ``runs/minilm-general-s0/stu
 prints, per band of those directions, how much of the teacher's coordinates on TREC's test
 questions each student's embedding carries: the R^2 of a least-squares map from the student's
 embedding to the band, fitted on TREC's training questions (so any rotation of the student's
-axes counts as carried), and the TREC probe of the teacher's coordinates in that band alone.
+axes counts as carried), and the TREC probe of the teacher's coordinates in that band alone. It
+then prints the TREC probe of the teacher and of each student under probes stronger than the
+suite's (1,000 iterations; C=100; standardised features), so that a loss the suite's probe alone
+causes can be told from one in the embeddings.
 
     python bench/probe_pca.py [--corpus ../shared/data/brown/brown-sentences.txt] [--sample 20000]
         [--students runs/minilm-general-s0/student ...]
@@ -88,6 +91,8 @@ def carried(teacher, recipe, args, train_t: np.ndarray, test_t: np.ndarray, trai
     for folder in args.students:
         student = load_model(recipe.teacher, recipe.teacher.kind, source=str(folder))
         students[folder] = (encode_texts(student, train.texts), encode_texts(student, test.texts))
+    stronger_probes({"teacher": (encode_texts(teacher, train.texts), encode_texts(teacher, test.texts)),
+                     **{str(folder): pair for folder, pair in students.items()}}, train, test)
     print()
     print("| TREC, directions | probe on the teacher's coordinates | "
           + " | ".join(f"R^2 carried by {folder}" for folder in students) + " |")
@@ -96,6 +101,20 @@ def carried(teacher, recipe, args, train_t: np.ndarray, test_t: np.ndarray, trai
         cells = [probe_accuracy(train_t[:, a:b], train.labels, test_t[:, a:b], test.labels)]
         cells += [100 * _r2(s_train, train_t[:, a:b], s_test, test_t[:, a:b]) for s_train, s_test in students.values()]
         print(f"| {a + 1}-{b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+def stronger_probes(models: dict[str, tuple[np.ndarray, np.ndarray]], train, test) -> None:
+    """TREC probe accuracy of each model's (train, test) embeddings: the suite's probe and stronger ones."""
+    print()
+    print("| TREC probe | the suite's (C=1, 100 iterations) | 1,000 iterations | C=100 | standardised features |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (x, y) in models.items():
+        mean, spread = x.mean(axis=0), x.std(axis=0) + 1e-8
+        cells = [probe_accuracy(x, train.labels, y, test.labels),
+                 probe_accuracy(x, train.labels, y, test.labels, max_iter=1000),
+                 probe_accuracy(x, train.labels, y, test.labels, c=100.0, max_iter=1000),
+                 probe_accuracy((x - mean) / spread, train.labels, (y - mean) / spread, test.labels, max_iter=1000)]
+        print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
