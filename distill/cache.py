@@ -138,7 +138,7 @@ class TeacherCache:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(folder.with_name(folder.name + ".lock"), wait=True):
             # Another run may have built it while this one waited for the lock.
-            built = cls._usable(folder, teacher_id, data_id, names)
+            built = cls._usable(folder, teacher_id, data_id, names, quiet=True)
             if built is not None:
                 return built
             tmp = folder.with_name(folder.name + ".building")
@@ -264,18 +264,22 @@ class TeacherCache:
             raise CacheError(f"cannot write teacher cache at {folder}: {exc}") from None
 
     @classmethod
-    def _usable(cls, folder: Path, teacher_id: str, data_id: str, names: Sequence[str]) -> TeacherCache | None:
-        """The valid cache in ``folder`` holding ``names``, or ``None`` (saying why it cannot be used)."""
+    def _usable(cls, folder: Path, teacher_id: str, data_id: str, names: Sequence[str], quiet: bool = False
+                ) -> TeacherCache | None:
+        """The valid cache in ``folder`` holding ``names``, or ``None`` (saying why it cannot be
+        used, unless ``quiet``: the caller has said it already)."""
         if not (folder / "meta.json").exists():
             return None
         try:
             cache = cls.load(folder, teacher_id, data_id)
         except CacheError as exc:
-            log.warning("%s; rebuilding it", exc)
+            if not quiet:
+                log.warning("%s; rebuilding it", exc)
             return None
         missing = sorted(set(names) - set(cache.arrays))
         if missing:
-            log.warning("teacher cache %s lacks %s; rebuilding it", folder, missing)
+            if not quiet:
+                log.warning("teacher cache %s lacks %s; rebuilding it", folder, missing)
             return None
         log.info("using teacher cache %s", folder)
         return cache
