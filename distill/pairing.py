@@ -230,14 +230,15 @@ def fit_teacher_maps(projectors: nn.ModuleDict, outputs: dict[tuple[int, int], T
         key = teacher_map_key(i, j)
         if key not in projectors:
             continue
+        mode = "whiten" if projectors[key].whiten else "pca"
         if basis is not None:
             kept = projectors[key].use(basis, rows)
-            log.info("projector pca (loss %d): the student's own %d axes keep %.1f%% of the teacher's variance",
-                     i, projectors[key].components.shape[1], 100 * kept)
+            log.info("projector %s (loss %d): the student's own %d axes keep %.1f%% of the teacher's variance",
+                     mode, i, projectors[key].components.shape[1], 100 * kept)
         else:
             kept = projectors[key].fit(rows)
-            log.info("projector pca (loss %d): the top %d components keep %.1f%% of the teacher's variance",
-                     i, projectors[key].components.shape[1], 100 * kept)
+            log.info("projector %s (loss %d): the top %d components keep %.1f%% of the teacher's variance",
+                     mode, i, projectors[key].components.shape[1], 100 * kept)
 
 
 def teacher_map_outputs(terms: list[LossTerm], projectors: nn.ModuleDict) -> dict[tuple[int, int], str]:
