@@ -14,7 +14,14 @@ from __future__ import annotations
 from distill.losses.attention import AttentionKLLoss, AttentionRelationLoss
 from distill.losses.cross_vocab import CrossVocabKDLoss
 from distill.losses.feature import AttentionTransferLoss, CosineLoss, HintLoss, MSELoss
-from distill.losses.relation import CRDLoss, RKDAngleLoss, RKDDistanceLoss, SimilarityLoss, SimilarityPreservingLoss
+from distill.losses.relation import (
+    ContrastiveLoss,
+    CRDLoss,
+    RKDAngleLoss,
+    RKDDistanceLoss,
+    SimilarityLoss,
+    SimilarityPreservingLoss,
+)
 from distill.losses.response import DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, TVDLoss, kl_divergence
 from distill.losses.tokens import TokenKDLoss
 from distill.losses.traits import DistillationLoss, LossTraits
@@ -29,6 +36,7 @@ __all__ = [
     "AttentionRelationLoss",
     "AttentionTransferLoss",
     "CRDLoss",
+    "ContrastiveLoss",
     "CosineLoss",
     "CrossVocabKDLoss",
     "DKDLoss",
@@ -59,7 +67,8 @@ for _family, _entries in (
                  ("attention_transfer", AttentionTransferLoss), ("attention_kl", AttentionKLLoss),
                  ("attention_relation", AttentionRelationLoss))),
     ("relation", (("similarity", SimilarityLoss), ("sp", SimilarityPreservingLoss),
-                  ("rkd_distance", RKDDistanceLoss), ("rkd_angle", RKDAngleLoss), ("crd", CRDLoss))),
+                  ("rkd_distance", RKDDistanceLoss), ("rkd_angle", RKDAngleLoss), ("crd", CRDLoss),
+                 ("contrastive", ContrastiveLoss))),
 ):
     for _name, _cls in _entries:
         LOSSES.add(_name, _cls)

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses.divergence import flat
+from distill.losses.divergence import check_pair, flat
 from distill.losses.traits import LossTraits
 
-__all__ = ["CRDLoss", "RKDAngleLoss", "RKDDistanceLoss", "SimilarityLoss", "SimilarityPreservingLoss"]
+__all__ = [
+    "CRDLoss", "ContrastiveLoss", "RKDAngleLoss", "RKDDistanceLoss", "SimilarityLoss", "SimilarityPreservingLoss",
+]
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -46,6 +48,40 @@ class SimilarityLoss(nn.Module):
         s = F.normalize(flat(student_out), dim=-1)
         t = F.normalize(flat(teacher_out), dim=-1).to(s.dtype)
         return F.mse_loss(s @ s.T, t @ t.T)
+
+
+class ContrastiveLoss(nn.Module):
+    """In-batch contrastive distillation: each student embedding must pick out the teacher's
+    embedding of the same example among the teacher's embeddings of the whole batch, and each
+    teacher embedding its student's (symmetric InfoNCE over cosine similarities divided by
+    ``temperature``, as in SimCSE's objective with the teacher's outputs as the positives).
+
+    Unlike :class:`SimilarityLoss`, it does not ask the student to reproduce every similarity,
+    only to be nearer its own target than any other in the batch: what tells sentences apart
+    counts, however little of the teacher's variance it carries. Both sides must have the same
+    width (a projector or ``projector: pca`` where they differ).
+
+    Args:
+        temperature: Softmax temperature (SimCSE uses 0.05).
+
+    Shapes: ``(N, D)`` and ``(N, D)`` in, scalar out.
+    """
+
+    traits: ClassVar[LossTraits] = LossTraits(projector="if_needed", in_batch=True)
+
+    def __init__(self, temperature: float = 0.05) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"contrastive needs temperature > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None) -> Tensor:
+        check_pair(student_out, teacher_out)
+        s = F.normalize(_rows(student_out), dim=-1)
+        t = F.normalize(_rows(teacher_out), dim=-1).to(s.dtype)
+        logits = s @ t.T / self.temperature
+        target = torch.arange(len(s), device=s.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 class SimilarityPreservingLoss(nn.Module):

@@ -6,6 +6,7 @@ from distill.losses import (
     FAMILIES,
     LOSSES,
     RELATION_LOSSES,
+    ContrastiveLoss,
     DKDLoss,
     JSDLoss,
     KDLoss,
@@ -24,6 +25,8 @@ MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1
 LABELS = torch.randint(0, 10, (6,))
 #: Contrastive: never zero, needs example indices; tested in test_feature_losses.
 STATEFUL = {"crd"}
+#: InfoNCE is not zero for identical inputs (the softmax keeps mass on the other examples).
+NOT_ZERO = STATEFUL | {"contrastive"}
 KWARGS = {"attention_kl": {"heads": 2}, "attention_relation": {"heads": 2}}
 
 
@@ -64,7 +67,7 @@ def test_every_loss_has_a_family():
     assert set(FAMILIES.values()) == {"response", "feature", "relation"}
 
 
-@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - STATEFUL))
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - NOT_ZERO))
 def test_zero_for_identical_inputs(name):
     s, _ = inputs(name)
     assert float(call(name, s, s.clone())) == pytest.approx(0.0, abs=1e-10)
@@ -104,6 +107,21 @@ def test_similarity_compares_relations_across_widths():
     assert float(loss(S, T)) > 0
     with pytest.raises(ValueError, match="batch size"):
         loss(S, T[:4])
+
+
+def test_contrastive_rewards_each_student_row_for_finding_its_own_teacher_row():
+    loss = ContrastiveLoss(temperature=0.05)
+    # Aligned rows: each student row is nearest its own teacher row, far below the shuffled pairing.
+    aligned, shuffled = float(loss(S + 0.01 * T, S)), float(loss(S, S.roll(1, 0)))
+    assert aligned < 0.05 < shuffled
+    # A scale on either side changes nothing (cosines); the symmetric form equals its mirror.
+    assert float(loss(3 * S, T)) == pytest.approx(float(loss(S, T)))
+    assert float(loss(S, T)) == pytest.approx(float(loss(T, S)))
+    # Uniform similarities: the loss is log N, whatever the temperature.
+    same = torch.ones(6, 4, dtype=torch.float64)
+    assert float(loss(same, same)) == pytest.approx(float(torch.log(torch.tensor(6.0))))
+    with pytest.raises(ValueError, match="temperature > 0"):
+        ContrastiveLoss(temperature=0)
 
 
 def test_kd_is_t_squared_kl_teacher_to_student():

@@ -255,11 +255,12 @@ def test_sharded_teacher_and_logit_cache_are_refused():
 
 
 def test_in_batch_relation_losses_see_the_global_batch(tiny):
-    """RKD and similarity compare the examples of a batch: under two processes each gathers the
+    """RKD, similarity and contrastive compare the examples of a batch: under two processes each gathers the
     other's rows (with gradients), so the run equals one process's, uneven last batch included."""
     recipe = yaml.safe_load((tiny / "recipe.yaml").read_text())
     recipe["losses"] = [{"name": "rkd_distance", "weight": 1.0, "on": "logits"},
-                        {"name": "similarity", "weight": 5.0, "on": "logits"}]
+                        {"name": "similarity", "weight": 5.0, "on": "logits"},
+                        {"name": "contrastive", "weight": 1.0, "on": "logits"}]
     recipe["cache"] = {"enabled": False}
     one, two = tiny / "relation-one", tiny / "relation-two"
     distill.run({**recipe, "output_dir": str(one)})
