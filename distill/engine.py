@@ -32,7 +32,7 @@ from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, te
 from distill.tasks import Batch, Task
 from distill.tracking import Trackers
 
-__all__ = ["make_accelerator", "on_policy_turn", "student_written", "train", "use_cpu"]
+__all__ = ["make_accelerator", "merge_start", "on_policy_turn", "start_weights", "student_written", "train", "use_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class _Loop:
     desc: str
     trackers: Trackers
     bar: Any = None
+    start: dict[str, Tensor] | None = None
+    """The student's weights before training (``train.merge_start``), resumed checkpoints aside."""
     running: dict[str, float] = field(default_factory=dict)
     units: float = 0.0
     """Examples (or tokens, for token-level losses) this process trained on since the last record."""
@@ -320,6 +322,7 @@ class _Loop:
 def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], projectors: nn.ModuleDict,
            task_weight: float, spec: TrainSpec, seed: int, folder: Path, accelerator: Accelerator, desc: str) -> _Loop:
     """Seed, freeze, build the optimizer and schedule, prepare them, and resume from a checkpoint."""
+    start = start_weights(student) if spec.merge_start else None  # before a checkpoint is resumed
     main = accelerator.is_main_process
     if main:
         folder.mkdir(parents=True, exist_ok=True)
@@ -344,6 +347,7 @@ def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], pr
     loop = _Loop(accelerator, spec, task, model, step_module, optimizer, scheduler, params, metrics, ckpt_dir, state,
                  steps, desc, trackers)
     loop.bar = progress(total=steps, initial=state.step, desc=desc, unit="step", show=main)
+    loop.start = start
     return loop
 
 
@@ -405,7 +409,36 @@ def train(
     finally:
         loop.trackers.finish()
     loop.bar.close()
+    _merge_start(loop, student)
     return _result(loop, started, first_step, first_seconds, on_policy is not None)
+
+
+def start_weights(student: Adapter) -> dict[str, Tensor]:
+    """A CPU copy of the student's floating-point weights and buffers, as they are now."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in student.module.state_dict().items()
+            if v.is_floating_point()}
+
+
+def merge_start(student: Adapter, start: dict[str, Tensor], share: float) -> None:
+    """Mix ``share`` of ``start`` (from :func:`start_weights`) into the student's weights, in place."""
+    with torch.no_grad():
+        for name, value in student.module.state_dict().items():
+            if name in start:
+                value.mul_(1 - share).add_(start[name].to(value.device, value.dtype), alpha=share)
+
+
+def _merge_start(loop: _Loop, student: Adapter) -> None:
+    """``train.merge_start``: mix the start into the trained weights, then validate the result."""
+    share = loop.spec.merge_start
+    if loop.start is None:
+        return
+    merge_start(student, loop.start, share)
+    if loop.accelerator.is_main_process:
+        score = loop.task.evaluate(student, "eval")
+        if score is not None:
+            record = {"step": loop.state.step, "split": "eval", loop.task.metric: score, "merged_start": share}
+            loop.metrics.write(record)
+            loop.bar.write(f"{loop.desc}: {share:g} of the start mixed back in: eval {loop.task.metric} {score:.2f}")
 
 
 def _run(loop: _Loop, batches: Any, student: Adapter, teacher: Teacher | None, cache: TeacherStore | None,

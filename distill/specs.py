@@ -271,6 +271,13 @@ class TrainSpec(Spec):
     says ``"skipped": true``), up to ``max_skipped`` steps, after which the run stops."""
     max_skipped: int = Field(10, ge=1)
     """With ``on_nonfinite: skip``: how many steps may be skipped in the whole run."""
+    merge_start: float = Field(0.0, ge=0, lt=1)
+    """After training, mix this share of the student's starting weights back into its trained
+    weights: ``(1 - s) * trained + s * start``, every floating-point weight (WiSE-FT, Wortsman et
+    al., CVPR 2022). A student derived from the teacher starts with what the teacher knows about
+    all text; training on a narrow corpus trades some of it for what the corpus exercises, and
+    the mix keeps part of both (docs/results.md measures it). The start is held in memory, on the
+    CPU, for the whole run: twice the student's weights. 0 (the default) keeps the trained weights."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip gradients to this norm; ``null`` disables clipping."""
     eval_every: int = Field(200, ge=1)

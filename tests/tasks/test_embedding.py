@@ -245,3 +245,35 @@ def test_student_derived_from_a_smaller_sibling_of_the_teacher(tmp_path, data_di
     static = {**recipe, "student": {**recipe["student"], "kind": "static-embedding", "derive": {"hidden_size": 16}}}
     with pytest.raises(RecipeError, match="only an hf-embedding student is derived from a model other"):
         parse_recipe(static)
+
+
+def test_merge_start_mixes_the_start_back_into_the_trained_weights(tmp_path, data_dir, tiny_bert):
+    """``train.merge_start``: the saved student is (1 - s) trained + s start, the start being the
+    derived student a label-free run saves as its baseline; the mix is validated and logged."""
+    from safetensors.torch import load_file
+
+    train = {"max_steps": 4, "batch_size": 16, "lr": 3e-3, "eval_every": 4, "checkpoint_every": 2}
+    plain = _tiny_recipe(tmp_path, data_dir, tiny_bert, baseline=False, train=train,
+                         output_dir=str(tmp_path / "plain"))
+    distill.run(plain)
+    mixed = _tiny_recipe(tmp_path, data_dir, tiny_bert, baseline=True, train={**train, "merge_start": 0.25},
+                         output_dir=str(tmp_path / "mixed"))
+    distill.run(mixed)
+    trained = load_file(str(tmp_path / "plain/student/model.safetensors"))
+    start = load_file(str(tmp_path / "mixed/baseline/model.safetensors"))
+    merged = load_file(str(tmp_path / "mixed/student/model.safetensors"))
+    assert set(merged) == set(trained) == set(start)
+    moved = [k for k in merged if not torch.equal(trained[k], start[k])]
+    assert moved  # training changed the weights, so the mix is not trivially either end
+    for k in moved:
+        torch.testing.assert_close(merged[k], 0.75 * trained[k] + 0.25 * start[k], rtol=1e-5, atol=1e-6)
+    records = [json.loads(x) for x in (tmp_path / "mixed/train/student/metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["merged_start"] == 0.25 and records[-1]["split"] == "eval"
+    # Killed after training and resumed: the final checkpoint holds the trained weights, mixed again once.
+    (tmp_path / "mixed/student/distill.json").unlink()
+    distill.run(mixed)
+    again = load_file(str(tmp_path / "mixed/student/model.safetensors"))
+    for k in moved:
+        torch.testing.assert_close(again[k], merged[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(RecipeError, match="merge_start"):
+        parse_recipe(_tiny_recipe(tmp_path, data_dir, tiny_bert, train={**train, "merge_start": 1.0}))

@@ -1,0 +1,69 @@
+"""How much of its start a label-free student should keep: ``train.merge_start`` swept after the fact.
+
+A label-free run saves the derived student before training as its baseline and the trained
+student beside it. ``train.merge_start: s`` saves ``(1 - s) * trained + s * start`` instead.
+This script mixes the two saved students of finished runs at each share (the same function the
+training loop calls, :func:`distill.engine.merge_start`) and scores every mix on the evaluation
+suite with the suite's own scoring, so a share can be chosen without retraining.
+
+    python bench/merge_start.py runs/exp-ref [runs/...] [--shares 0 0.2 0.3 0.5] [--threads 1]
+
+Each RUN must hold ``student/`` and ``baseline/`` (a label-free run with ``baseline: true``)
+and its ``recipe.yaml``. Prints one row per run and share: the six STS tasks' average, SST-2,
+TREC and the average of all eight.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from distill.config import load_recipe
+from distill.engine import merge_start, start_weights
+from distill.models.load import load_model
+from distill.suite import SUITE_TASKS, run_suite
+from distill.tasks.embedding import encode_texts
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+STS = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb"]
+
+
+def sweep(run: Path, shares: list[float], data: Path) -> list[tuple[float, dict[str, float]]]:
+    """Suite scores of the run's student mixed with its start at each share."""
+    recipe = load_recipe(run / "recipe.yaml")
+    spec = recipe.teacher  # pooling, normalisation and truncation: a derived student keeps the teacher's
+    kind = recipe.student_kind
+    start = start_weights(load_model(spec, kind, source=str(run / "baseline")))
+    student = load_model(spec, kind, source=str(run / "student"))
+    trained = start_weights(student)
+    tasks = [t for t in recipe.evaluate.suite if t in SUITE_TASKS] or list(SUITE_TASKS)
+    rows = []
+    for share in shares:
+        student.module.load_state_dict(trained, strict=False)
+        merge_start(student, start, share)
+        scores = run_suite(lambda texts: encode_texts(student, texts, 64), tasks, data)
+        rows.append((share, scores))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--shares", nargs="+", type=float, default=[0.0, 0.2, 0.3, 0.5])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| run | merge_start | STS avg (6) | SST-2 | TREC | average (8) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for run in args.runs:
+        for share, s in sweep(run, args.shares, args.data):
+            sts = sum(s[t] for t in STS if t in s) / max(1, sum(t in s for t in STS))
+            print(f"| {run} | {share:g} | {sts:.2f} | {s.get('sst2', float('nan')):.2f} | "
+                  f"{s.get('trec', float('nan')):.2f} | {sum(s.values()) / len(s):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
