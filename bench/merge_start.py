@@ -7,10 +7,12 @@ training loop calls, :func:`distill.engine.merge_start`) and scores every mix on
 suite with the suite's own scoring, so a share can be chosen without retraining.
 
     python bench/merge_start.py runs/exp-ref [runs/...] [--shares 0 0.2 0.3 0.5] [--threads 1]
+    python bench/merge_start.py runs/demo-minilm-sts/sts --start runs/demo-minilm-sts/general/student
 
-Each RUN must hold ``student/`` and ``baseline/`` (a label-free run with ``baseline: true``)
-and its ``recipe.yaml``. Prints one row per run and share: the six STS tasks' average, SST-2,
-TREC and the average of all eight.
+Each RUN must hold ``student/`` and its ``recipe.yaml``, and ``baseline/`` (a label-free run
+with ``baseline: true``) unless ``--start`` names the start: a later stage starts from the
+student of the stage before it, not from its baseline. Prints one row per run and share: the six
+STS tasks' average, SST-2, TREC and the average of all eight.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STS = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb"]
 
 
-def sweep(run: Path, shares: list[float], data: Path) -> list[tuple[float, dict[str, float]]]:
-    """Suite scores of the run's student mixed with its start at each share."""
+def sweep(run: Path, shares: list[float], data: Path, begin: Path | None = None) -> list[tuple[float, dict]]:
+    """Suite scores of the run's student mixed with its start (``begin``, else its baseline) at each share."""
     recipe = load_recipe(run / "recipe.yaml")
     spec = recipe.teacher  # pooling, normalisation and truncation: a derived student keeps the teacher's
     kind = recipe.student_kind
-    start = start_weights(load_model(spec, kind, source=str(run / "baseline")))
+    start = start_weights(load_model(spec, kind, source=str(begin or run / "baseline")))
     student = load_model(spec, kind, source=str(run / "student"))
     trained = start_weights(student)
     tasks = [t for t in recipe.evaluate.suite if t in SUITE_TASKS] or list(SUITE_TASKS)
@@ -54,12 +56,13 @@ def main() -> None:
     parser.add_argument("--shares", nargs="+", type=float, default=[0.0, 0.2, 0.3, 0.5])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--start", type=Path, help="the saved student the runs started from (default: RUN/baseline)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| run | merge_start | STS avg (6) | SST-2 | TREC | average (8) |")
     print("|---|---:|---:|---:|---:|---:|")
     for run in args.runs:
-        for share, s in sweep(run, args.shares, args.data):
+        for share, s in sweep(run, args.shares, args.data, args.start):
             sts = sum(s[t] for t in STS if t in s) / max(1, sum(t in s for t in STS))
             print(f"| {run} | {share:g} | {sts:.2f} | {s.get('sst2', float('nan')):.2f} | "
                   f"{s.get('trec', float('nan')):.2f} | {sum(s.values()) / len(s):.2f} |", flush=True)

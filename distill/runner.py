@@ -452,6 +452,8 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     losses = ", ".join(parts)
     if recipe.on_policy is not None:
         losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
+    if recipe.train.merge_start:
+        losses += f"; then {recipe.train.merge_start:g} of the student's start mixed back in (train.merge_start)"
     student = recipe.student.derive.model_dump(exclude_none=True) if recipe.student.derive else (
         recipe.student.arch or recipe.student.source)
     steps = read_json(folder / "student" / "distill.json", "run the recipe again to retrain it").get("steps")

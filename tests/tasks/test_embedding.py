@@ -269,6 +269,8 @@ def test_merge_start_mixes_the_start_back_into_the_trained_weights(tmp_path, dat
         torch.testing.assert_close(merged[k], 0.75 * trained[k] + 0.25 * start[k], rtol=1e-5, atol=1e-6)
     records = [json.loads(x) for x in (tmp_path / "mixed/train/student/metrics.jsonl").read_text().splitlines()]
     assert records[-1]["merged_start"] == 0.25 and records[-1]["split"] == "eval"
+    summary = json.loads((tmp_path / "mixed/eval.json").read_text())
+    assert "0.25 of the student's start mixed back in" in summary["losses"]  # said in the report and model card
     # Killed after training and resumed: the final checkpoint holds the trained weights, mixed again once.
     (tmp_path / "mixed/student/distill.json").unlink()
     distill.run(mixed)
