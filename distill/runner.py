@@ -411,7 +411,8 @@ def report_stages(recipe: Recipe) -> Path:
 
 
 def _machine() -> str:
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()} CPU, {threads} torch thread{'s' * (threads != 1)}, torch {torch.__version__}"
 
 
 def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, teacher: Adapter | None = None,
