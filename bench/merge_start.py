@@ -7,12 +7,13 @@ training loop calls, :func:`distill.engine.merge_start`) and scores every mix on
 suite with the suite's own scoring, so a share can be chosen without retraining.
 
     python bench/merge_start.py runs/exp-ref [runs/...] [--shares 0 0.2 0.3 0.5] [--threads 1]
-    python bench/merge_start.py runs/demo-minilm-sts/sts --start runs/demo-minilm-sts/general/student
+    python bench/merge_start.py runs/demo-minilm-sts/sts   # a later stage: its start is the stage before's student
 
-Each RUN must hold ``student/`` and its ``recipe.yaml``, and ``baseline/`` (a label-free run
-with ``baseline: true``) unless ``--start`` names the start: a later stage starts from the
-student of the stage before it, not from its baseline. Prints one row per run and share: the six
-STS tasks' average, SST-2, TREC and the average of all eight.
+Each RUN must hold ``student/`` and its ``recipe.yaml``. Its start is the saved student its
+recipe loads (a later stage starts from the student of the stage before it), else its
+``baseline/`` (a label-free run with ``baseline: true`` saves the derived student there), unless
+``--start`` names it. Prints one row per run and share: the six STS tasks' average, SST-2, TREC
+and the average of all eight.
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STS = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb"]
 
 
+def start_of(run: Path) -> Path:
+    """The saved student ``run`` started from: the folder its recipe loads, else its baseline."""
+    student = load_recipe(run / "recipe.yaml").student
+    loaded = student.derive is None and student.source and Path(student.source).is_dir()
+    return Path(student.source) if loaded else run / "baseline"
+
+
 def sweep(run: Path, shares: list[float], data: Path, begin: Path | None = None) -> list[tuple[float, dict]]:
-    """Suite scores of the run's student mixed with its start (``begin``, else its baseline) at each share."""
+    """Suite scores of the run's student mixed with its start (``begin``, else :func:`start_of`) at each share."""
     recipe = load_recipe(run / "recipe.yaml")
     spec = recipe.teacher  # pooling, normalisation and truncation: a derived student keeps the teacher's
     kind = recipe.student_kind
-    start = start_weights(load_model(spec, kind, source=str(begin or run / "baseline")))
+    start = start_weights(load_model(spec, kind, source=str(begin or start_of(run))))
     student = load_model(spec, kind, source=str(run / "student"))
     trained = start_weights(student)
     tasks = [t for t in recipe.evaluate.suite if t in SUITE_TASKS] or list(SUITE_TASKS)
@@ -56,8 +64,17 @@ def main() -> None:
     parser.add_argument("--shares", nargs="+", type=float, default=[0.0, 0.2, 0.3, 0.5])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--start", type=Path, help="the saved student the runs started from (default: RUN/baseline)")
+    parser.add_argument("--start", type=Path,
+                        help="the saved student the runs started from (default: the one RUN's recipe loads, else "
+                             "RUN/baseline)")
     args = parser.parse_args()
+    for run in args.runs:
+        for needed in (run / "recipe.yaml", run / "student"):
+            if not needed.exists():
+                raise SystemExit(f"{run}: {needed} is missing; see this script's docstring for what a RUN holds")
+        start = args.start or start_of(run)
+        if not start.exists():
+            raise SystemExit(f"{run}: no start to mix in: {start} is missing; name one with --start")
     torch.set_num_threads(args.threads)
     print("| run | merge_start | STS avg (6) | SST-2 | TREC | average (8) |")
     print("|---|---:|---:|---:|---:|---:|")
