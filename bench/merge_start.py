@@ -40,12 +40,12 @@ def start_of(run: Path) -> Path:
     return Path(student.source) if loaded else run / "baseline"
 
 
-def sweep(run: Path, shares: list[float], data: Path, begin: Path | None = None) -> list[tuple[float, dict]]:
-    """Suite scores of the run's student mixed with its start (``begin``, else :func:`start_of`) at each share."""
+def sweep(run: Path, begin: Path, shares: list[float], data: Path) -> list[tuple[float, dict]]:
+    """Suite scores of the run's student mixed with the saved student ``begin`` at each share."""
     recipe = load_recipe(run / "recipe.yaml")
     spec = recipe.teacher  # pooling, normalisation and truncation: a derived student keeps the teacher's
     kind = recipe.student_kind
-    start = start_weights(load_model(spec, kind, source=str(begin or start_of(run))))
+    start = start_weights(load_model(spec, kind, source=str(begin)))
     student = load_model(spec, kind, source=str(run / "student"))
     trained = start_weights(student)
     tasks = [t for t in recipe.evaluate.suite if t in SUITE_TASKS] or list(SUITE_TASKS)
@@ -68,18 +68,19 @@ def main() -> None:
                         help="the saved student the runs started from (default: the one RUN's recipe loads, else "
                              "RUN/baseline)")
     args = parser.parse_args()
+    starts = {}
     for run in args.runs:
         for needed in (run / "recipe.yaml", run / "student"):
             if not needed.exists():
                 raise SystemExit(f"{run}: {needed} is missing; see this script's docstring for what a RUN holds")
-        start = args.start or start_of(run)
-        if not start.exists():
-            raise SystemExit(f"{run}: no start to mix in: {start} is missing; name one with --start")
+        starts[run] = args.start or start_of(run)
+        if not starts[run].exists():
+            raise SystemExit(f"{run}: no start to mix in: {starts[run]} is missing; name one with --start")
     torch.set_num_threads(args.threads)
     print("| run | merge_start | STS avg (6) | SST-2 | TREC | average (8) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for run in args.runs:
-        for share, s in sweep(run, args.shares, args.data, args.start):
+    for run, begin in starts.items():
+        for share, s in sweep(run, begin, args.shares, args.data):
             sts = sum(s[t] for t in STS if t in s) / max(1, sum(t in s for t in STS))
             print(f"| {run} | {share:g} | {sts:.2f} | {s.get('sst2', float('nan')):.2f} | "
                   f"{s.get('trec', float('nan')):.2f} | {sum(s.values()) / len(s):.2f} |", flush=True)
