@@ -5,6 +5,11 @@ A cache folder is named after the teacher's and the data's identity and holds ``
 It is written to a temporary folder and renamed into place, so a killed run never leaves a
 half-written cache. On load every checksum is verified: a stale or corrupt cache is reported
 and rebuilt, never silently used.
+
+Rows are addressed by content too: a cache keeps a key per example (a hash of the inputs the
+task hands the teacher), and a new build takes the rows of examples that an earlier cache of the
+same teacher and outputs already holds, and runs the teacher once per distinct example. A corpus
+grown by a file, remixed or repeated costs the teacher only its new texts.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill.cache_rows import KEYS_FILE, RowPlan, array_file, example_keys, file_sha256, plan_rows, read_arrays
 from distill.errors import CacheError
 from distill.locks import exclusive
 from distill.progress import progress
@@ -31,9 +36,6 @@ from distill.tmpfiles import remove_abandoned, temporary_name
 __all__ = ["TeacherCache", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
-_CHUNK = 1 << 20
-
-
 def model_fingerprint(module: nn.Module, extra: dict[str, Any] | None = None) -> str:
     """SHA-256 of a model's state (names, shapes, values) and of settings that change its outputs."""
     digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
@@ -41,19 +43,6 @@ def model_fingerprint(module: nn.Module, extra: dict[str, Any] | None = None) ->
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_name(output: str) -> str:
-    """A portable file name for an output name (``layer:features.15`` -> ``layer_features.15.npy``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", output) + ".npy"
 
 
 class TeacherCache:
@@ -96,22 +85,12 @@ class TeacherCache:
             CacheError: The cache is missing, was made by another teacher or on other data
                 (stale), or an array does not match its checksum (corrupt).
         """
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            raise CacheError(f"no teacher cache at {folder}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CacheError(f"teacher cache {folder}: meta.json is corrupt ({exc})") from None
-        if meta.get("teacher") != teacher_id or meta.get("data") != data_id:
-            raise CacheError(f"teacher cache {folder} is stale: it was made by another teacher or on other data")
-        arrays = {}
-        for name, info in meta["outputs"].items():
-            path = folder / info["file"]
-            if not path.is_file() or file_sha256(path) != info["sha256"]:
-                raise CacheError(f"teacher cache {folder}: {info['file']} is missing or corrupt (checksum mismatch)")
-            arrays[name] = np.load(path, mmap_mode="r")
-        return cls(folder, arrays)
+        return cls(folder, read_arrays(folder, teacher_id, data_id))
+
+    def keys(self) -> np.ndarray | None:
+        """The ``(N, 16)`` content key of every example (see :func:`example_keys`), if stored."""
+        path = self.folder / KEYS_FILE
+        return np.load(path) if path.is_file() else None
 
     @classmethod
     def build(
@@ -131,9 +110,12 @@ class TeacherCache:
         go into memory-mapped files in ``<folder>.building``, whose ``progress.json`` records
         how many batches are written (every :data:`PROGRESS_EVERY` batches): a build killed
         part-way resumes from there. A lock file keeps two builds of one cache apart; a run that
-        waited for another's build uses the cache it built.
+        waited for another's build uses the cache it built. The teacher runs once per distinct
+        example that no earlier cache of it (beside ``folder``, same outputs) holds; the others'
+        rows are copied (:func:`plan_rows`).
         """
-        chunks = _chunks(lengths, batch_size)
+        plan = plan_rows(folder, teacher_id, names, len(lengths), example_keys(batches, len(lengths)))
+        chunks = _chunks(lengths, batch_size, plan.todo)
         remove_abandoned(folder.parent, folder.name)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(folder.with_name(folder.name + ".lock"), wait=True):
@@ -142,34 +124,39 @@ class TeacherCache:
             if built is not None:
                 return built
             tmp = folder.with_name(folder.name + ".building")
-            plan = {"teacher": teacher_id, "data": data_id, "names": list(names), "examples": len(lengths),
-                    "batch_size": batch_size}
-            done = _resumable(tmp, plan)
-            arrays = {name: np.load(tmp / _file_name(name), mmap_mode="r+") for name in names} if done else {}
+            record = {"teacher": teacher_id, "data": data_id, "names": list(names), "examples": len(lengths),
+                      "batch_size": batch_size, "todo": _digest(plan.todo)}
+            done = _resumable(tmp, record)
+            arrays = {name: np.load(tmp / array_file(name), mmap_mode="r+") for name in names} if done else {}
             if done:
                 log.info("teacher cache %s: resuming its build after %d of %d batches", folder, done, len(chunks))
             for n, (idx, rows) in enumerate(_teacher_rows(teacher, batches, chunks[done:], names, show=True), done + 1):
                 for name, value in rows.items():
                     if name not in arrays:
                         arrays[name] = np.lib.format.open_memmap(
-                            tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(lengths), *value.shape[1:]))
+                            tmp / array_file(name), mode="w+", dtype=np.float32, shape=(len(lengths), *value.shape[1:]))
                     arrays[name][idx] = value
                 if n % PROGRESS_EVERY == 0 or n == len(chunks):
-                    _save_progress(tmp, arrays, plan, n)
+                    _save_progress(tmp, arrays, record, n)
+            plan.fill(arrays, tmp, len(lengths))
             (tmp / "progress.json").unlink(missing_ok=True)
-            return cls._finish(tmp, folder, arrays, teacher_id, data_id, len(lengths))
+            return cls._finish(tmp, folder, arrays, teacher_id, data_id, len(lengths), plan.keys)
 
     @classmethod
     def _finish(cls, tmp: Path, folder: Path, arrays: dict[str, np.ndarray], teacher_id: str, data_id: str,
-                examples: int) -> TeacherCache:
-        """Checksum the arrays written in ``tmp``, add ``meta.json`` and rename it to ``folder``."""
+                examples: int, keys: np.ndarray | None = None) -> TeacherCache:
+        """Checksum the arrays written in ``tmp`` (and the examples' ``keys``), add ``meta.json`` and
+        rename it to ``folder``."""
         outputs_meta = {}
         for name, array in arrays.items():
             array.flush()
-            path = tmp / _file_name(name)
+            path = tmp / array_file(name)
             outputs_meta[name] = {"file": path.name, "sha256": file_sha256(path)}
         arrays.clear()
         meta = {"teacher": teacher_id, "data": data_id, "examples": examples, "outputs": outputs_meta}
+        if keys is not None:
+            np.save(tmp / KEYS_FILE, keys)
+            meta["keys"] = {"file": KEYS_FILE, "sha256": file_sha256(tmp / KEYS_FILE)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -182,16 +169,20 @@ class TeacherCache:
     @classmethod
     def build_part(cls, folder: Path, rank: int, world: int, *, teacher: Callable[[dict[str, Any]], dict[str, Tensor]],
                    batches: Callable[[Sequence[int]], dict[str, Any]], lengths: Sequence[int], names: Sequence[str],
-                   batch_size: int = 64) -> None:
+                   batch_size: int = 64, teacher_id: str = "") -> None:
         """Process ``rank`` of ``world``: run the teacher on every ``world``-th batch of the
         one-process build (the same batches, so the same numbers) and write the rows and their
-        example indices to this process's part folder, for :meth:`merge_parts`."""
-        chunks = _chunks(lengths, batch_size)[rank::world]
+        example indices to this process's part folder, for :meth:`merge_parts`. Every process
+        plans the same rows (:func:`plan_rows`); the first writes the plan into its part for the merge."""
+        plan = plan_rows(folder, teacher_id, names, len(lengths), example_keys(batches, len(lengths)))
+        chunks = _chunks(lengths, batch_size, plan.todo)[rank::world]
         part = cls._part(folder, rank, world)
         tmp = part.with_name(part.name + ".tmp")
         for old in (tmp, part):
             shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir(parents=True)
+        if rank == 0:
+            plan.save(tmp)
         index = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
         arrays: dict[str, np.ndarray] = {}
         at = 0
@@ -199,7 +190,7 @@ class TeacherCache:
             for name, value in rows.items():
                 if name not in arrays:
                     arrays[name] = np.lib.format.open_memmap(
-                        tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(len(index), *value.shape[1:]))
+                        tmp / array_file(name), mode="w+", dtype=np.float32, shape=(len(index), *value.shape[1:]))
                 arrays[name][at : at + len(idx)] = value
             at += len(idx)
         for array in arrays.values():
@@ -222,13 +213,15 @@ class TeacherCache:
             part = cls._part(folder, rank, world)
             index = np.load(part / "index.npy")
             for name in names if len(index) else ():
-                rows = np.load(part / _file_name(name), mmap_mode="r")
+                rows = np.load(part / array_file(name), mmap_mode="r")
                 if name not in arrays:
                     arrays[name] = np.lib.format.open_memmap(
-                        tmp / _file_name(name), mode="w+", dtype=np.float32, shape=(examples, *rows.shape[1:]))
+                        tmp / array_file(name), mode="w+", dtype=np.float32, shape=(examples, *rows.shape[1:]))
                 arrays[name][index] = rows
                 del rows
-        cache = cls._finish(tmp, folder, arrays, teacher_id, data_id, examples)
+        plan = RowPlan.load(cls._part(folder, 0, world))
+        plan.fill(arrays, tmp, examples)
+        cache = cls._finish(tmp, folder, arrays, teacher_id, data_id, examples, plan.keys)
         for part in folder.parent.glob(folder.name + ".part-*"):
             shutil.rmtree(part, ignore_errors=True)
         return cache
@@ -254,7 +247,7 @@ class TeacherCache:
             if world == 1:
                 return cls.build(folder, teacher_id, data_id, **build_args)
             assert barrier is not None
-            cls.build_part(folder, rank, world, **build_args)
+            cls.build_part(folder, rank, world, teacher_id=teacher_id, **build_args)
             barrier()
             if rank == 0:
                 cls.merge_parts(folder, teacher_id, data_id, world, build_args["names"], len(build_args["lengths"]))
@@ -297,7 +290,7 @@ def _resumable(tmp: Path, plan: dict[str, Any]) -> int:
     except (OSError, ValueError):
         saved = None
     if saved is not None and saved.get("plan") == plan and all(
-            (tmp / _file_name(name)).is_file() for name in plan["names"]):
+            (tmp / array_file(name)).is_file() for name in plan["names"]):
         return int(saved["batches"])
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -312,10 +305,16 @@ def _save_progress(tmp: Path, arrays: dict[str, np.ndarray], plan: dict[str, Any
     os.replace(part, tmp / "progress.json")
 
 
-def _chunks(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """The teacher's batches: example indices in order of length, ``batch_size`` at a time."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
+def _chunks(lengths: Sequence[int], batch_size: int, todo: np.ndarray | None = None) -> list[np.ndarray]:
+    """The teacher's batches: the example indices ``todo`` (default: all) in order of length,
+    ``batch_size`` at a time."""
+    todo = np.arange(len(lengths)) if todo is None else np.asarray(todo, dtype=np.int64)
+    order = todo[np.argsort(np.asarray(lengths)[todo] if len(todo) else todo, kind="stable")]
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _digest(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _teacher_rows(teacher: Callable[[dict[str, Any]], dict[str, Tensor]],

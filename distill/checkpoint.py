@@ -23,7 +23,7 @@ from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from distill.cache import file_sha256
+from distill.cache_rows import file_sha256
 from distill.errors import TrainingError
 from distill.step import StepModule
 

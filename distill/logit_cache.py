@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.cache import file_sha256
+from distill.cache_rows import file_sha256
 from distill.errors import CacheError
 from distill.locks import exclusive
 from distill.losses.tokens import TeacherTopK

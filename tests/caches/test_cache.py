@@ -154,3 +154,89 @@ def test_a_killed_build_resumes_where_its_progress_stopped(tmp_path, monkeypatch
     np.testing.assert_array_equal(resumed.arrays["logits"], whole.arrays["logits"])
     assert resumed.lookup(torch.tensor([5]))["logits"].shape == (1, 5)
     assert not list((tmp_path / "a").glob("*.building"))
+
+
+# --- rows reused by content ------------------------------------------------------------------
+
+
+class Texts:
+    def __init__(self, texts):
+        self.texts = texts
+
+    def batch(self, idx):
+        return {"index": torch.tensor(idx), "inputs": {"text": [self.texts[i] for i in idx]}}
+
+
+def counting_teacher(seen):
+    """Embeds a text as (its length, its first letter's code); records every text it runs on."""
+
+    def teacher(inputs):
+        seen.extend(inputs["text"])
+        return {"embedding": torch.tensor([[float(len(t)), float(ord(t[0]))] for t in inputs["text"]])}
+
+    return teacher
+
+
+def text_cache(root, texts, seen, teacher_id="t1", data_id=None):
+    data = Texts(texts)
+    return TeacherCache.open_or_build(
+        root, teacher_id, data_id or "-".join(texts), teacher=counting_teacher(seen), batches=data.batch,
+        lengths=[len(t) for t in texts], names=["embedding"], batch_size=2,
+    )
+
+
+def expected(texts):
+    return torch.tensor([[float(len(t)), float(ord(t[0]))] for t in texts])
+
+
+def test_the_teacher_runs_only_on_texts_no_earlier_cache_holds_and_once_per_repeat(tmp_path, caplog):
+    seen = []
+    text_cache(tmp_path, ["apple", "bread", "cherry", "dough"], seen)
+    assert sorted(seen) == ["apple", "bread", "cherry", "dough"]
+    seen.clear()
+    grown = ["cherry", "fig", "apple", "fig", "grape", "cherry"]
+    with caplog.at_level(logging.INFO, logger="distill.cache"):
+        cache = text_cache(tmp_path, grown, seen)
+    assert sorted(seen) == ["fig", "grape"]  # the new texts, each once
+    assert "6 examples, 2 rows from earlier caches, 2 repeats, 2 for the teacher" in caplog.text
+    torch.testing.assert_close(cache.lookup(torch.arange(len(grown)))["embedding"], expected(grown))
+    # The merged cache keeps its own keys, so a third build reuses rows from either.
+    seen.clear()
+    third = text_cache(tmp_path, ["grape", "dough", "kiwi"], seen)
+    assert seen == ["kiwi"]
+    torch.testing.assert_close(third.lookup(torch.arange(3))["embedding"], expected(["grape", "dough", "kiwi"]))
+
+
+def test_rows_of_another_teacher_or_of_a_damaged_cache_are_not_reused(tmp_path):
+    seen = []
+    first = text_cache(tmp_path, ["apple", "bread"], seen)
+    seen.clear()
+    text_cache(tmp_path, ["apple", "bread", "kiwi"], seen, teacher_id="t2")
+    assert sorted(seen) == ["apple", "bread", "kiwi"]  # another teacher's rows are not this one's
+    (first.folder / "keys.npy").write_bytes(b"damaged")
+    seen.clear()
+    text_cache(tmp_path, ["bread", "kiwi"], seen)
+    assert sorted(seen) == ["bread", "kiwi"]
+    with pytest.raises(CacheError, match="keys.npy is missing or corrupt"):
+        TeacherCache.load(first.folder, "t1", "apple-bread")
+
+
+def test_a_build_in_several_processes_reuses_the_same_rows_as_one(tmp_path):
+    seen = []
+    text_cache(tmp_path / "one", ["apple", "bread"], seen)
+    text_cache(tmp_path / "four", ["apple", "bread"], seen)
+    texts = ["bread", "kiwi", "apple", "kiwi", "lime", "melon"]
+    data = Texts(texts)
+    args = {"teacher": counting_teacher(seen), "batches": data.batch, "lengths": [len(t) for t in texts],
+            "names": ["embedding"], "batch_size": 2}
+    folder = TeacherCache.folder_for(tmp_path, "t1", "d2", ["embedding"])
+    seen.clear()
+    one = TeacherCache.build(tmp_path / "one" / folder.name, "t1", "d2", **args)
+    assert sorted(seen) == ["kiwi", "lime", "melon"]
+    seen.clear()
+    for rank in range(4):
+        TeacherCache.build_part(tmp_path / "four" / folder.name, rank, 4, teacher_id="t1", **args)
+    four = TeacherCache.merge_parts(tmp_path / "four" / folder.name, "t1", "d2", 4, ["embedding"], len(texts))
+    assert sorted(seen) == ["kiwi", "lime", "melon"]
+    assert json.loads((four.folder / "meta.json").read_text()) == json.loads((one.folder / "meta.json").read_text())
+    torch.testing.assert_close(four.lookup(torch.arange(len(texts)))["embedding"], expected(texts))

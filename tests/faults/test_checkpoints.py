@@ -104,7 +104,7 @@ def test_checkpoint_state_is_loaded_without_running_code(recipe, tmp_path, capsy
 
     torch.save({"scheduler": Payload()}, checkpoint / "state.pt")
     # The manifest is made to match, as a deliberate attacker would: the load itself must refuse it.
-    from distill.cache import file_sha256
+    from distill.cache_rows import file_sha256
 
     listed = json.loads((checkpoint / MANIFEST).read_text())
     listed["state.pt"] = file_sha256(checkpoint / "state.pt")
