@@ -135,6 +135,7 @@ class Recipe(Spec):
             raise ValueError("teacher.derive: only the student can be derived")
         if self.teacher.kind is None:
             raise ValueError("teacher.kind: required (torch, hf-classifier or hf-embedding)")
+        self._check_members()
         kind = self.student.kind or self.teacher.kind
         if self.student.derive is not None and kind == "hf-causal-lm" and self.student.derive.vocab == "data":
             raise ValueError("student.derive.vocab: a causal-LM student keeps the teacher's vocabulary "
@@ -170,6 +171,22 @@ class Recipe(Spec):
         if self.stages:
             self.stage_recipes()  # each stage is a recipe of its own, checked now
         return self
+
+    def _check_members(self) -> None:
+        """A teacher of several models (``teacher.members``): what it can and cannot be."""
+        if self.student.members:
+            raise ValueError("student.members: only the teacher can be several models")
+        if not self.teacher.members:
+            return
+        if self.teacher.kind == "hf-causal-lm":
+            raise ValueError("teacher.members: language models' tokens differ with each tokenizer, so their "
+                             "next-token outputs cannot be joined; use one teacher")
+        if self.train.shard_teacher:
+            raise ValueError("train.shard_teacher: a teacher of members is replicated on each process, not sharded")
+        tapped = [s.name for s in self.losses if s.layers]
+        if tapped:
+            raise ValueError(f"losses: {tapped[0]} taps the teacher's layers, and a teacher of members has no one set "
+                             "of layers; compare its joint outputs (embedding or logits)")
 
     def _check_data(self, kind: str) -> None:
         """The data's format and columns against the task and the models' kinds."""

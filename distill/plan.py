@@ -121,6 +121,10 @@ def plan(recipe_path: Path, target: Target, overrides: list[str] | None = None, 
     """Derive and time every candidate of the recipe's teacher; returns the table's rows (one per
     candidate, ``meets`` set) and the teacher's figures."""
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.teacher.members:
+        raise RecipeError("distill plan times students cut from one teacher, and a student of teacher.members is "
+                          "cut from the first: plan with it as the teacher (--set teacher.members=[] --set "
+                          "teacher.source=ITS_SOURCE)")
     teacher = load_teacher(recipe)
     config = getattr(teacher.module, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):

@@ -35,7 +35,7 @@ from distill.locks import locked
 from distill.logit_cache import TokenLogitCache
 from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
-from distill.models.load import load_model, load_teacher
+from distill.models.load import load_model, load_teacher, teacher_name, teacher_settings
 from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
 from distill.pairing import (
@@ -216,8 +216,7 @@ def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[
     """
     procs = process_state(recipe.train)
     spec = recipe.teacher
-    teacher_id = model_fingerprint(teacher.module, {"pooling": spec.pooling, "normalize": spec.normalize,
-                                                    "max_length": spec.max_length})
+    teacher_id = model_fingerprint(teacher.module, teacher_settings(spec))
     if names is None:
         names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output) if t.layers is None})
     return TeacherCache.open_or_build(
@@ -460,7 +459,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
     steps = read_json(folder / "student" / "distill.json", "run the recipe again to retrain it").get("steps")
     summary = {
         "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
-        "teacher": (recipe.teacher.source or recipe.teacher.arch) if recipe.losses else None,
+        "teacher": teacher_name(recipe.teacher) if recipe.losses else None,
         "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses,
         "task_loss_weight": recipe.task_loss_weight, "steps": steps,
         "machine": _machine(), "models": models,

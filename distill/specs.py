@@ -58,6 +58,10 @@ class DeriveSpec(Spec):
     unseen words still split into known pieces): a smaller embedding table and tokenizer."""
 
 
+#: The reading settings a teacher's members take from it unless they set their own.
+_INHERITED = ("pooling", "normalize", "max_length", "dtype", "trust_remote_code")
+
+
 class ModelSpec(Spec):
     """A teacher or student model."""
 
@@ -97,6 +101,49 @@ class ModelSpec(Spec):
     init: Literal["pretrained", "random"] = "pretrained"
     """``random``: build the architecture the ``source`` folder's config describes with fresh
     weights drawn from the recipe's seed (Hugging Face kinds; a model trained from scratch)."""
+    members: list[ModelSpec] = []
+    """Teacher only: several teachers taught as one, instead of ``source``. Each member is a model
+    of this ``kind`` with its own ``source``; its ``pooling``, ``normalize``, ``max_length``,
+    ``dtype`` and ``trust_remote_code`` are the teacher's unless it sets them. Sentence embeddings are
+    joined: each member's, L2-normalised and scaled by the square root of its weight, side by side,
+    so the joint vector has unit length and a cosine between two of them is the weighted mean of
+    the members' cosines. Class logits are averaged with the weights. A derived student is cut
+    from the first member unless ``student.source`` names another model."""
+    weights: list[float] | None = None
+    """Teacher ``members`` only: each member's weight (default: equal); they are scaled to sum to 1."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _members_inherit(cls, data: Any) -> Any:
+        """A member takes the teacher's reading settings (pooling, max_length, ...) it does not set."""
+        if not isinstance(data, dict) or not isinstance(data.get("members"), list):
+            return data
+        shared = {k: data[k] for k in _INHERITED if k in data}
+        members = [{**shared, **m} if isinstance(m, dict) else m for m in data["members"]]
+        return {**data, "members": members}
+
+    @model_validator(mode="after")
+    def _check_members(self) -> ModelSpec:
+        if not self.members:
+            if self.weights is not None:
+                raise ValueError("weights apply to a teacher's members, and this model has none")
+            return self
+        if len(self.members) < 2:
+            raise ValueError("give two or more members (a teacher of one member is that member's source)")
+        if self.source is not None or self.arch is not None:
+            raise ValueError("give the members' sources under members, and no source or arch of the teacher's own")
+        if self.weights is not None and (len(self.weights) != len(self.members) or min(self.weights) <= 0):
+            raise ValueError(f"give one positive weight per member ({len(self.members)}) in weights, "
+                             f"got {self.weights}")
+        for i, member in enumerate(self.members):
+            if member.members:
+                raise ValueError(f"member {i} has members of its own; list them all in one members list")
+            if member.kind not in (None, self.kind):
+                raise ValueError(f"member {i} is of kind '{member.kind}': every member is of the teacher's kind "
+                                 f"'{self.kind}'")
+            if member.derive is not None:
+                raise ValueError(f"member {i} has derive: members are loaded, never derived")
+        return self
 
 
 class MixSpec(Spec):

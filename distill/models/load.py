@@ -17,11 +17,12 @@ from distill.models.adapters import (
     require_transformers,
 )
 from distill.models.causal_lm import HFCausalLMAdapter
+from distill.models.ensemble import EnsembleAdapter
 from distill.models.gguf import from_pretrained_args, plain_config
 from distill.models.sources import resolve_source
 from distill.models.static import load_static
 
-__all__ = ["load_hf", "load_model", "load_teacher"]
+__all__ = ["load_hf", "load_model", "load_teacher", "teacher_name", "teacher_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,11 @@ def load_hf(kind: str, source: str, *, pooling: str = "mean", normalize: bool = 
 
 def load_model(spec: ModelSpec, kind: str, source: str | None = None, labels: list[str] | None = None) -> Adapter:
     """Load a teacher or student adapter from its spec (``source`` overrides the spec's);
-    ``labels`` names a classifier's classes (see :func:`load_hf`)."""
+    ``labels`` names a classifier's classes (see :func:`load_hf`). A teacher of ``members`` is
+    loaded as one :class:`~distill.models.ensemble.EnsembleAdapter`."""
+    if spec.members and source is None:
+        members = [load_model(m.model_copy(update={"kind": kind}), kind, labels=labels) for m in spec.members]
+        return EnsembleAdapter(members, spec.weights)
     source = source or spec.source
     if kind == "torch":
         return load_torch_classifier(spec.arch, spec.arch_args, resolve_source(source) if source else None)
@@ -94,10 +99,27 @@ def load_teacher(recipe: Recipe) -> Adapter:
     """The recipe's teacher, frozen and in eval mode."""
     teacher = load_model(recipe.teacher, recipe.teacher.kind or "torch")
     teacher.module.eval().requires_grad_(False)
-    untrained = getattr(teacher, "untrained", [])
+    members = teacher.members if isinstance(teacher, EnsembleAdapter) else [teacher]
+    untrained = [name for member in members for name in getattr(member, "untrained", [])]
     if untrained and recipe.losses:  # a teacher imitated must know the task
-        raise ModelError(f"teacher {recipe.teacher.source}: {', '.join(untrained[:4])} are not in its weights, so its "
-                         "head would be random and imitating it teaches nothing; fine-tune it on the task first (a "
-                         "recipe with no losses and task_loss_weight: 1, as recipes/trec-teacher.yaml), then use "
-                         "that run's student (run:NAME)")
+        raise ModelError(f"teacher {teacher_name(recipe.teacher)}: {', '.join(untrained[:4])} are not in its weights, "
+                         "so its head would be random and imitating it teaches nothing; fine-tune it on the task "
+                         "first (a recipe with no losses and task_loss_weight: 1, as recipes/trec-teacher.yaml), then "
+                         "use that run's student (run:NAME)")
     return teacher
+
+
+def teacher_name(spec: ModelSpec) -> str | None:
+    """How reports name a teacher: its source or architecture, or its members' joined by ``+``."""
+    if spec.members:
+        return " + ".join(str(teacher_name(m)) for m in spec.members)
+    return spec.source or spec.arch
+
+
+def teacher_settings(spec: ModelSpec) -> dict[str, Any]:
+    """The settings besides its weights that change a sentence-embedding teacher's outputs (part of
+    its cache's identity): pooling, normalisation, truncation, and each member's with the weights."""
+    settings: dict[str, Any] = {"pooling": spec.pooling, "normalize": spec.normalize, "max_length": spec.max_length}
+    if spec.members:
+        settings["members"] = [m.model_dump(mode="json") for m in spec.members] + [spec.weights]
+    return settings

@@ -30,6 +30,7 @@ from distill.models.adapters import (
 from distill.models.causal_lm import HFCausalLMAdapter
 from distill.models.derive import derive_encoder
 from distill.models.derive_lm import derive_causal_lm
+from distill.models.ensemble import EnsembleAdapter
 from distill.models.load import load_model
 from distill.models.static import derive_static, vocabulary_of
 
@@ -130,9 +131,10 @@ def build_student(recipe: Recipe, teacher: Adapter, task: Any) -> Adapter:
         if isinstance(student, TorchClassifierAdapter) and hasattr(task, "preprocessing"):
             student.preprocessing = task.preprocessing()
         return student
-    # The model the student is cut from: the teacher, or the recipe's student.source (a smaller
-    # sibling of the teacher, loaded whole first).
-    base = teacher if recipe.student.source is None else load_model(
+    # The model the student is cut from: the teacher (the first of its members), or the recipe's
+    # student.source (a smaller sibling of the teacher, loaded whole first).
+    origin = teacher.primary if isinstance(teacher, EnsembleAdapter) else teacher
+    base = origin if recipe.student.source is None else load_model(
         recipe.student.model_copy(update={"derive": None}), recipe.student_kind)
     texts = task.train_texts() if hasattr(task, "train_texts") else None
     keep = None
