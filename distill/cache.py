@@ -78,6 +78,12 @@ class TeacherCache:
         return root / f"teacher-{teacher_id[:16]}-data-{data_id[:16]}-out-{outputs}"
 
     @classmethod
+    def siblings(cls, folder: Path, teacher_id: str, names: Sequence[str]) -> list[Path]:
+        """The other caches of this teacher's outputs ``names`` beside ``folder`` (on any data)."""
+        pattern = cls.folder_for(folder.parent, teacher_id, "*", names).name
+        return [other for other in sorted(folder.parent.glob(pattern)) if other != folder]
+
+    @classmethod
     def load(cls, folder: Path, teacher_id: str, data_id: str) -> TeacherCache:
         """Open and verify a cache.
 
@@ -86,11 +92,6 @@ class TeacherCache:
                 (stale), or an array does not match its checksum (corrupt).
         """
         return cls(folder, read_arrays(folder, teacher_id, data_id))
-
-    def keys(self) -> np.ndarray | None:
-        """The ``(N, 16)`` content key of every example (see :func:`example_keys`), if stored."""
-        path = self.folder / KEYS_FILE
-        return np.load(path) if path.is_file() else None
 
     @classmethod
     def build(
@@ -114,7 +115,8 @@ class TeacherCache:
         example that no earlier cache of it (beside ``folder``, same outputs) holds; the others'
         rows are copied (:func:`plan_rows`).
         """
-        plan = plan_rows(folder, teacher_id, names, len(lengths), example_keys(batches, len(lengths)))
+        plan = plan_rows(folder, cls.siblings(folder, teacher_id, names), teacher_id, names, len(lengths),
+                         example_keys(batches, len(lengths)))
         chunks = _chunks(lengths, batch_size, plan.todo)
         remove_abandoned(folder.parent, folder.name)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,8 @@ class TeacherCache:
         one-process build (the same batches, so the same numbers) and write the rows and their
         example indices to this process's part folder, for :meth:`merge_parts`. Every process
         plans the same rows (:func:`plan_rows`); the first writes the plan into its part for the merge."""
-        plan = plan_rows(folder, teacher_id, names, len(lengths), example_keys(batches, len(lengths)))
+        plan = plan_rows(folder, cls.siblings(folder, teacher_id, names), teacher_id, names, len(lengths),
+                         example_keys(batches, len(lengths)))
         chunks = _chunks(lengths, batch_size, plan.todo)[rank::world]
         part = cls._part(folder, rank, world)
         tmp = part.with_name(part.name + ".tmp")

@@ -122,12 +122,15 @@ class RowPlan:
     keys: np.ndarray | None = None
     copies: list[tuple[Path, np.ndarray, np.ndarray]] = field(default_factory=list)
     repeats: tuple[np.ndarray, np.ndarray] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    verified: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)
+    """The earlier caches' arrays as planning verified them (a plan read back from disk has none)."""
 
     def fill(self, arrays: dict[str, np.ndarray], tmp: Path, examples: int) -> None:
         """Write the copied rows and the repeats into ``arrays`` (memory maps in ``tmp``, created
         here from an earlier cache's shapes when the teacher wrote none)."""
         for other, src, dst in self.copies:
-            for name, rows in read_arrays(other, *_identity(other)).items():
+            source = self.verified.get(other) or read_arrays(other, *_identity(other))
+            for name, rows in source.items():
                 if name not in arrays:
                     arrays[name] = np.lib.format.open_memmap(
                         tmp / array_file(name), mode="w+", dtype=np.float32, shape=(examples, *rows.shape[1:]))
@@ -159,13 +162,13 @@ def _identity(folder: Path) -> tuple[str, str]:
     return meta["teacher"], meta["data"]
 
 
-def plan_rows(folder: Path, teacher_id: str, names: Sequence[str], examples: int, keys: np.ndarray | None
-              ) -> RowPlan:
+def plan_rows(folder: Path, siblings: Sequence[Path], teacher_id: str, names: Sequence[str], examples: int,
+              keys: np.ndarray | None) -> RowPlan:
     """Which rows of the cache in ``folder`` the teacher must compute, given each example's ``keys``.
 
-    An example that repeats one earlier in the set takes its row; one held by an earlier, valid
-    cache of the same teacher and outputs beside ``folder`` (a cache that kept its keys) takes
-    that cache's row; the teacher runs on the rest. Without keys it runs on every example.
+    An example that repeats one earlier in the set takes its row; one held by a valid cache among
+    ``siblings`` (earlier caches of the same teacher and outputs that kept their keys) takes that
+    cache's row; the teacher runs on the rest. Without keys it runs on every example.
     """
     if keys is None:
         return RowPlan(np.arange(examples, dtype=np.int64))
@@ -177,16 +180,16 @@ def plan_rows(folder: Path, teacher_id: str, names: Sequence[str], examples: int
             repeat_dst.append(i)
             repeat_src.append(j)
     wanted = dict(first)
-    copies = []
-    prefix, suffix = folder.name.split("-data-")[0], folder.name.rsplit("-out-", 1)[-1]
-    for other in sorted(folder.parent.glob(f"{prefix}-data-*-out-{suffix}")):
-        if other == folder or not wanted:
-            continue
-        stored = _stored_keys(other, teacher_id, names)
+    copies, verified = [], {}
+    for other in siblings:
+        if not wanted:
+            break
+        stored = _stored(other, teacher_id, names)
         if stored is None:
             continue
+        stored_keys, verified[other] = stored
         src, dst = [], []
-        for row, key in enumerate(stored):
+        for row, key in enumerate(stored_keys):
             i = wanted.pop(key.tobytes(), None)
             if i is not None:
                 src.append(row)
@@ -197,12 +200,15 @@ def plan_rows(folder: Path, teacher_id: str, names: Sequence[str], examples: int
     if reused or repeat_dst:
         log.info("teacher cache %s: %d examples, %d rows from earlier caches, %d repeats, %d for the teacher",
                  folder.name, len(keys), reused, len(repeat_dst), len(wanted))
+    used = {other: verified[other] for other, _, _ in copies}
     return RowPlan(np.asarray(sorted(wanted.values()), dtype=np.int64), keys, copies,
-                   (np.asarray(repeat_dst, dtype=np.int64), np.asarray(repeat_src, dtype=np.int64)))
+                   (np.asarray(repeat_dst, dtype=np.int64), np.asarray(repeat_src, dtype=np.int64)), used)
 
 
-def _stored_keys(folder: Path, teacher_id: str, names: Sequence[str]) -> np.ndarray | None:
-    """The example keys of a valid earlier cache of ``teacher_id`` holding ``names``, else ``None``."""
+def _stored(folder: Path, teacher_id: str, names: Sequence[str]
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """The example keys and the verified arrays of a valid earlier cache of ``teacher_id`` holding
+    ``names``, else ``None``."""
     try:
         teacher, data = _identity(folder)
         if teacher != teacher_id:
@@ -210,6 +216,6 @@ def _stored_keys(folder: Path, teacher_id: str, names: Sequence[str]) -> np.ndar
         arrays = read_arrays(folder, teacher, data)
         if not set(names) <= set(arrays) or not (folder / KEYS_FILE).is_file():
             return None
-        return np.load(folder / KEYS_FILE)
+        return np.load(folder / KEYS_FILE), arrays
     except (OSError, ValueError, KeyError, CacheError):
         return None
