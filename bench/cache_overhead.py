@@ -15,10 +15,11 @@ import time
 import torch
 
 from distill.batches import ShuffledBatches
+from distill.caching import open_teacher_cache
 from distill.config import load_recipe
 from distill.models.load import load_teacher
 from distill.models.student import build_student
-from distill.runner import build_loss_terms, open_teacher_cache
+from distill.runner import build_loss_terms
 from distill.step import distill_step
 from distill.tasks import build_task
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.caching import open_teacher_cache
 from distill.config import load_recipe
 from distill.models.load import load_teacher
-from distill.runner import open_teacher_cache
 from distill.tasks import build_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

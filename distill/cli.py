@@ -104,8 +104,9 @@ def _add_push(sub: Subparsers) -> None:
 
 
 def _add_cache(sub: Subparsers) -> None:
-    cache = sub.add_parser("cache", help="write the teacher's top-k next-token log-probabilities for a "
-                           "language-model recipe (resumes a killed build)")
+    cache = sub.add_parser("cache", help="build the teacher cache a run of the recipe reads, without training: "
+                           "its outputs on the training data, or a language model's top-k next-token "
+                           "log-probabilities (resumes a killed build)")
     cache.add_argument("recipe", type=Path)
     cache.add_argument("--top-k", type=int, help="tokens kept per position, 0 for all (default: cache.top_k)")
     cache.add_argument("--nproc", type=int, default=1, metavar="N", help="build it in N processes on this machine")
@@ -251,12 +252,20 @@ def _export(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from distill import runner
+    from distill.logit_cache import TokenLogitCache
 
     overrides = args.overrides + ([f"cache.top_k={args.top_k}"] if args.top_k is not None else [])
-    found = runner.build_logit_cache(args.recipe, overrides)
+    found = runner.build_caches(args.recipe, overrides)
     if _rank() == 0:
-        print(f"logit cache: {found.folder}\n  k={found.k or 'full'}, {found.examples} examples, "
-              f"{found.bytes_per_token():.1f} bytes per token")
+        for name, cache in found:
+            if isinstance(cache, str):
+                print(f"{name}: no teacher cache: {cache}")
+            elif isinstance(cache, TokenLogitCache):
+                print(f"{name}: logit cache {cache.folder}\n  k={cache.k or 'full'}, {cache.examples} examples, "
+                      f"{cache.bytes_per_token():.1f} bytes per token")
+            else:
+                shapes = ", ".join(f"{key} {tuple(array.shape)}" for key, array in sorted(cache.arrays.items()))
+                print(f"{name}: teacher cache {cache.folder}\n  {shapes}")
     return 0
 
 

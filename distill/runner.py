@@ -23,7 +23,8 @@ import yaml
 from accelerate import PartialState
 
 from distill.batches import ShuffledBatches, per_process_batch
-from distill.cache import TeacherCache, model_fingerprint
+from distill.cache import TeacherCache
+from distill.caching import cache_for, uncached_reason
 from distill.card import read_exports, write_model_card
 from distill.checkpoint import checkpoints, copy_model_atomic, save_model_atomic
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
@@ -33,9 +34,8 @@ from distill.evaluate import measure, suite_scores, time_models
 from distill.launch import process_state, shard_frozen, sync_batchnorm
 from distill.locks import locked
 from distill.logit_cache import TokenLogitCache
-from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
-from distill.models.load import load_model, load_teacher, teacher_name, teacher_settings
+from distill.models.load import load_model, load_teacher, teacher_name
 from distill.models.static import StaticEmbeddingAdapter
 from distill.models.student import BuiltStudent
 from distill.pairing import (
@@ -55,8 +55,8 @@ from distill.report import write_report, write_stages_report
 from distill.suite import check_tasks
 from distill.tasks import EmbeddingTask, build_task
 
-__all__ = ["RunResult", "as_recipe", "build_logit_cache", "build_loss_terms", "evaluate_run", "final_folder",
-           "locked", "open_logit_cache", "open_teacher_cache", "pair_outputs", "report_run", "run"]
+__all__ = ["RunResult", "as_recipe", "build_caches", "build_loss_terms", "evaluate_run", "final_folder", "locked",
+           "pair_outputs", "report_run", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -206,97 +206,39 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def open_teacher_cache(recipe: Recipe, teacher: Adapter, task: Any, names: list[str] | None = None
-                       ) -> TeacherCache:
-    """The verified teacher-output cache of this teacher on this task's training set (built if needed).
+def build_caches(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None
+                 ) -> list[tuple[str, TeacherCache | TokenLogitCache | str]]:
+    """``distill cache``: build (or finish, or verify) the teacher caches a run of the recipe will
+    read, without training: a language model's logit cache (``cache.top_k``), or the teacher's
+    outputs that the recipe's losses compare, each stage's in turn for a staged recipe.
 
-    ``names`` are the teacher outputs to hold (default: the outputs the recipe's losses compare);
-    ``teacher`` must produce them (a :class:`~distill.features.TappedAdapter` for layers). With
-    several processes each runs the teacher on its share of the examples.
+    Returns:
+        ``(recipe or stage name, cache)`` in order; instead of a cache, the reason a run reads none
+        (its teacher runs online) or cannot be cached yet (a later stage, whose student is the
+        one the stage before it has not trained yet).
     """
-    procs = process_state(recipe.train)
-    spec = recipe.teacher
-    teacher_id = model_fingerprint(teacher.module, teacher_settings(spec))
-    if names is None:
-        names = sorted({t.on for t in build_loss_terms(recipe.losses, task.output) if t.layers is None})
-    return TeacherCache.open_or_build(
-        recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
-        lengths=task.lengths(), names=names, batch_size=recipe.evaluate.batch_size,
-        rank=procs.process_index, world=procs.num_processes, barrier=procs.wait_for_everyone,
-    )
-
-
-def _token_terms(pair: Pairing) -> list[Any]:
-    return [term for term in pair.terms if term.loss.traits.uses_head]
-
-
-def open_logit_cache(recipe: Recipe, teacher: Adapter, task: Any, rank: int | None = None,
-                     world: int | None = None) -> TokenLogitCache:
-    """The teacher's top-k log-probabilities on the training set (``cache.top_k``), built if needed.
-
-    The temperature is the ``token_kd`` terms' (they must agree: the log-probabilities are
-    stored at it). ``rank`` of ``world`` processes builds every ``world``-th shard (default: this
-    process's place among the run's processes); they then wait for each other, and the cache
-    is opened whole.
-    """
-    procs = process_state(recipe.train)
-    rank = procs.process_index if rank is None else rank
-    world = procs.num_processes if world is None else world
-    # The temperature comes from the built losses themselves, so it is the one they train at.
-    token_losses = [t.loss for t in build_loss_terms(recipe.losses, "hidden") if isinstance(t.loss, TokenKDLoss)]
-    temperatures = {float(loss.temperature) for loss in token_losses}
-    if len(temperatures) > 1:
-        raise RecipeError(f"cache.top_k: the token_kd terms use different temperatures {sorted(temperatures)}; "
-                          "one logit cache holds one temperature")
-    if recipe.cache.top_k is None:
-        raise RecipeError("cache.top_k: not set; give the number of teacher tokens to keep per position "
-                          "(0 for the whole distribution)")
-    spec = recipe.teacher
-    teacher_id = model_fingerprint(teacher.module, {"kind": spec.kind, "max_length": spec.max_length})
-    return TokenLogitCache.open_or_build(
-        recipe.cache.dir, teacher_id, task.fingerprint(), teacher=teacher, batches=task.train.batch,
-        examples=len(task.train), k=recipe.cache.top_k, temperature=temperatures.pop() if temperatures else 1.0,
-        sample=recipe.cache.sample,
-        batch_size=recipe.evaluate.batch_size, shard_size=recipe.cache.shard_size, rank=rank, world=world,
-        barrier=procs.wait_for_everyone if world > 1 and world == procs.num_processes else None,
-    )
-
-
-def build_logit_cache(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None
-                      ) -> TokenLogitCache:
-    """``distill cache``: build (or finish, or verify) a language-model recipe's logit cache."""
     recipe = as_recipe(recipe, overrides)
-    if recipe.task != "lm":
-        raise RecipeError(f"distill cache: writes language-model logits; this recipe's task is '{recipe.task}'")
-    task = build_task(recipe.task, recipe.data)
-    teacher = load_teacher(recipe)
-    return open_logit_cache(recipe, teacher, task)
-
-
-def _cache_for(recipe: Recipe, pair: Pairing, task: Any) -> TeacherCache | TokenLogitCache | None:
-    """The teacher cache for these loss terms, or ``None`` (teacher online) when off or too large."""
-    if not recipe.cache.enabled or not pair.terms or recipe.on_policy is not None:
-        return None
-    if recipe.cache.top_k is not None:
-        if len(_token_terms(pair)) != len(pair.terms):
-            raise RecipeError("cache.top_k: a logit cache serves token_kd terms only; this recipe has other "
-                              "distillation losses (set cache.top_k: null to run the teacher online)")
-        return open_logit_cache(recipe, pair.teacher, task)
-    names = sorted({t_key for term in pair.terms for _, t_key in term.pairs})
-    out = pair.teacher_sample
-    rows = out[task.output].shape[0]
-    # Token-level tensors vary in length with each batch's padding; only fixed-size rows are cached.
-    uncacheable = [n for n in names if out[n].shape[0] != rows or ("token_mask" in out and out[n].dim() > 2)]
-    if uncacheable:
-        log.info("token-level teacher outputs %s are not cached: the teacher runs online", uncacheable)
-        return None
-    per_example = sum(out[name][0].numel() * 4 for name in names) * rows / pair.sample_size
-    size_gb = per_example * len(task.train) / 1e9
-    if size_gb > recipe.cache.max_gb:
-        log.info("the teacher outputs %s would take %.1f GB (cache.max_gb %.1f): the teacher runs online",
-                 names, size_gb, recipe.cache.max_gb)
-        return None
-    return open_teacher_cache(recipe, pair.teacher, task, names)
+    if missing := missing_paths(recipe):
+        raise DataError(not_found(recipe.name, missing))
+    procs = process_state(recipe.train)
+    found: list[tuple[str, TeacherCache | TokenLogitCache | str]] = []
+    for i, stage in enumerate(recipe.stage_recipes() or [recipe]):
+        if i and not Path(stage.student.source or "", "distill.json").is_file():
+            found.append((stage.name, f"its student is the one stage {i} trains, not trained yet: "
+                                      "the run builds this cache when it gets there"))
+            continue
+        task = build_task(stage.task, stage.data)
+        teacher = load_teacher(stage)
+        pair = _pairing(stage, BuiltStudent.build(stage, teacher, task), teacher, task, True, procs)
+        try:
+            reason = uncached_reason(stage, pair, task)
+            if reason is None:
+                teacher.module.to(procs.device)
+            found.append((stage.name, reason or cache_for(stage, pair, task)))
+        finally:
+            teacher.module.to("cpu")
+            pair.release()
+    return found
 
 
 def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
@@ -346,7 +288,7 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
         trained = (folder / "student" / "distill.json").is_file()
         if not sharded:  # a teacher too large for one device runs online, sharded
             teacher.module.to(procs.device)
-        cache = None if trained or sharded else _cache_for(recipe, pair, task)
+        cache = None if trained or sharded else cache_for(recipe, pair, task)
     finally:
         teacher.module.to("cpu")
         pair.release()

@@ -15,7 +15,7 @@ from distill.losses.chunked import chunked_topk_loss, token_loss
 from distill.losses.divergence import DIVERGENCES, sparse_token_divergence, token_divergence
 from distill.losses.tokens import TokenKDLoss
 from distill.models.load import load_hf
-from distill.runner import build_logit_cache
+from distill.runner import build_caches
 from distill.tasks import LanguageModelingTask
 
 pytest.importorskip("transformers")
@@ -224,7 +224,8 @@ def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair, sample):
         cache={"enabled": True, "top_k": 8, "shard_size": 10, "sample": sample},
         train={"epochs": 1, "max_steps": None, "lr": 1e-3, "eval_every": 100, "checkpoint_every": 100},
     )
-    built = build_logit_cache(recipe)
+    ((name, built),) = build_caches(recipe)
+    assert name == "tiny-lm-cache"
     assert built.k == 8 and built.temperature == 2.0 and built.examples == 24 and built.sample == sample
     result = distill.run(recipe)
     metrics = (result.folder / "train" / "student" / "metrics.jsonl").read_text()
@@ -233,7 +234,7 @@ def test_recipe_trains_from_the_cache(tmp_path, data_dir, gpt_pair, sample):
     assert losses and all(np.isfinite(losses)) and losses[-1] < losses[0]
     two = [*recipe["losses"], {"name": "token_kd", "params": {"kind": "forward_kl", "temperature": 1.0}}]
     with pytest.raises(distill.RecipeError, match="different temperatures"):
-        build_logit_cache({**recipe, "losses": two})
+        build_caches({**recipe, "losses": two})
 
 
 def test_a_cache_fed_run_resumed_after_sigkill_equals_an_uninterrupted_one(tmp_path, data_dir, gpt_pair):

@@ -199,7 +199,7 @@ def test_resume_with_another_process_count(tiny, capsys):
 
 
 def test_logit_cache_of_two_processes_equals_one(tmp_path, data_dir, gpt_pair):
-    from distill.runner import build_logit_cache
+    from distill.runner import build_caches
 
     teacher, student = gpt_pair
     recipe = tiny_lm_recipe(
@@ -210,10 +210,10 @@ def test_logit_cache_of_two_processes_equals_one(tmp_path, data_dir, gpt_pair):
     )
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    one = build_logit_cache(recipe)
+    ((_, one),) = build_caches(recipe)
     out = _cli(["-m", "distill.cli", "cache", str(path), "--nproc", "2", "--set", f"cache.dir={tmp_path / 'two'}"])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "logit cache:" in out.stdout and out.stdout.count("logit cache:") == 1  # printed by the main process
+    assert out.stdout.count("tiny-lm-ddp: logit cache ") == 1  # printed by the main process
     (folder,) = (tmp_path / "two").iterdir()
     two = json.loads((folder / "meta.json").read_text())
     # Rank 0 wrote shards 0 and 2, rank 1 shard 1; the merged list is the one-process cache's.

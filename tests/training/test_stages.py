@@ -175,3 +175,25 @@ def test_a_later_stage_path_that_does_not_exist_stops_the_run_before_stage_one_t
     with pytest.raises(DataError, match=r"not found: stages.1 \(sts\) data.path .*no-stsb"):
         distill.run(spec)
     assert not (tmp_path / "run").exists()  # nothing trained, the folder not claimed
+
+
+def test_distill_cache_builds_ahead_the_teacher_caches_a_staged_run_then_reads(tmp_path, data_dir, tiny_bert, caplog):
+    from distill.cache import TeacherCache
+    from distill.runner import build_caches
+    from distill.tasks import build_task
+
+    spec = _staged(tmp_path, data_dir, tiny_bert)
+    (general, first), (sts, waiting) = build_caches(spec)
+    assert (general, sts) == ("tiny-staged.general", "tiny-staged.sts")
+    texts = len(build_task("embedding", parse_recipe(spec).data).train)  # one row per distinct training text
+    assert isinstance(first, TeacherCache) and first.arrays["embedding"].shape[:2] == (texts, 1)
+    assert "not trained yet" in waiting and not (tmp_path / "run" / "general").exists()  # nothing trained
+    with caplog.at_level("INFO", logger="distill.cache"):
+        distill.run(spec)
+    assert f"using teacher cache {first.folder}" in caplog.text  # the run read the cache built ahead
+    # Once the first stage has trained, the second stage's cache is the one its run built.
+    (_, again), (_, second) = build_caches(spec)
+    assert again.folder == first.folder and isinstance(second, TeacherCache)
+    assert second.folder != first.folder and second.arrays["embedding"].shape[:2] == (96, 2)
+    no_cache = build_caches({**spec, "cache": {**spec["cache"], "enabled": False}})
+    assert [why for _, why in no_cache] == ["cache.enabled is false"] * 2
