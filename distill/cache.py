@@ -115,8 +115,7 @@ class TeacherCache:
         example that no earlier cache of it (beside ``folder``, same outputs) holds; the others'
         rows are copied (:func:`plan_rows`).
         """
-        plan = plan_rows(folder, cls.siblings(folder, teacher_id, names), teacher_id, names, len(lengths),
-                         example_keys(batches, len(lengths)))
+        plan = cls._plan(folder, teacher_id, names, batches, len(lengths))
         chunks = _chunks(lengths, batch_size, plan.todo)
         remove_abandoned(folder.parent, folder.name)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -164,28 +163,46 @@ class TeacherCache:
         os.replace(tmp, folder)
         return cls.load(folder, teacher_id, data_id)
 
+    @classmethod
+    def _plan(cls, folder: Path, teacher_id: str, names: Sequence[str],
+              batches: Callable[[Sequence[int]], dict[str, Any]], examples: int) -> RowPlan:
+        """Which rows a build of ``folder`` runs the teacher on, repeats or copies (:func:`plan_rows`)."""
+        return plan_rows(folder, cls.siblings(folder, teacher_id, names), teacher_id, names, examples,
+                         example_keys(batches, examples))
+
     @staticmethod
-    def _part(folder: Path, rank: int, world: int) -> Path:
+    def _part(folder: Path, rank: int | str, world: int) -> Path:
         return folder.with_name(f"{folder.name}.part-{rank}-of-{world}")
+
+    @classmethod
+    def plan_parts(cls, folder: Path, world: int, *, teacher_id: str, names: Sequence[str],
+                   batches: Callable[[Sequence[int]], dict[str, Any]], lengths: Sequence[int], **_: Any) -> None:
+        """Before a build in ``world`` processes, one of them plans its rows (hashing every example
+        and checking the earlier caches once) and writes the plan that :meth:`build_part` and
+        :meth:`merge_parts` then read. Takes the keyword arguments of :meth:`build`."""
+        plan = cls._plan(folder, teacher_id, names, batches, len(lengths))
+        final = cls._part(folder, "plan", world)
+        tmp = final.with_name(final.name + ".tmp")
+        for old in (tmp, final):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        plan.save(tmp)
+        os.replace(tmp, final)
 
     @classmethod
     def build_part(cls, folder: Path, rank: int, world: int, *, teacher: Callable[[dict[str, Any]], dict[str, Tensor]],
                    batches: Callable[[Sequence[int]], dict[str, Any]], lengths: Sequence[int], names: Sequence[str],
-                   batch_size: int = 64, teacher_id: str = "") -> None:
+                   batch_size: int = 64) -> None:
         """Process ``rank`` of ``world``: run the teacher on every ``world``-th batch of the
-        one-process build (the same batches, so the same numbers) and write the rows and their
-        example indices to this process's part folder, for :meth:`merge_parts`. Every process
-        plans the same rows (:func:`plan_rows`); the first writes the plan into its part for the merge."""
-        plan = plan_rows(folder, cls.siblings(folder, teacher_id, names), teacher_id, names, len(lengths),
-                         example_keys(batches, len(lengths)))
+        one-process build of :meth:`plan_parts`'s plan (the same batches, so the same numbers) and
+        write the rows and their example indices to this process's part folder, for :meth:`merge_parts`."""
+        plan = RowPlan.load(cls._part(folder, "plan", world))
         chunks = _chunks(lengths, batch_size, plan.todo)[rank::world]
         part = cls._part(folder, rank, world)
         tmp = part.with_name(part.name + ".tmp")
         for old in (tmp, part):
             shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if rank == 0:
-            plan.save(tmp)
         index = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
         arrays: dict[str, np.ndarray] = {}
         at = 0
@@ -222,7 +239,7 @@ class TeacherCache:
                         tmp / array_file(name), mode="w+", dtype=np.float32, shape=(examples, *rows.shape[1:]))
                 arrays[name][index] = rows
                 del rows
-        plan = RowPlan.load(cls._part(folder, 0, world))
+        plan = RowPlan.load(cls._part(folder, "plan", world))
         plan.fill(arrays, tmp, examples)
         cache = cls._finish(tmp, folder, arrays, teacher_id, data_id, examples, plan.keys)
         for part in folder.parent.glob(folder.name + ".part-*"):
@@ -250,7 +267,10 @@ class TeacherCache:
             if world == 1:
                 return cls.build(folder, teacher_id, data_id, **build_args)
             assert barrier is not None
-            cls.build_part(folder, rank, world, teacher_id=teacher_id, **build_args)
+            if rank == 0:
+                cls.plan_parts(folder, world, teacher_id=teacher_id, **build_args)
+            barrier()
+            cls.build_part(folder, rank, world, **build_args)
             barrier()
             if rank == 0:
                 cls.merge_parts(folder, teacher_id, data_id, world, build_args["names"], len(build_args["lengths"]))

@@ -234,9 +234,18 @@ def test_a_build_in_several_processes_reuses_the_same_rows_as_one(tmp_path):
     one = TeacherCache.build(tmp_path / "one" / folder.name, "t1", "d2", **args)
     assert sorted(seen) == ["kiwi", "lime", "melon"]
     seen.clear()
+    read = []  # the examples each call to `batches` reads: hashed once, in planning, then read for the teacher
+
+    def batches(idx):
+        read.extend(idx)
+        return data.batch(idx)
+
+    TeacherCache.plan_parts(tmp_path / "four" / folder.name, 4, teacher_id="t1", **{**args, "batches": batches})
+    assert sorted(read) == list(range(len(texts)))
     for rank in range(4):
-        TeacherCache.build_part(tmp_path / "four" / folder.name, rank, 4, teacher_id="t1", **args)
+        TeacherCache.build_part(tmp_path / "four" / folder.name, rank, 4, **{**args, "batches": batches})
     four = TeacherCache.merge_parts(tmp_path / "four" / folder.name, "t1", "d2", 4, ["embedding"], len(texts))
-    assert sorted(seen) == ["kiwi", "lime", "melon"]
+    assert sorted(seen) == ["kiwi", "lime", "melon"] and len(read) == len(texts) + 3
+    assert not list((tmp_path / "four").glob("*.part-*"))  # the plan and the parts are gone
     assert json.loads((four.folder / "meta.json").read_text()) == json.loads((one.folder / "meta.json").read_text())
     torch.testing.assert_close(four.lookup(torch.arange(len(texts)))["embedding"], expected(texts))

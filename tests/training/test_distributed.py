@@ -97,6 +97,7 @@ def test_teacher_cache_parts_merge_into_the_one_process_cache(tmp_path):
             "names": ["logits", "layer:h"], "batch_size": 4}
     one = TeacherCache.build(tmp_path / "one", "t", "d", **args)
     # Three batches among four processes: the last has none and writes an empty part.
+    TeacherCache.plan_parts(tmp_path / "four", 4, teacher_id="t", **args)
     for rank in range(4):
         TeacherCache.build_part(tmp_path / "four", rank, 4, **args)
     four = TeacherCache.merge_parts(tmp_path / "four", "t", "d", 4, args["names"], 10)
