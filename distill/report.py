@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.suite import summarize_suite  # noqa: E402
 
-__all__ = ["ROLES", "count", "deployment_table", "headline", "megabytes", "ratio", "summarize", "write_report",
-           "write_stages_report"]
+__all__ = ["ROLES", "count", "deployment_table", "headline", "megabytes", "overtraining_note", "ratio", "summarize",
+           "write_report", "write_stages_report"]
 
 ROLES = ("teacher", "student", "baseline")
 
@@ -163,6 +163,8 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
     higher = summary.get("higher_is_better", True)
     rows = summarize(summary["models"], metric, higher)
     report = {**summary, "table": rows}
+    if note := overtraining_note(histories.get("student", []), metric, higher):
+        report["overtraining"] = note
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_curves(histories, metric, folder / "curves.png", summary.get("task_loss_weight", 1.0))
     _plot_tradeoff(rows, metric, folder / "tradeoff.png")
@@ -171,6 +173,7 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(line) + " |" for line in body]
     md += ["", _verdict(rows, metric, higher, summary.get("baseline_untrained", False)), ""]
+    md += [note, ""] if note else []
     if summary.get("suite"):
         md += ["## Evaluation suite", "", _SUITE_NOTE, "", summarize_suite(summary["suite"])]
     if "deployment" in summary:  # written by `distill export`
@@ -180,8 +183,36 @@ def write_report(folder: Path, summary: dict[str, Any], histories: dict[str, lis
     md += ["![training curves](curves.png)", "",
            "![quality vs latency](tradeoff.png)", ""]
     (folder / "report.md").write_text("\n".join(md))
-    (folder / "report.html").write_text(_html(summary, head, body, rows, metric, folder))
+    (folder / "report.html").write_text(_html(report, head, body, rows, metric, folder))
     return folder / "report.md"
+
+
+#: A student's validation score that ends more than this share below its best is reported as
+#: over-trained (a run's evaluations are a few hundred held-out examples: smaller moves are noise).
+OVERTRAINING_DROP = 0.01
+
+
+def overtraining_note(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True) -> str:
+    """A sentence for the report when the student's validation ``metric`` peaked before training
+    ended and then fell by more than :data:`OVERTRAINING_DROP` of its best, else ``""``.
+
+    Args:
+        records: The student's ``metrics.jsonl`` records; its evaluations are those with
+            ``split: eval`` (the one after ``train.merge_start``'s mix is not part of the curve).
+        metric: The validation metric's name.
+        higher_is_better: Whether a larger value is better (``False`` for perplexity).
+    """
+    evals = [r for r in records if r.get("split") == "eval" and metric in r and "merged_start" not in r]
+    if len(evals) < 3:
+        return ""
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(evals, key=lambda r: sign * r[metric])
+    last = evals[-1]
+    if sign * (best[metric] - last[metric]) <= OVERTRAINING_DROP * abs(best[metric]):
+        return ""
+    return (f"The student's validation {metric} peaked at step {best['step']} ({best[metric]:.2f}) and ended at "
+            f"{last[metric]:.2f}: it fits its training data at the cost of held-out examples. A schedule that ends "
+            "near that step (fewer epochs) or more training data may do better.")
 
 
 def _facts(summary: dict[str, Any]) -> str:
@@ -258,6 +289,8 @@ def _html(summary: dict[str, Any], head: list[str], body: list[list[str]], rows:
           metric: str, folder: Path) -> str:
     esc = html.escape
     verdict = _verdict(rows, metric, summary.get("higher_is_better", True), summary.get("baseline_untrained", False))
+    if "overtraining" in summary:
+        verdict += " " + summary["overtraining"]
     table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in line) + "</tr>" for line in body)
     facts = "".join(f"<li>{_inline_code(line[2:])}</li>" for line in _facts(summary).splitlines())
@@ -288,6 +321,8 @@ def headline(folder: Path) -> str:
         others = [f"the {role} {mean[role]:.2f}" for role in ("baseline", "teacher") if role in mean]
         text += (f" On the evaluation suite ({len(suite['student'])} tasks) the student averages {mean['student']:.2f}"
                  + (f", {', '.join(others)}." if others else "."))
+    if "overtraining" in report:
+        text += " " + report["overtraining"]
     return text
 
 

@@ -1,5 +1,7 @@
 """The report's plots compare like with like."""
 
+import html
+
 import pytest
 
 from distill import report
@@ -34,3 +36,29 @@ def test_a_teacher_scoring_zero_or_below_gets_no_share_and_no_crash():
     assert report.summarize(models, "spearman")[1]["retention_pct"] is None
     models["teacher"]["spearman"] = 40.0
     assert report.summarize(models, "spearman")[1]["retention_pct"] == pytest.approx(30.0)
+
+
+def _evals(metric, values, merged=None):
+    records = [{"step": 100 * (i + 1), "split": "eval", metric: v} for i, v in enumerate(values)]
+    records.insert(1, {"step": 101, "loss": 0.5})  # training records are not evaluations
+    return records + ([{"step": 100 * len(values), "split": "eval", metric: merged, "merged_start": 0.2}]
+                      if merged is not None else [])
+
+
+def test_a_validation_score_that_peaks_then_falls_is_reported_as_overtraining(tmp_path):
+    note = report.overtraining_note(_evals("agreement", [67.0, 68.9, 68.2, 66.5]), "agreement")
+    assert "peaked at step 200 (68.90) and ended at 66.50" in note and "fewer epochs" in note
+    # A fall within 1% of the best is noise; a curve still rising is fine; two evaluations say nothing.
+    assert report.overtraining_note(_evals("agreement", [67.0, 68.9, 68.5]), "agreement") == ""
+    assert report.overtraining_note(_evals("agreement", [60.0, 65.0, 70.0], merged=50.0), "agreement") == ""
+    assert report.overtraining_note(_evals("agreement", [70.0, 60.0]), "agreement") == ""
+    # Lower is better for perplexity: a rise after its lowest point is the same warning.
+    assert "peaked at step 200 (20.00)" in report.overtraining_note(
+        _evals("perplexity", [25.0, 20.0, 23.0]), "perplexity", higher_is_better=False)
+    models = {role: {"agreement": value, "parameters": 10, "size_bytes": 100, "latency_ms": 1.0, "throughput": 5.0,
+                     "size_mb": 1e-4} for role, value in (("teacher", 100.0), ("student", 66.5))}
+    summary = {"recipe": "r", "metric": "agreement", "teacher": "t", "student": "s", "data": "d", "losses": "l",
+               "steps": 400, "machine": "m", "models": models}
+    write = report.write_report(tmp_path, summary, {"student": _evals("agreement", [67.0, 68.9, 68.2, 66.5])})
+    assert note in write.read_text() and html.escape(note) in (tmp_path / "report.html").read_text()
+    assert report.headline(tmp_path).endswith(note)
