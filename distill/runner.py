@@ -232,6 +232,8 @@ def build_caches(recipe: Recipe | str | Path | dict[str, Any], overrides: list[s
         pair = _pairing(stage, BuiltStudent.build(stage, teacher, task), teacher, task, True, procs)
         try:
             reason = uncached_reason(stage, pair, task)
+            if reason is None and _sharded_teacher(stage, procs.num_processes):
+                reason = "train.shard_teacher: the teacher runs online, split between the processes"
             if reason is None:
                 teacher.module.to(procs.device)
             found.append((stage.name, reason or cache_for(stage, pair, task)))
