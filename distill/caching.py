@@ -111,7 +111,8 @@ def uncached_reason(recipe: Recipe, pair: Pairing, task: Any) -> str | None:
         return f"the token-level teacher outputs {uncacheable} change shape with each batch's padding"
     size_gb = sum(out[name][0].numel() * 4 for name in names) * rows / pair.sample_size * len(task.train) / 1e9
     if size_gb > recipe.cache.max_gb:
-        return f"the teacher outputs {names} would take {size_gb:.1f} GB (cache.max_gb {recipe.cache.max_gb:g})"
+        size = f"{size_gb:.1f} GB" if size_gb >= 1 else f"{size_gb * 1e3:.3g} MB"
+        return f"the teacher outputs {names} would take {size} (cache.max_gb {recipe.cache.max_gb:g})"
     return None
 
 

@@ -197,3 +197,5 @@ def test_distill_cache_builds_ahead_the_teacher_caches_a_staged_run_then_reads(t
     assert second.folder != first.folder and second.arrays["embedding"].shape[:2] == (96, 2)
     no_cache = build_caches({**spec, "cache": {**spec["cache"], "enabled": False}})
     assert [why for _, why in no_cache] == ["cache.enabled is false"] * 2
+    (_, too_big), _ = build_caches({**spec, "cache": {**spec["cache"], "max_gb": 1e-9}})
+    assert re.fullmatch(r"the teacher outputs \['embedding'\] would take 0\.\d+ MB \(cache.max_gb 1e-09\)", too_big)
