@@ -3,9 +3,10 @@
 A run that compares fixed-size teacher outputs (sentence embeddings, class logits, pooled
 features) reads them from a :class:`~distill.cache.TeacherCache`; a language-model recipe with
 ``cache.top_k`` reads a :class:`~distill.logit_cache.TokenLogitCache`. Everything else (an
-on-policy run, token-level outputs that vary with each batch's padding, a cache larger than
-``cache.max_gb``) runs the teacher online, and :func:`uncached_reason` says why. ``distill run``
-and ``distill cache`` both come here, so a cache built ahead of a run is the one the run reads.
+on-policy run, a teacher sharded between processes, token-level outputs that vary with each
+batch's padding, a cache larger than ``cache.max_gb``) runs the teacher online, and
+:func:`uncached_reason` says why. ``distill run`` and ``distill cache`` both come here, so a
+cache built ahead of a run is the one the run reads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from distill.cache import TeacherCache, model_fingerprint
 from distill.config import Recipe
 from distill.errors import RecipeError
-from distill.launch import process_state
+from distill.launch import process_state, sharded_teacher
 from distill.logit_cache import TokenLogitCache
 from distill.losses.tokens import TokenKDLoss
 from distill.models.adapters import Adapter
@@ -95,6 +96,8 @@ def uncached_reason(recipe: Recipe, pair: Pairing, task: Any) -> str | None:
         return "cache.enabled is false"
     if recipe.on_policy is not None:
         return "on_policy: the student writes part of each batch as it trains"
+    if sharded_teacher(recipe.train, process_state(recipe.train).num_processes):
+        return "train.shard_teacher: the teacher runs split between the processes"
     if not pair.terms:
         return "the recipe has no distillation losses"
     if recipe.cache.top_k is not None:

@@ -22,7 +22,7 @@ from distill.config import TrainSpec
 from distill.engine import use_cpu
 from distill.errors import DistillError
 
-__all__ = ["launch", "launched", "process_state", "shard_frozen", "sync_batchnorm"]
+__all__ = ["launch", "launched", "process_state", "shard_frozen", "sharded_teacher", "sync_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,12 @@ def process_state(spec: TrainSpec) -> PartialState:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     return PartialState(cpu=use_cpu(spec))
+
+
+def sharded_teacher(spec: TrainSpec, processes: int) -> bool:
+    """Whether a run shards its frozen teacher between its processes (``train.shard_teacher`` with
+    more than one process): the teacher then runs online, whole nowhere."""
+    return spec.shard_teacher and processes > 1
 
 
 def sync_batchnorm(module: nn.Module, state: PartialState) -> nn.Module:

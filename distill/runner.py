@@ -31,7 +31,7 @@ from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
 from distill.errors import DataError, RecipeError, RunFolderError
 from distill.evaluate import measure, suite_scores, time_models
-from distill.launch import process_state, shard_frozen, sync_batchnorm
+from distill.launch import process_state, shard_frozen, sharded_teacher, sync_batchnorm
 from distill.locks import locked
 from distill.logit_cache import TokenLogitCache
 from distill.models.adapters import Adapter
@@ -132,7 +132,7 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
         basis = pair.student.teacher_basis if isinstance(pair.student, StaticEmbeddingAdapter) else None
         fit_teacher_maps(pair.projectors, _teacher_rows(pair, cache, task, recipe.evaluate.batch_size), basis)
     # After the pairing check, which runs both models on the CPU.
-    if distilled and _sharded_teacher(recipe, accelerator.num_processes):
+    if distilled and sharded_teacher(recipe.train, accelerator.num_processes):
         local, total = shard_frozen(teacher.module, accelerator.device, accelerator.num_processes)
         log.info("teacher sharded across %d processes: this one holds %d of its %d parameters",
                  accelerator.num_processes, local, total)
@@ -195,11 +195,6 @@ def _save_untrained(recipe: Recipe, built: BuiltStudent, folder: Path, procs: Pa
     procs.wait_for_everyone()
 
 
-def _sharded_teacher(recipe: Recipe, processes: int) -> bool:
-    """Whether this run shards its teacher (``train.shard_teacher`` with more than one process)."""
-    return recipe.train.shard_teacher and processes > 1
-
-
 def _is_sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -232,8 +227,6 @@ def build_caches(recipe: Recipe | str | Path | dict[str, Any], overrides: list[s
         pair = _pairing(stage, BuiltStudent.build(stage, teacher, task), teacher, task, True, procs)
         try:
             reason = uncached_reason(stage, pair, task)
-            if reason is None and _sharded_teacher(stage, procs.num_processes):
-                reason = "train.shard_teacher: the teacher runs online, split between the processes"
             if reason is None:
                 teacher.module.to(procs.device)
             found.append((stage.name, reason or cache_for(stage, pair, task)))
@@ -283,14 +276,14 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     # Built once, on the CPU with the teacher; every role below trains a fresh copy of it.
     built = BuiltStudent.build(recipe, teacher, task)
     pair = _pairing(recipe, built, teacher, task, True, procs)  # fail fast, before the teacher cache
-    sharded = _sharded_teacher(recipe, procs.num_processes)
+    sharded = sharded_teacher(recipe.train, procs.num_processes)
     if recipe.train.shard_teacher and not sharded:
         log.info("train.shard_teacher: one process, so the teacher stays whole")
     try:
         trained = (folder / "student" / "distill.json").is_file()
         if not sharded:  # a teacher too large for one device runs online, sharded
             teacher.module.to(procs.device)
-        cache = None if trained or sharded else cache_for(recipe, pair, task)
+        cache = None if trained else cache_for(recipe, pair, task)
     finally:
         teacher.module.to("cpu")
         pair.release()
