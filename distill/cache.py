@@ -176,10 +176,11 @@ class TeacherCache:
 
     @classmethod
     def plan_parts(cls, folder: Path, world: int, *, teacher_id: str, names: Sequence[str],
-                   batches: Callable[[Sequence[int]], dict[str, Any]], lengths: Sequence[int], **_: Any) -> None:
+                   batches: Callable[[Sequence[int]], dict[str, Any]], lengths: Sequence[int], **_: Any) -> RowPlan:
         """Before a build in ``world`` processes, one of them plans its rows (hashing every example
         and checking the earlier caches once) and writes the plan that :meth:`build_part` and
-        :meth:`merge_parts` then read. Takes the keyword arguments of :meth:`build`."""
+        :meth:`merge_parts` then read; it returns the plan, whose verified earlier arrays the same
+        process's merge reuses. Takes the keyword arguments of :meth:`build`."""
         plan = cls._plan(folder, teacher_id, names, batches, len(lengths))
         final = cls._part(folder, "plan", world)
         tmp = final.with_name(final.name + ".tmp")
@@ -188,6 +189,7 @@ class TeacherCache:
         tmp.mkdir(parents=True)
         plan.save(tmp)
         os.replace(tmp, final)
+        return plan
 
     @classmethod
     def build_part(cls, folder: Path, rank: int, world: int, *, teacher: Callable[[dict[str, Any]], dict[str, Tensor]],
@@ -221,9 +223,10 @@ class TeacherCache:
 
     @classmethod
     def merge_parts(cls, folder: Path, teacher_id: str, data_id: str, world: int, names: Sequence[str],
-                    examples: int) -> TeacherCache:
+                    examples: int, plan: RowPlan | None = None) -> TeacherCache:
         """Assemble the ``world`` part folders into one cache, checksummed like a one-process build
-        (byte for byte the same), and delete the parts."""
+        (byte for byte the same), and delete the parts. ``plan`` is :meth:`plan_parts`'s, when this
+        process made it (default: read back from its folder)."""
         remove_abandoned(folder.parent, folder.name)
         tmp = temporary_name(folder)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,7 +242,7 @@ class TeacherCache:
                         tmp / array_file(name), mode="w+", dtype=np.float32, shape=(examples, *rows.shape[1:]))
                 arrays[name][index] = rows
                 del rows
-        plan = RowPlan.load(cls._part(folder, "plan", world))
+        plan = plan or RowPlan.load(cls._part(folder, "plan", world))
         plan.fill(arrays, tmp, examples)
         cache = cls._finish(tmp, folder, arrays, teacher_id, data_id, examples, plan.keys)
         for part in folder.parent.glob(folder.name + ".part-*"):
@@ -267,13 +270,13 @@ class TeacherCache:
             if world == 1:
                 return cls.build(folder, teacher_id, data_id, **build_args)
             assert barrier is not None
-            if rank == 0:
-                cls.plan_parts(folder, world, teacher_id=teacher_id, **build_args)
+            plan = cls.plan_parts(folder, world, teacher_id=teacher_id, **build_args) if rank == 0 else None
             barrier()
             cls.build_part(folder, rank, world, **build_args)
             barrier()
             if rank == 0:
-                cls.merge_parts(folder, teacher_id, data_id, world, build_args["names"], len(build_args["lengths"]))
+                cls.merge_parts(folder, teacher_id, data_id, world, build_args["names"], len(build_args["lengths"]),
+                                plan)
             barrier()
             return cls.load(folder, teacher_id, data_id)
         except OSError as exc:
