@@ -3,7 +3,7 @@
 A label-free run saves the derived student before training as its baseline and the trained
 student beside it. ``train.merge_start: s`` saves ``(1 - s) * trained + s * start`` instead.
 This script mixes the two saved students of finished runs at each share (the same function the
-training loop calls, :func:`distill.engine.merge_start`) and scores every mix on the evaluation
+training loop calls, :func:`distill.models.weights.merge_start`) and scores every mix on the evaluation
 suite with the suite's own scoring, so a share can be chosen without retraining.
 
     python bench/merge_start.py runs/exp-ref [runs/...] [--shares 0 0.2 0.3 0.5] [--threads 1]
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from distill.config import load_recipe
-from distill.engine import merge_start, start_weights
 from distill.models.load import load_model
+from distill.models.weights import merge_start, start_weights
 from distill.suite import SUITE_TASKS, run_suite
 from distill.tasks.embedding import encode_texts
 

@@ -27,12 +27,15 @@ from distill.cache_rows import file_sha256
 from distill.errors import TrainingError
 from distill.step import StepModule
 
-__all__ = ["MANIFEST", "TIMING", "MetricsLog", "TrainState", "checkpoints", "resume", "save_checkpoint",
-           "save_model_atomic", "without_timing"]
+__all__ = ["AFTER_TRAINING", "BEST", "MANIFEST", "TIMING", "BestStudent", "MetricsLog", "TrainState", "checkpoints",
+           "resume", "save_checkpoint", "save_model_atomic", "without_timing"]
 
 log = logging.getLogger(__name__)
 #: The file of a checkpoint that lists its other files with their SHA-256.
 MANIFEST = "manifest.json"
+#: Keys that mark the records written after the last step (the scores of the student kept by
+#: ``train.keep_best`` and of ``train.merge_start``'s mix): a resumed run writes them again.
+AFTER_TRAINING = frozenset({"kept_best", "merged_start"})
 
 
 @dataclass
@@ -69,10 +72,11 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Keep only records up to ``step`` (what the resumed run will not repeat)."""
+        """Keep only records up to ``step`` (what the resumed run will not repeat), those written
+        after the last step aside."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [json.dumps(r) for r in self.read() if r["step"] <= step]
+        kept = [json.dumps(r) for r in self.read() if r["step"] <= step and not AFTER_TRAINING.intersection(r)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -261,3 +265,63 @@ def save_model_atomic(model: Any, target: Path) -> None:
     _write_folder_atomic(target, model.save, (OSError, RuntimeError, SafetensorError),
                          f"cannot save the model to {target} ({{reason}}); is the disk full? Training is kept: free "
                          "some space and run the same command again to save it")
+
+
+#: The folder beside a role's checkpoints that holds its best student so far (``train.keep_best``).
+BEST = "best"
+
+
+class BestStudent:
+    """The student of the best validation score so far (``train.keep_best``), kept on disk:
+    ``best/student.safetensors`` and ``best/best.json`` (its step and score), written as one
+    folder whenever an evaluation beats it, so a kill leaves the previous best whole.
+
+    Args:
+        folder: The ``best`` folder.
+        metric: The validation metric's name.
+        higher_is_better: ``False`` for perplexity.
+        main: Whether this process writes (the main one evaluates; every process restores).
+    """
+
+    def __init__(self, folder: Path, metric: str, higher_is_better: bool, main: bool) -> None:
+        self.folder, self.metric, self.main = folder, metric, main
+        self.sign = 1.0 if higher_is_better else -1.0
+
+    def info(self) -> dict[str, Any] | None:
+        """``{"step", "score", "metric"}`` of the best student on disk, or ``None``."""
+        try:
+            info = json.loads((self.folder / "best.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return info if (self.folder / "student.safetensors").is_file() else None
+
+    def resume(self, step: int) -> None:
+        """Training starts at ``step``: from scratch (0), a best left by an earlier attempt is
+        forgotten. Resumed, it is kept, even one from after ``step``: it is a student of this run
+        with its measured score, and the steps replayed to it reach it again (a tie keeps it)."""
+        if self.main and step == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def offer(self, step: int, score: float, module: torch.nn.Module) -> bool:
+        """Keep ``module`` as the best when ``score`` beats the best so far (ties keep the earlier)."""
+        best = self.info()
+        if not self.main or (best is not None and self.sign * score <= self.sign * best["score"]):
+            return False
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir(parents=True)
+            save_model(module, str(tmp / "student.safetensors"))
+            info = {"step": step, "score": score, "metric": self.metric}
+            (tmp / "best.json").write_text(json.dumps(info) + "\n")
+
+        _write_folder_atomic(self.folder, write, (OSError, RuntimeError, SafetensorError),
+                             f"step {step}: cannot write the best student to {self.folder} ({{reason}}); is the disk "
+                             "full? The checkpoints are kept: free some space and run the same command again")
+        return True
+
+    def restore(self, module: torch.nn.Module) -> dict[str, Any] | None:
+        """Load the best student's weights into ``module``; its ``info``, or ``None`` when there is none."""
+        info = self.info()
+        if info is not None:
+            load_model(module, str(self.folder / "student.safetensors"))
+        return info

@@ -23,16 +23,17 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from torch import Tensor, nn
 
 from distill.batches import lr_lambda, total_steps
-from distill.checkpoint import MetricsLog, TrainState, resume, save_checkpoint
+from distill.checkpoint import BEST, BestStudent, MetricsLog, TrainState, resume, save_checkpoint
 from distill.config import OnPolicySpec, TrainSpec
 from distill.errors import RecipeError, TrainingError
 from distill.models.adapters import Adapter
+from distill.models.weights import freeze, merge_start, start_weights
 from distill.progress import progress
 from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
 from distill.tasks import Batch, Task
 from distill.tracking import Trackers
 
-__all__ = ["make_accelerator", "merge_start", "on_policy_turn", "start_weights", "student_written", "train", "use_cpu"]
+__all__ = ["make_accelerator", "on_policy_turn", "student_written", "train", "use_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +122,6 @@ def _kill_point() -> int | None:
     return int(value) if value else None
 
 
-def freeze(module: nn.Module, prefixes: list[str]) -> None:
-    params = dict(module.named_parameters())
-    for prefix in prefixes:
-        hits = [param for name, param in params.items() if name.startswith(prefix)]
-        if not hits:
-            raise RecipeError(f"train.freeze: no student parameter starts with '{prefix}' (e.g. {list(params)[:3]})")
-        for param in hits:
-            param.requires_grad_(False)
-
-
 @dataclass
 class _Loop:
     """One call of :func:`train`: the trained objects and the loop's counters."""
@@ -171,6 +162,8 @@ class _Loop:
     written_in_step: int = 0
     aside: float = 0.0
     """Seconds spent evaluating and checkpointing (left out of the training time)."""
+    best: BestStudent | None = None
+    """The best student so far, with ``train.keep_best``."""
 
     def backward(self, batch: Batch, teacher_out: Any) -> None:
         """Forward, backward and (at the end of an accumulation) the optimizer step of one batch.
@@ -311,6 +304,8 @@ class _Loop:
                 self.metrics.write(record)
                 self.trackers.log(record, "eval")
                 self.bar.write(f"{self.desc} step {step}: eval {self.task.metric} {score:.2f}")
+                if self.best is not None:
+                    self.best.offer(step, score, student.module)
         if step % spec.checkpoint_every == 0 or step == self.steps:
             save_checkpoint(self.accelerator, self.ckpt_dir, self.state, spec.checkpoints_while_training(),
                             self.step_module, self.optimizer, self.scheduler)
@@ -348,6 +343,9 @@ def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], pr
                  steps, desc, trackers)
     loop.bar = progress(total=steps, initial=state.step, desc=desc, unit="step", show=main)
     loop.start = start
+    if spec.keep_best:
+        loop.best = BestStudent(folder / BEST, task.metric, getattr(task, "higher_is_better", True), main)
+        loop.best.resume(state.step)
     return loop
 
 
@@ -408,23 +406,30 @@ def train(
         first_seconds = _run(loop, batches, student, teacher, cache, bool(terms), seed, on_policy)
     finally:
         loop.trackers.finish()
-    loop.bar.close()
-    _merge_start(loop, student)
+    _finish(loop, student)
     return _result(loop, started, first_step, first_seconds, on_policy is not None)
 
 
-def start_weights(student: Adapter) -> dict[str, Tensor]:
-    """A CPU copy of the student's floating-point weights and buffers, as they are now."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in student.module.state_dict().items()
-            if v.is_floating_point()}
+def _finish(loop: _Loop, student: Adapter) -> None:
+    """After the last step: ``train.keep_best``'s student restored, then ``train.merge_start``'s mix."""
+    loop.bar.close()
+    if loop.best is not None:
+        _keep_best(loop, student)
+    _merge_start(loop, student)
 
 
-def merge_start(student: Adapter, start: dict[str, Tensor], share: float) -> None:
-    """Mix ``share`` of ``start`` (from :func:`start_weights`) into the student's weights, in place."""
-    with torch.no_grad():
-        for name, value in student.module.state_dict().items():
-            if name in start:
-                value.mul_(1 - share).add_(start[name].to(value.device, value.dtype), alpha=share)
+def _keep_best(loop: _Loop, student: Adapter) -> None:
+    """Every process loads the best student the main process kept, unless it is the last step's."""
+    loop.accelerator.wait_for_everyone()
+    info = loop.best.info()
+    if info is None:
+        log.warning("train.keep_best: no validation score was measured; the last step's student is kept")
+    elif info["step"] != loop.state.step:
+        loop.best.restore(student.module)
+        record = {"step": loop.state.step, "split": "eval", loop.task.metric: info["score"], "kept_best": info["step"]}
+        loop.metrics.write(record)
+        loop.bar.write(f"{loop.desc}: kept the student of step {info['step']} (eval {loop.task.metric} "
+                       f"{info['score']:.2f}), the best validation score (train.keep_best)")
 
 
 def _merge_start(loop: _Loop, student: Adapter) -> None:

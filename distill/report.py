@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from distill.checkpoint import AFTER_TRAINING  # noqa: E402
 from distill.suite import summarize_suite  # noqa: E402
 
 __all__ = ["ROLES", "count", "deployment_table", "headline", "megabytes", "overtraining_note", "ratio", "summarize",
@@ -114,7 +115,7 @@ def _plot_curves(histories: dict[str, list[dict[str, Any]]], metric: str, path: 
     fig, (ax_task, ax_kd, ax_eval) = plt.subplots(1, 3, figsize=(14, 3.5))
     for role, records in histories.items():
         train = [r for r in records if "loss" in r]
-        evals = [r for r in records if r.get("split") == "eval"]
+        evals = _curve(records, metric)
         task = [r for r in train if "task_loss" in r]
         if task:
             scale = task_weight if role == "student" and task_weight > 0 else 1.0
@@ -202,7 +203,7 @@ def overtraining_note(records: list[dict[str, Any]], metric: str, higher_is_bett
         metric: The validation metric's name.
         higher_is_better: Whether a larger value is better (``False`` for perplexity).
     """
-    evals = [r for r in records if r.get("split") == "eval" and metric in r and "merged_start" not in r]
+    evals = _curve(records, metric)
     if len(evals) < 3:
         return ""
     sign = 1.0 if higher_is_better else -1.0
@@ -210,9 +211,18 @@ def overtraining_note(records: list[dict[str, Any]], metric: str, higher_is_bett
     last = evals[-1]
     if sign * (best[metric] - last[metric]) <= OVERTRAINING_DROP * abs(best[metric]):
         return ""
-    return (f"The student's validation {metric} peaked at step {best['step']} ({best[metric]:.2f}) and ended at "
-            f"{last[metric]:.2f}: it fits its training data at the cost of held-out examples. A schedule that ends "
-            "near that step (fewer epochs) or more training data may do better.")
+    peak = (f"The student's validation {metric} peaked at step {best['step']} ({best[metric]:.2f}) and ended at "
+            f"{last[metric]:.2f}: it fits its training data at the cost of held-out examples.")
+    if any(r.get("kept_best") == best["step"] for r in records):
+        return f"{peak} The saved student is step {best['step']}'s (train.keep_best)."
+    return (f"{peak} A schedule that ends near that step (fewer epochs), train.keep_best: true (the saved student "
+            "is then the best step's) or more training data may do better.")
+
+
+def _curve(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The validation evaluations during training: not the scores of ``train.keep_best``'s restored
+    student or ``train.merge_start``'s mix, recorded after the last step."""
+    return [r for r in records if r.get("split") == "eval" and metric in r and not AFTER_TRAINING.intersection(r)]
 
 
 def _facts(summary: dict[str, Any]) -> str:

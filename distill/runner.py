@@ -26,7 +26,7 @@ from distill.batches import ShuffledBatches, per_process_batch
 from distill.cache import TeacherCache
 from distill.caching import cache_for, uncached_reason
 from distill.card import read_exports, write_model_card
-from distill.checkpoint import checkpoints, copy_model_atomic, save_model_atomic
+from distill.checkpoint import BEST, checkpoints, copy_model_atomic, save_model_atomic
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
 from distill.errors import DataError, RecipeError, RunFolderError
@@ -161,11 +161,14 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
 
 
 def _drop_checkpoints(folder: Path, keep: int | str) -> None:
-    """Once a model is saved, delete the checkpoints ``train.keep_checkpoints`` does not keep."""
+    """Once a model is saved, delete the checkpoints ``train.keep_checkpoints`` does not keep
+    (with ``none``, ``train.keep_best``'s copy too: the saved model is that student)."""
     if isinstance(keep, int):
         return
     for old in checkpoints(folder)[: -1 if keep == "final" else None]:
         shutil.rmtree(old, ignore_errors=True)
+    if keep == "none":
+        shutil.rmtree(folder.parent / BEST, ignore_errors=True)
 
 
 def _teacher_rows(pair: Pairing, cache: TeacherCache | TokenLogitCache | None, task: Any, batch_size: int
@@ -351,6 +354,23 @@ def _machine() -> str:
     return f"{platform.machine()} CPU, {threads} torch thread{'s' * (threads != 1)}, torch {torch.__version__}"
 
 
+def _training_text(recipe: Recipe, trained: dict[str, Any]) -> str:
+    """How the student was trained, for the report and model card: its losses and what was done
+    to its weights after the last step (``trained``: the student's ``distill.json``)."""
+    parts = [f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses]
+    if recipe.task_loss_weight:
+        parts.append(f"{recipe.task_loss_weight:g} x task loss")
+    losses = ", ".join(parts)
+    if recipe.on_policy is not None:
+        losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
+    kept = [r["kept_best"] for r in trained.get("eval", []) if "kept_best" in r]
+    if kept:
+        losses += f"; the student of step {kept[-1]} kept, its best validation score (train.keep_best)"
+    if recipe.train.merge_start:
+        losses += f"; then {recipe.train.merge_start:g} of the student's start mixed back in (train.merge_start)"
+    return losses
+
+
 def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, teacher: Adapter | None = None,
                  suite: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Measure teacher, student and baseline of a finished run and write ``eval.json``.
@@ -383,17 +403,10 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         raise RunFolderError(f"{folder}: no trained student yet; run the recipe first")
     for role, timing in time_models(adapters, task, recipe.evaluate).items():
         models[role].update(timing)
-    parts = [f"{s.weight:g} x {s.name}{s.params or ''}" for s in recipe.losses]
-    if recipe.task_loss_weight:
-        parts.append(f"{recipe.task_loss_weight:g} x task loss")
-    losses = ", ".join(parts)
-    if recipe.on_policy is not None:
-        losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
-    if recipe.train.merge_start:
-        losses += f"; then {recipe.train.merge_start:g} of the student's start mixed back in (train.merge_start)"
+    trained = read_json(folder / "student" / "distill.json", "run the recipe again to retrain it")
     student = recipe.student.derive.model_dump(exclude_none=True) if recipe.student.derive else (
         recipe.student.arch or recipe.student.source)
-    steps = read_json(folder / "student" / "distill.json", "run the recipe again to retrain it").get("steps")
+    steps, losses = trained.get("steps"), _training_text(recipe, trained)
     summary = {
         "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
         "teacher": teacher_name(recipe.teacher) if recipe.losses else None,

@@ -325,6 +325,12 @@ class TrainSpec(Spec):
     all text; training on a narrow corpus trades some of it for what the corpus exercises, and
     the mix keeps part of both (docs/results.md measures it). The start is held in memory, on the
     CPU, for the whole run: twice the student's weights. 0 (the default) keeps the trained weights."""
+    keep_best: bool = False
+    """Save the student of the best validation score, not the last step's: whenever an
+    evaluation (every ``eval_every`` steps) beats the best so far, the student is written to
+    ``best/`` beside the checkpoints, and it is restored after the last step (before
+    ``merge_start``'s mix). The report names the step kept. For a label-free run the score is
+    agreement with the teacher on held-out text, so no label picks the step."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip gradients to this norm; ``null`` disables clipping."""
     eval_every: int = Field(200, ge=1)

@@ -122,10 +122,12 @@ def test_recipe_without_losses_trains_as_the_baseline_does(tmp_path, data_dir, t
                                         (2, ["step-00000009", "step-00000012"])])
 def test_finished_runs_keep_the_checkpoints_asked_for(tmp_path, data_dir, tiny_teacher, keep, left):
     train = {"max_steps": 12, "batch_size": 32, "eval_every": 5, "checkpoint_every": 3, "lr": 1e-2,
-             "keep_checkpoints": keep}
+             "keep_checkpoints": keep, "keep_best": True}
     distill.run(recipe(tmp_path, data_dir, tiny_teacher, train=train))
     for role in ("student", "baseline"):
         assert sorted(p.name for p in (tmp_path / "run/train" / role / "checkpoints").iterdir()) == left
+        # train.keep_best's copy goes with the checkpoints only when none are kept.
+        assert (tmp_path / "run/train" / role / "best/best.json").is_file() == (keep != "none")
     # Which checkpoints are kept changes nothing in the results: the finished run is reused.
     again = distill.run(recipe(tmp_path, data_dir, tiny_teacher, train={**train, "keep_checkpoints": 3}))
     assert again.models["student"]["accuracy"] >= 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -279,3 +280,41 @@ def test_merge_start_mixes_the_start_back_into_the_trained_weights(tmp_path, dat
         torch.testing.assert_close(again[k], merged[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(RecipeError, match="merge_start"):
         parse_recipe(_tiny_recipe(tmp_path, data_dir, tiny_bert, train={**train, "merge_start": 1.0}))
+
+
+def test_keep_best_saves_the_student_of_the_best_validation_step(tmp_path, data_dir, tiny_bert):
+    """``train.keep_best``: a learning rate far too high makes a static student's validation
+    agreement peak at step 4 and fall; the saved student is the checkpoint of the best evaluation,
+    not the last step's, the report says which step, and a resumed run saves the same student."""
+    from safetensors.torch import load_file
+
+    train = {"max_steps": 12, "batch_size": 16, "lr": 0.5, "warmup_ratio": 0.5, "schedule": "constant",
+             "eval_every": 2, "checkpoint_every": 2, "keep_checkpoints": 10, "keep_best": True}
+    recipe = _tiny_recipe(tmp_path, data_dir, tiny_bert, baseline=False, train=train,
+                          student={"kind": "static-embedding", "derive": {"hidden_size": 16}})
+    distill.run(recipe)
+    run = tmp_path / "run"
+    records = [json.loads(x) for x in (run / "train/student/metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in records if r.get("split") == "eval" and "kept_best" not in r]
+    best = max(curve, key=lambda r: r["agreement"])
+    assert best["step"] < 12 and curve[-1]["agreement"] < best["agreement"]
+    assert records[-1] == {"step": 12, "split": "eval", "agreement": best["agreement"], "kept_best": best["step"]}
+
+    def weights(path):  # the token table: "embeddings.weight" in training, "embeddings" (float16) once saved
+        return load_file(str(path)).popitem()[1].half()
+
+    at_best = weights(run / f"train/student/checkpoints/step-{best['step']:08d}/student.safetensors")
+    assert not torch.equal(weights(run / "train/student/checkpoints/step-00000012/student.safetensors"), at_best)
+    assert torch.equal(weights(run / "student/model.safetensors"), at_best)
+    assert f"The saved student is step {best['step']}'s (train.keep_best)" in (run / "report.md").read_text()
+    summary = json.loads((run / "eval.json").read_text())  # what the report's facts and the model card say
+    assert f"the student of step {best['step']} kept, its best validation score" in summary["losses"]
+    # Resumed from the last checkpoint, or from one before the peak (the steps to it are replayed),
+    # the same student is saved.
+    for resume_at in (12, best["step"] - 2):
+        (run / "student/distill.json").unlink()
+        for checkpoint in (run / "train/student/checkpoints").glob("step-*"):
+            if int(checkpoint.name.split("-")[1]) > resume_at:
+                shutil.rmtree(checkpoint)
+        distill.run(recipe)
+        torch.testing.assert_close(weights(run / "student/model.safetensors"), at_best, rtol=1e-5, atol=1e-6)

@@ -64,8 +64,8 @@ def test_metrics_truncate_after_checkpoint(tmp_path):
 
 
 def test_freeze_by_prefix():
-    from distill.engine import freeze
     from distill.errors import RecipeError
+    from distill.models.weights import freeze
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     freeze(model, ["0."])
