@@ -319,6 +319,12 @@ class BestStudent:
                              "full? The checkpoints are kept: free some space and run the same command again")
         return True
 
+    def behind(self, records: list[dict[str, Any]]) -> int:
+        """How many evaluations in the metrics ``records`` came after the best one (0 with no best)."""
+        best = self.info()
+        return 0 if best is None else sum(1 for r in records if r.get("split") == "eval" and r["step"] > best["step"]
+                                          and self.metric in r and not AFTER_TRAINING.intersection(r))
+
     def restore(self, module: torch.nn.Module) -> dict[str, Any] | None:
         """Load the best student's weights into ``module``; its ``info``, or ``None`` when there is none."""
         info = self.info()

@@ -26,6 +26,7 @@ from distill.batches import lr_lambda, total_steps
 from distill.checkpoint import BEST, BestStudent, MetricsLog, TrainState, resume, save_checkpoint
 from distill.config import OnPolicySpec, TrainSpec
 from distill.errors import RecipeError, TrainingError
+from distill.launch import use_cpu
 from distill.models.adapters import Adapter
 from distill.models.weights import freeze, merge_start, start_weights
 from distill.progress import progress
@@ -33,18 +34,9 @@ from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, te
 from distill.tasks import Batch, Task
 from distill.tracking import Trackers
 
-__all__ = ["make_accelerator", "on_policy_turn", "student_written", "train", "use_cpu"]
+__all__ = ["make_accelerator", "on_policy_turn", "student_written", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def use_cpu(spec: TrainSpec) -> bool:
-    """Whether ``train.device`` puts the run on the CPU; a device the recipe names must exist."""
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device: 'cuda', but PyTorch sees no CUDA device here (use 'auto' or 'cpu')")
-    if spec.device == "mps" and not torch.backends.mps.is_available():
-        raise RecipeError("train.device: 'mps', but PyTorch sees no Apple GPU here (use 'auto' or 'cpu')")
-    return spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available())
 
 
 #: Launch modes whose model wrapping the loop's checkpoints and step module do not support.
@@ -163,7 +155,9 @@ class _Loop:
     aside: float = 0.0
     """Seconds spent evaluating and checkpointing (left out of the training time)."""
     best: BestStudent | None = None
-    """The best student so far, with ``train.keep_best``."""
+    """The best student so far, with ``train.keep_best`` or ``train.patience``."""
+    stopped: bool = False
+    """``train.patience`` ran out."""
 
     def backward(self, batch: Batch, teacher_out: Any) -> None:
         """Forward, backward and (at the end of an accumulation) the optimizer step of one batch.
@@ -292,6 +286,22 @@ class _Loop:
         self.units = 0.0
         return {"time": round(time.time(), 3), f"{self.unit}_per_s": round(rate, 1)}
 
+    def out_of_patience(self) -> bool:
+        """``train.patience``: whether the last ``patience`` evaluations all fell short of the best
+        (asked after each evaluation and on resuming; every process gets the main one's answer)."""
+        patience, step, accelerator = self.spec.patience, self.state.step, self.accelerator
+        if self.stopped or patience is None or self.best is None or step == 0 or step % self.spec.eval_every \
+                or step >= self.steps:
+            return self.stopped
+        behind = self.best.behind(self.metrics.read()) if accelerator.is_main_process else 0
+        if accelerator.num_processes > 1:
+            behind = int(accelerator.reduce(torch.tensor([behind], device=accelerator.device), "max").item())
+        if behind >= patience:
+            self.bar.write(f"{self.desc} step {step}: no better validation {self.task.metric} in {behind} "
+                           "evaluations; training stops (train.patience)")
+        self.stopped = behind >= patience
+        return self.stopped
+
     def evaluate_and_save(self, student: Adapter) -> None:
         """Evaluate (main process) and checkpoint when the schedule says so."""
         paused = time.perf_counter()
@@ -343,7 +353,7 @@ def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], pr
                  steps, desc, trackers)
     loop.bar = progress(total=steps, initial=state.step, desc=desc, unit="step", show=main)
     loop.start = start
-    if spec.keep_best:
+    if spec.keep_best or spec.patience:
         loop.best = BestStudent(folder / BEST, task.metric, getattr(task, "higher_is_better", True), main)
         loop.best.resume(state.step)
     return loop
@@ -394,7 +404,8 @@ def train(
         ``{"steps", "eval": [...], "steps_run", "seconds", "first_step_seconds"}``: the validation
         metric after each evaluation; the steps this call ran, their wall time (evaluations and
         checkpoints left out) and that of the first of them (which includes any warm-up). With
-        ``on_policy``, also ``on_policy_batches``: how many of this call's batches the student wrote.
+        ``on_policy``, also ``on_policy_batches``: how many of this call's batches the student wrote;
+        after an early stop (``train.patience``), ``stopped_at``: the last step trained.
     """
     if on_policy is not None and cache is not None:
         raise RecipeError("on_policy: the teacher must score text the student writes during training, so it runs "
@@ -451,7 +462,7 @@ def _run(loop: _Loop, batches: Any, student: Adapter, teacher: Teacher | None, c
     """The epochs and steps of :func:`train`; returns the wall time of the first step."""
     state, kill_at, accelerator = loop.state, _kill_point(), loop.accelerator
     started, first_step, first_seconds = time.perf_counter(), state.step, 0.0
-    while state.step < loop.steps:
+    while state.step < loop.steps and not loop.out_of_patience():
         for batch in batches.epoch(state.epoch, state.batch):
             if (on_policy is not None and state.step >= on_policy.start * loop.steps
                     and on_policy_turn(seed, state.epoch, state.batch, on_policy.fraction)):
@@ -466,7 +477,7 @@ def _run(loop: _Loop, batches: Any, student: Adapter, teacher: Teacher | None, c
             loop.evaluate_and_save(student)
             if kill_at is not None and state.step == kill_at:
                 os.kill(os.getpid(), 9)
-            if state.step >= loop.steps:
+            if state.step >= loop.steps or loop.out_of_patience():
                 break
         else:
             state.epoch += 1
@@ -481,4 +492,6 @@ def _result(loop: _Loop, started: float, first_step: int, first_seconds: float, 
               "seconds": round(seconds, 3), "first_step_seconds": round(first_seconds, 3)}
     if on_policy:
         result["on_policy_batches"] = loop.written
+    if loop.state.step < loop.steps:  # train.patience ended it
+        result["stopped_at"] = loop.state.step
     return result

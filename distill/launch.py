@@ -19,12 +19,20 @@ from accelerate import PartialState
 from torch import nn
 
 from distill.config import TrainSpec
-from distill.engine import use_cpu
-from distill.errors import DistillError
+from distill.errors import DistillError, RecipeError
 
-__all__ = ["launch", "launched", "process_state", "shard_frozen", "sharded_teacher", "sync_batchnorm"]
+__all__ = ["launch", "launched", "process_state", "shard_frozen", "sharded_teacher", "sync_batchnorm", "use_cpu"]
 
 log = logging.getLogger(__name__)
+
+
+def use_cpu(spec: TrainSpec) -> bool:
+    """Whether ``train.device`` puts the run on the CPU; a device the recipe names must exist."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device: 'cuda', but PyTorch sees no CUDA device here (use 'auto' or 'cpu')")
+    if spec.device == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError("train.device: 'mps', but PyTorch sees no Apple GPU here (use 'auto' or 'cpu')")
+    return spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available())
 
 
 def launched() -> bool:

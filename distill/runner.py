@@ -363,6 +363,9 @@ def _training_text(recipe: Recipe, trained: dict[str, Any]) -> str:
     losses = ", ".join(parts)
     if recipe.on_policy is not None:
         losses += f"; on-policy: {recipe.on_policy.fraction:g} of batches written by the student"
+    if trained.get("stopped_at"):
+        losses += (f"; stopped at step {trained['stopped_at']} of {trained['steps']}, its validation score no better "
+                   f"in {recipe.train.patience} evaluations (train.patience)")
     kept = [r["kept_best"] for r in trained.get("eval", []) if "kept_best" in r]
     if kept:
         losses += f"; the student of step {kept[-1]} kept, its best validation score (train.keep_best)"

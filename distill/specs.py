@@ -331,6 +331,10 @@ class TrainSpec(Spec):
     ``best/`` beside the checkpoints, and it is restored after the last step (before
     ``merge_start``'s mix). The report names the step kept. For a label-free run the score is
     agreement with the teacher on held-out text, so no label picks the step."""
+    patience: int | None = Field(None, ge=1)
+    """Stop training once this many evaluations in a row have not beaten the best validation
+    score (early stopping); the student of the best score is saved, as with ``keep_best``. The
+    learning-rate schedule stays that of the full run. ``null``: every step is trained."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip gradients to this norm; ``null`` disables clipping."""
     eval_every: int = Field(200, ge=1)

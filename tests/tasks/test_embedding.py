@@ -318,3 +318,32 @@ def test_keep_best_saves_the_student_of_the_best_validation_step(tmp_path, data_
                 shutil.rmtree(checkpoint)
         distill.run(recipe)
         torch.testing.assert_close(weights(run / "student/model.safetensors"), at_best, rtol=1e-5, atol=1e-6)
+
+
+def test_patience_stops_training_after_evaluations_without_a_better_score(tmp_path, data_dir, tiny_bert):
+    """``train.patience: 2``: the static student of the test above peaks at step 4, so training
+    stops at step 8 of 12 with step 4's student saved; run again, it trains no further."""
+    from safetensors.torch import load_file
+
+    train = {"max_steps": 12, "batch_size": 16, "lr": 0.5, "warmup_ratio": 0.5, "schedule": "constant",
+             "eval_every": 2, "checkpoint_every": 2, "keep_checkpoints": 10, "patience": 2}
+    recipe = _tiny_recipe(tmp_path, data_dir, tiny_bert, baseline=False, train=train,
+                          student={"kind": "static-embedding", "derive": {"hidden_size": 16}})
+    distill.run(recipe)
+    run = tmp_path / "run"
+    records = [json.loads(x) for x in (run / "train/student/metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if "loss" in r) == 8
+    assert [r["step"] for r in records if r.get("split") == "eval"] == [2, 4, 6, 8, 8]
+    assert records[-1]["kept_best"] == 4
+    trained = json.loads((run / "student/distill.json").read_text())
+    assert trained["stopped_at"] == 8 and trained["steps"] == 12
+    saved = load_file(str(run / "student/model.safetensors")).popitem()[1]
+    at_best = load_file(str(run / "train/student/checkpoints/step-00000004/student.safetensors")).popitem()[1]
+    assert torch.equal(saved, at_best.half())
+    summary = json.loads((run / "eval.json").read_text())
+    assert "stopped at step 8 of 12" in summary["losses"]
+    (run / "student/distill.json").unlink()
+    distill.run(recipe)  # resumes at step 8's checkpoint, where patience had already run out
+    again = [json.loads(x) for x in (run / "train/student/metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in again if "loss" in r) == 8
+    assert torch.equal(load_file(str(run / "student/model.safetensors")).popitem()[1], saved)
