@@ -134,7 +134,7 @@ def tiny(tmp_path_factory, data_dir):
         "task_loss_weight": 0.5, "baseline": False,
         # 237 = 7 x 32 + 13: each epoch ends with a short batch, split 7 + 6; 2 batches per step.
         "train": {"max_steps": 8, "batch_size": 32, "grad_accum": 2, "eval_every": 4, "checkpoint_every": 3,
-                  "lr": 1e-2, "keep_best": True},
+                  "lr": 1e-2, "keep_best": True, "patience": 5},  # patience: asked of both processes at step 4
         "cache": {"dir": str(root / "cache-one")},
         "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 16},
         "output_dir": str(root / "one"),
