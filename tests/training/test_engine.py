@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.batches import ShuffledBatches, lr_lambda, total_steps
-from distill.checkpoint import MetricsLog
+from distill.checkpoint import BestStudent, MetricsLog
 from distill.config import TrainSpec
 
 
@@ -61,6 +61,28 @@ def test_metrics_truncate_after_checkpoint(tmp_path):
     log.truncate_after(3)
     assert [r["step"] for r in log.read()] == [1, 2, 3]
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_best_student_for_a_metric_where_lower_is_better(tmp_path):
+    """Perplexity: the best is the lowest; a tie keeps the earlier; only the main process writes;
+    evaluations after the best count toward ``train.patience``, records written after training do not."""
+    model = torch.nn.Linear(2, 2)
+    best = BestStudent(tmp_path / "best", "perplexity", higher_is_better=False, main=True)
+    for step, score in ((2, 20.0), (4, 25.0), (6, 18.0), (8, 18.0), (10, 19.0)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        best.offer(step, score, model)
+    assert best.info() == {"step": 6, "score": 18.0, "metric": "perplexity"}
+    records = [{"step": s, "split": "eval", "perplexity": p} for s, p in ((6, 18.0), (8, 18.0), (10, 19.0))]
+    assert best.behind(records + [{"step": 10, "split": "eval", "perplexity": 18.0, "kept_best": 6}]) == 2
+    other = BestStudent(tmp_path / "best", "perplexity", higher_is_better=False, main=False)
+    assert not other.offer(12, 1.0, model) and best.info()["step"] == 6
+    best.restore(model)
+    assert bool((model.weight == 6).all())
+    best.resume(4)  # resumed: kept
+    assert best.info()["step"] == 6
+    best.resume(0)  # started over: forgotten
+    assert best.info() is None and best.behind(records) == 0
 
 
 def test_freeze_by_prefix():
