@@ -127,7 +127,8 @@ def _add_eval_and_report(sub: Subparsers) -> None:
         if name == "eval":
             p.add_argument("--suite", nargs="+", metavar="TASK",
                            help="also score the sentence-embedding models on these evaluation-suite tasks "
-                                "(sts12 sts13 sts14 sts15 sts16 stsb sst2 trec; default: the recipe's evaluate.suite)")
+                                "(sts12 sts13 sts14 sts15 sts16 stsb sst2 trec, a task of the recipe's own by name, "
+                                "or a YAML file of your own tasks; default: the recipe's evaluate.suite)")
 
 
 def _add_inspect(sub: Subparsers) -> None:

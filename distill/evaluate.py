@@ -17,6 +17,7 @@ from distill.config import EvalSpec
 from distill.models.adapters import Adapter
 from distill.models.derive import count_parameters
 from distill.suite import run_suite
+from distill.suite_tasks import Task, task_key, task_name
 from distill.tasks.embedding import encode_texts
 from distill.tmpfiles import remove_abandoned, temporary_name
 
@@ -103,7 +104,7 @@ def measure(model: Adapter, task: Any, saved: Path | None = None) -> dict[str, A
     return {task.metric: quality, "parameters": count_parameters(model.module), "size_bytes": size}
 
 
-def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | None = None,
+def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[Task] | None = None,
                  store: Path | None = None) -> dict[str, dict[str, float]]:
     """Every model's scores on the evaluation suite's ``tasks`` (default: ``spec.suite``), by role.
 
@@ -117,15 +118,16 @@ def suite_scores(models: dict[str, Adapter], spec: EvalSpec, tasks: list[str] | 
     for role, model in models.items():
         model.module.to("cpu")
         weights = model_fingerprint(model.module, {"data": str(spec.suite_data), "probe_limit": spec.probe_limit})
-        todo = [t for t in tasks if f"{weights}:{t}" not in known]
+        keys = {task_name(t): f"{weights}:{task_key(t)}" for t in tasks}
+        todo = [t for t in tasks if keys[task_name(t)] not in known]
 
         def encode(texts: list[str], model: Adapter = model) -> Any:
             return encode_texts(model, texts, spec.batch_size)
 
         fresh = run_suite(encode, todo, spec.suite_data, probe_limit=spec.probe_limit,
                           label=role) if todo else {}
-        known.update({f"{weights}:{t}": v for t, v in fresh.items()})
-        scores[role] = {t: known[f"{weights}:{t}"] for t in tasks}
+        known.update({keys[name]: v for name, v in fresh.items()})
+        scores[role] = {name: known[key] for name, key in keys.items()}
     if store is not None:
         store.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(store.parent, store.name)

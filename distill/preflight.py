@@ -18,6 +18,10 @@ def local_paths(recipe: Any) -> list[tuple[str, Path]]:
     paths = [("data.path", recipe.data.path)] + [(f"data.mix.{i}.path", m.path) for i, m in enumerate(recipe.data.mix)]
     if recipe.data.test_path is not None:
         paths.append(("data.test_path", recipe.data.test_path))
+    for i, task in enumerate(recipe.evaluate.suite):  # tasks of the user's own, read after training
+        if not isinstance(task, str):
+            files = (("path", task.path), ("test", task.test))
+            paths += [(f"evaluate.suite.{i}.{field}", path) for field, path in files if path is not None]
     for role in ("teacher", "student"):
         source = getattr(recipe, role).source
         # A Hub id is "name" or "owner/name"; anything deeper is a local folder (a run's student, say).

@@ -234,9 +234,10 @@ def _facts(summary: dict[str, Any]) -> str:
 
 
 _SUITE_NOTE = ("Each task's test set: STS12-16 and STS-B test (Spearman x 100 of cosine), SST-2 and TREC (accuracy "
-               "x 100 of a logistic-regression probe on the frozen embeddings); in brackets, the share of the "
-               "teacher's score. Unseen unless the run trains on the task: a run on STS-B's training pairs has seen "
-               "STS-B, and STS12-16 come from the same sources.")
+               "x 100 of a logistic-regression probe on the frozen embeddings), and any task of the recipe's own "
+               "(evaluate.suite), scored the same way by its kind; in brackets, the share of the teacher's score. "
+               "Unseen unless the run trains on the task: a run on STS-B's training pairs has seen STS-B, and "
+               "STS12-16 come from the same sources.")
 
 
 def _verdict(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True, untrained: bool = False) -> str:

@@ -53,6 +53,7 @@ from distill.preflight import missing_paths, not_found
 from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
 from distill.suite import check_tasks
+from distill.suite_tasks import select_tasks
 from distill.tasks import EmbeddingTask, build_task
 
 __all__ = ["RunResult", "as_recipe", "build_caches", "build_loss_terms", "evaluate_run", "final_folder", "locked",
@@ -378,10 +379,12 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
                  suite: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Measure teacher, student and baseline of a finished run and write ``eval.json``.
 
-    ``suite`` names evaluation-suite tasks to score them on (default: the recipe's ``evaluate.suite``).
+    ``suite`` names evaluation-suite tasks to score them on, built-in ones or the recipe's own
+    (default: the recipe's ``evaluate.suite``).
     """
     recipe = recipe or load_recipe(folder / "recipe.yaml")
-    check_tasks(suite if suite is not None else recipe.evaluate.suite)  # a typo is named before minutes of work
+    tasks = select_tasks(suite, recipe.evaluate.suite) if suite is not None else recipe.evaluate.suite
+    check_tasks(tasks)  # a typo or a missing file is named before minutes of work
     if suite and recipe.task not in ("sts", "embedding"):
         raise RecipeError(f"--suite scores sentence embeddings; {folder} is a '{recipe.task}' run, which has none")
     if recipe.stages:  # a staged run: each stage is measured in its own folder
@@ -417,7 +420,6 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         "task_loss_weight": recipe.task_loss_weight, "steps": steps,
         "machine": _machine(), "models": models,
     }
-    tasks = suite if suite is not None else recipe.evaluate.suite
     if tasks:
         summary["suite"] = suite_scores(adapters, recipe.evaluate, tasks, recipe.cache.dir / "suite-scores.json")
     if isinstance(task, EmbeddingTask) and "baseline" in models:

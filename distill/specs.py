@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from distill.errors import RecipeError
 from distill.losses import LOSSES
+from distill.suite_tasks import SuiteTaskSpec
 
 __all__ = [
     "CacheSpec",
@@ -450,10 +451,21 @@ class EvalSpec(Spec):
     """Untimed forward passes before timing."""
     batch_size: int = Field(64, ge=1)
     """Batch size of the throughput measurement and of quality evaluation."""
-    suite: list[str] = []
+    suite: list[Annotated[Annotated[str, Tag("name")] | Annotated[SuiteTaskSpec, Tag("task")],
+                          Discriminator(lambda v: "name" if isinstance(v, str) else "task")]] = []
     """Sentence-embedding models: tasks of the evaluation suite (:mod:`distill.suite`) run on
     teacher, student and baseline after training: ``sts12`` .. ``sts16``, ``stsb`` (STS-B
-    test), ``sst2``, ``trec`` (linear probes). None of their data enters training."""
+    test), ``sst2``, ``trec`` (linear probes), and tasks of your own from files (a mapping:
+    :class:`SuiteTaskSpec`). None of their data enters training."""
+
+    @field_validator("suite")
+    @classmethod
+    def _distinct(cls, tasks: list[str | SuiteTaskSpec]) -> list[str | SuiteTaskSpec]:
+        names = [t if isinstance(t, str) else t.name for t in tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"suite: {', '.join(twice)} listed twice")
+        return tasks
     suite_data: Path = Path("../shared/data")
     """Folder holding the suite's data sets (``sts12-16/``, ``stsbenchmark/``, ``sst2/``, ``trec/``)."""
     probe_limit: int | None = Field(None, ge=1)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from distill.errors import DataError, ModelError, RecipeError
 from distill.progress import progress
 from distill.registry import suggest
+from distill.suite_tasks import SUITE_TASKS, SuiteTaskSpec, Task, read_probe, read_scored_pairs, task_name
 from distill.tasks.base import spearman
 
 __all__ = [
@@ -54,9 +55,6 @@ _FOLDERS = {"stsb": "stsbenchmark", "sst2": "sst2", "trec": "trec"}
 _PROBES = ("sst2", "trec")
 #: TREC's files are not UTF-8 (train.txt line 66 holds a lone byte 0xF0); Latin-1 reads any byte.
 _ENCODINGS = {"sst2": "utf-8", "trec": "latin-1"}
-
-#: Every task :func:`run_suite` knows, in the order tables list them.
-SUITE_TASKS: tuple[str, ...] = (*_STS_YEARS, "stsb", *_PROBES)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -292,12 +290,18 @@ def score_probe(encode: Encoder, train: LabelledTexts, test: LabelledTexts, *, l
 # --- the suite -----------------------------------------------------------------------------
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Raise ``RecipeError`` (with a did-you-mean) for a task name the suite does not know."""
+def check_tasks(tasks: list[Task]) -> None:
+    """Raise ``RecipeError`` (with a did-you-mean) for a task name the suite does not know, and
+    ``DataError`` for a file of the user's own task that is not there."""
     known = list(SUITE_TASKS)
     for task in tasks:
-        if task not in known:
+        if isinstance(task, str) and task not in known:
             raise RecipeError(f"unknown suite task '{task}';{suggest(task, known)} known: {', '.join(known)}")
+        if isinstance(task, SuiteTaskSpec):
+            for field, path in (("path", task.path), ("test", task.test)):
+                if path is not None and not Path(path).is_file():
+                    raise DataError(f"evaluate.suite task '{task.name}': {field} {path} not found (relative paths "
+                                    f"are read from the working directory, {Path.cwd()})")
 
 
 def _task_path(task: str, data_root: Path, sts_root: Path | None, paths: Mapping[str, Path]) -> Path:
@@ -316,10 +320,11 @@ def _required_files(task: str, folder: Path) -> list[Path]:
     return [folder / "train.txt", folder / "test.txt"]
 
 
-def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: Path | None = None,
+def run_suite(encode: Encoder, tasks: list[Task], data_root: Path, *, sts_root: Path | None = None,
               paths: Mapping[str, Path] | None = None, probe_limit: int | None = None,
               seed: int = 0, label: str | None = None) -> dict[str, float]:
-    """Score ``encode`` on each of ``tasks`` (names from :data:`SUITE_TASKS`).
+    """Score ``encode`` on each of ``tasks``: names from :data:`SUITE_TASKS`, or tasks of the
+    user's own (:class:`~distill.suite_tasks.SuiteTaskSpec`).
 
     Task data is found under ``data_root`` in the shared layout (``sts12-16/STS12`` ...,
     ``stsbenchmark/sts-test.csv``, ``sst2/{train,test}.txt``, ``trec/{train,test}.txt``).
@@ -338,7 +343,7 @@ def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: P
         label: Show progress over the tasks under this name (e.g. the model's role).
 
     Returns:
-        ``{task: score}``: Spearman x 100 for STS tasks, accuracy x 100 for probes.
+        ``{task name: score}``: Spearman x 100 for STS tasks, accuracy x 100 for probes.
 
     Raises:
         RecipeError: An unknown task name (in ``tasks`` or ``paths``).
@@ -346,24 +351,32 @@ def run_suite(encode: Encoder, tasks: list[str], data_root: Path, *, sts_root: P
     """
     paths = dict(paths or {})
     check_tasks(list(tasks) + list(paths))
-    folders = {task: _task_path(task, data_root, sts_root, paths) for task in tasks}
+    builtin = [t for t in tasks if isinstance(t, str)]
+    folders = {task: _task_path(task, data_root, sts_root, paths) for task in builtin}
     for task, folder in folders.items():
         for required in _required_files(task, folder):
             if not required.exists():
                 raise DataError(f"data for suite task '{task}' not found: {required}")
     scores: dict[str, float] = {}
-    bar = progress(folders.items(), show=label is not None, desc=f"suite: {label}", unit="task",
-                   total=len(folders))
-    for task, folder in bar:
-        bar.set_postfix_str(task, refresh=False)
-        if task in _PROBES:
-            train, test = (read_labelled_texts(folder / f"{split}.txt", _ENCODINGS[task])
-                           for split in ("train", "test"))
-            scores[task] = score_probe(encode, train, test, limit=probe_limit, seed=seed)
-        else:
-            read = read_stsb_test if task == "stsb" else read_senteval_year
-            scores[task] = score_sts(encode, *read(folder))
+    bar = progress(tasks, show=label is not None, desc=f"suite: {label}", unit="task", total=len(tasks))
+    for task in bar:
+        bar.set_postfix_str(task_name(task), refresh=False)
+        scores[task_name(task)] = _score(encode, task, folders.get(task_name(task)), probe_limit, seed)
     return scores
+
+
+def _score(encode: Encoder, task: Task, folder: Path | None, probe_limit: int | None, seed: int) -> float:
+    if isinstance(task, SuiteTaskSpec):
+        if task.kind == "sts":
+            return score_sts(encode, *read_scored_pairs(task))
+        train, test = (LabelledTexts(*split) for split in read_probe(task))
+        return score_probe(encode, train, test, limit=probe_limit, seed=seed)
+    assert folder is not None
+    if task in _PROBES:
+        train, test = (read_labelled_texts(folder / f"{split}.txt", _ENCODINGS[task]) for split in ("train", "test"))
+        return score_probe(encode, train, test, limit=probe_limit, seed=seed)
+    read = read_stsb_test if task == "stsb" else read_senteval_year
+    return score_sts(encode, *read(folder))
 
 
 def summarize_suite(scores_by_model: dict[str, dict[str, float]], reference: str = "teacher") -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from distill.suite import (
     spearman,
     summarize_suite,
 )
+from distill.suite_tasks import SuiteTaskSpec, select_tasks, task_name
 
 
 def bag_of_chars(alphabet: str = "abc") -> Callable[[list[str]], np.ndarray]:
@@ -238,6 +242,79 @@ def test_missing_data_is_named_before_encoding(data_root: Path):
     with pytest.raises(DataError, match=str(data_root / "trec" / "train.txt")):
         run_suite(encode, ["sts12", "trec"], data_root)
     assert encode.calls == []
+
+
+def _hashed_words(dim: int = 64) -> Callable[[list[str]], np.ndarray]:
+    """A toy encoder with some knowledge of language: each word adds a fixed random vector."""
+
+    def encode(texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), dim))
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                out[i] += np.random.default_rng(zlib.crc32(word.encode())).standard_normal(dim)
+        return out
+
+    return encode
+
+
+def test_tasks_of_your_own_score_as_the_builtin_tasks_on_the_same_data(tmp_path: Path, data_dir: Path):
+    """STS-B test rewritten as a TSV of pairs and as JSON lines, TREC as CSV files with the
+    class names as labels (a test label the training file lacks counts as wrong): each scores
+    what the built-in task scores on the same examples."""
+    first, second, gold = read_stsb_test(data_dir / "stsbenchmark")
+    with (tmp_path / "pairs.tsv").open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(["left", "right", "relatedness"])
+        writer.writerows(zip(first, second, gold, strict=True))
+    write_lines(tmp_path / "pairs.jsonl", [json.dumps({"sentence1": a, "sentence2": b, "score": float(g)})
+                                           for a, b, g in zip(first, second, gold, strict=True)])
+    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    for split in ("train", "test"):
+        trec = read_labelled_texts(data_dir / "trec" / f"{split}.txt", "latin-1")
+        with (tmp_path / f"trec-{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["question", "type"])
+            writer.writerows((t, names[y]) for t, y in zip(trec.texts, trec.labels, strict=True))
+    own = [SuiteTaskSpec(name="pairs-tsv", kind="sts", path=tmp_path / "pairs.tsv", text_column=["left", "right"],
+                         label_column="relatedness"),
+           SuiteTaskSpec(name="pairs-jsonl", kind="sts", path=tmp_path / "pairs.jsonl"),
+           SuiteTaskSpec(name="questions", kind="probe", path=tmp_path / "trec-train.csv",
+                         test=tmp_path / "trec-test.csv", text_column="question", label_column="type")]
+    encode = _hashed_words()
+    scores = run_suite(encode, ["stsb", "trec", *own], data_dir, probe_limit=1000)
+    assert list(scores) == ["stsb", "trec", "pairs-tsv", "pairs-jsonl", "questions"]
+    assert scores["pairs-tsv"] == scores["pairs-jsonl"] == scores["stsb"] > 20
+    assert scores["questions"] == scores["trec"] > 40  # six classes; the largest is 22.6% of the test set
+    # One class missing from the training file: its test questions can only be wrong.
+    rows = (tmp_path / "trec-train.csv").read_text().splitlines()
+    write_lines(tmp_path / "no-num.csv", [rows[0]] + [r for r in rows[1:] if not r.endswith(",NUM")])
+    fewer = own[2].model_copy(update={"path": tmp_path / "no-num.csv"})
+    share = sum(1 for r in (tmp_path / "trec-test.csv").read_text().splitlines()[1:] if r.endswith(",NUM")) / 500
+    assert run_suite(encode, [fewer], data_dir)["questions"] <= 100 * (1 - share)
+
+
+def test_tasks_of_your_own_are_checked_and_named(tmp_path: Path):
+    write_lines(tmp_path / "pairs.csv", ["sentence1,sentence2,score", "a cat,a dog,3.5", "a car,the sea,n/a"])
+    task = SuiteTaskSpec(name="mine", kind="sts", path=tmp_path / "pairs.csv")
+    with pytest.raises(DataError, match=r"pairs.csv: pair 2: the score \('score'\) is not a number: 'n/a'"):
+        run_suite(bag_of_chars(), [task], tmp_path)
+    with pytest.raises(DataError, match="evaluate.suite task 'gone': path .*nothing.tsv not found"):
+        run_suite(bag_of_chars(), [SuiteTaskSpec(name="gone", kind="sts", path=tmp_path / "nothing.tsv")], tmp_path)
+    for fields, message in (({"name": "stsb", "kind": "sts", "path": "x.csv"}, "'stsb' is a built-in suite task"),
+                            ({"name": "p", "kind": "probe", "path": "x.csv"}, "a probe needs 'test'"),
+                            ({"name": "p", "kind": "sts", "path": "x.txt"}, "sts pairs need two text columns"),
+                            ({"name": "p", "kind": "sts", "path": "x.dat"}, "cannot tell the format of x.dat")):
+        with pytest.raises(ValueError, match=message):
+            SuiteTaskSpec(**fields)
+    # distill eval --suite: built-in names, the recipe's own tasks by name, or a YAML file of tasks.
+    (tmp_path / "tasks.yaml").write_text(f"- {{name: more, kind: sts, path: {tmp_path / 'pairs.csv'}}}\n")
+    chosen = select_tasks(["stsb", "mine", str(tmp_path / "tasks.yaml")], ["sts12", task])
+    assert [task_name(t) for t in chosen] == ["stsb", "mine", "more"] and chosen[1] is task
+    with pytest.raises(RecipeError, match="unknown suite task 'mien'; did you mean 'mine'"):
+        select_tasks(["mien"], [task])
+    (tmp_path / "bad.yaml").write_text("- {name: more, kind: sts}\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: task 1: path: Field required"):
+        select_tasks([str(tmp_path / "bad.yaml")], [])
 
 
 def test_summarize_suite_reports_retention():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import shutil
@@ -182,12 +183,20 @@ def _tiny_recipe(tmp_path, data_dir, tiny_bert, **fields):
 
 
 def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
+    from distill.cli import main
+    from distill.suite import read_stsb_test
+
+    # A task of the user's own: STS-B test's pairs as a CSV file, scored beside the built-in task.
+    first, second, gold = read_stsb_test(data_dir / "stsbenchmark")
+    with (tmp_path / "pairs.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([("sentence1", "sentence2", "score"), *zip(first, second, gold, strict=True)])
     recipe = _tiny_recipe(
         tmp_path, data_dir, tiny_bert,
         losses=[{"name": "cosine", "projector": "pca"}, {"name": "mse", "projector": "pca", "weight": 1.0}],
         train={"epochs": 2, "batch_size": 32, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10},
         evaluate={"latency_repeats": 2, "throughput_repeats": 1, "warmup": 0, "batch_size": 32,
-                  "suite": ["stsb"], "suite_data": str(data_dir)})
+                  "suite": ["stsb", {"name": "pairs", "kind": "sts", "path": str(tmp_path / "pairs.csv")}],
+                  "suite_data": str(data_dir)})
     result = distill.run(recipe)
     run = tmp_path / "run"
     assert json.loads((run / "baseline" / "distill.json").read_text())["untrained"] is True
@@ -198,9 +207,19 @@ def test_label_free_run_end_to_end(tmp_path, data_dir, tiny_bert):
     assert models["teacher"]["agreement"] == pytest.approx(100.0)
     assert 0 < models["student"]["agreement"] <= 100 and 0 < models["baseline"]["agreement"] <= 100
     summary = json.loads((run / "eval.json").read_text())
-    assert set(summary["suite"]) == {"teacher", "student", "baseline"} and "stsb" in summary["suite"]["student"]
+    assert set(summary["suite"]) == {"teacher", "student", "baseline"}
+    for scores in summary["suite"].values():
+        # The same pairs; the texts batched differently, so equal to float32 noise.
+        assert list(scores) == ["stsb", "pairs"] and scores["pairs"] == pytest.approx(scores["stsb"], abs=0.05)
     report = (run / "report.md").read_text()
     assert "## Evaluation suite" in report and "before training" in report
+    assert "| model | stsb | pairs | average |" in report
+    # distill eval --suite: the recipe's own task by name, more from a YAML file.
+    (tmp_path / "more.yaml").write_text(f"- {{name: again, kind: sts, path: {tmp_path / 'pairs.csv'}}}\n")
+    assert main(["eval", str(run), "--suite", "pairs", str(tmp_path / "more.yaml")]) == 0
+    again = json.loads((run / "eval.json").read_text())["suite"]["student"]
+    student = summary["suite"]["student"]["pairs"]
+    assert again == {"pairs": student, "again": student}
     # The PCA map is a fixed buffer in the checkpoint's projectors, not a trained weight.
     from safetensors.torch import load_file
 
