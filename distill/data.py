@@ -388,14 +388,16 @@ def labelled_file(folder: Path, fmt: str, split: str) -> Path | None:
 
 
 def read_labelled(path: Path, fmt: str, text_column: str | Sequence[str] = "text", label_column: str = "label",
-                  encoding: str = "utf-8", split: str = "train") -> tuple[list[Text], list[str]]:
+                  encoding: str = "utf-8", split: str = "train",
+                  hint: str = "set data.text_column and data.label_column") -> tuple[list[Text], list[str]]:
     """Texts (or text pairs) and their class labels (as written, not yet numbered) from one labelled file.
 
     Formats: ``labelled-text``, one ``LABEL text`` a line (the label is the first word; fastText's
     ``__label__`` prefix is dropped), as SST-2 and TREC ship; ``csv`` / ``tsv`` with a header
     naming ``text_column`` and ``label_column``; ``jsonl`` / ``parquet`` records with those fields;
     ``hf-dataset``: the ``split`` of a dataset (a ``save_to_disk`` folder or a Hub id). Two text
-    columns (``[premise, hypothesis]``) make each example a pair of texts.
+    columns (``[premise, hypothesis]``) make each example a pair of texts. ``hint`` tells a file's
+    missing column how to name the right one.
 
     Raises:
         DataError: A missing file or column, a line without a text, bytes that are not UTF-8
@@ -414,14 +416,13 @@ def read_labelled(path: Path, fmt: str, text_column: str | Sequence[str] = "text
                 raise DataError(f"{path}: example {number}: expected 'LABEL text', found {line[:40]!r}")
             pairs.append((text.strip(), label.removeprefix("__label__")))
     elif fmt in ("csv", "tsv"):
-        pairs = _delimited(path, "," if fmt == "csv" else "\t", columns, label_column, encoding)
+        pairs = _delimited(path, "," if fmt == "csv" else "\t", columns, label_column, encoding, hint)
     else:
         pairs = []
         for record, where in _record_rows(path, fmt, split):
             missing = [c for c in (*columns, label_column) if c not in record]
             if missing:
-                raise DataError(f"{where}: no field {missing} (found {sorted(record)}); set data.text_column and "
-                                "data.label_column")
+                raise DataError(f"{where}: no field {missing} (found {sorted(record)}); {hint}")
             label = record[label_column]
             if label is None or not str(label).strip():
                 raise DataError(f"{where}: the label ('{label_column}') is empty; every example needs one")
@@ -441,7 +442,7 @@ def _text_of(row: dict, columns: list[str]) -> Text:
     return texts[0] if len(texts) == 1 else texts
 
 
-def _delimited(path: Path, delimiter: str, columns: list[str], label_column: str, encoding: str
+def _delimited(path: Path, delimiter: str, columns: list[str], label_column: str, encoding: str, hint: str
                ) -> list[tuple[Text, str]]:
     if not path.is_file():
         raise DataError(f"labelled data not found: {path}")
@@ -453,8 +454,7 @@ def _delimited(path: Path, delimiter: str, columns: list[str], label_column: str
             header = reader.fieldnames or []
             missing = [c for c in (*columns, label_column) if c not in header]
             if missing:
-                raise DataError(f"{path}: no column {missing} in the header {header}; set data.text_column and "
-                                "data.label_column")
+                raise DataError(f"{path}: no column {missing} in the header {header}; {hint}")
             rows = []
             for row in reader:
                 if not (row[columns[0]] or "").strip():

@@ -142,9 +142,14 @@ def task_key(task: Task) -> str:
     return f"{task.name}@{digest}"
 
 
+def _hint(task: SuiteTaskSpec) -> str:
+    return f"set text_column and label_column in suite task '{task.name}'"
+
+
 def read_scored_pairs(task: SuiteTaskSpec) -> tuple[list[str], list[str], np.ndarray]:
     """A ``kind: sts`` task's pairs and scores, as :func:`read_senteval_year` returns them."""
-    texts, scores = read_labelled(task.path, task.file_format(), task.columns(), task.label(), task.encoding)
+    texts, scores = read_labelled(task.path, task.file_format(), task.columns(), task.label(), task.encoding,
+                                  hint=_hint(task))
     gold = []
     for number, score in enumerate(scores, 1):
         try:
@@ -159,8 +164,8 @@ def read_probe(task: SuiteTaskSpec) -> tuple[tuple[list[str], np.ndarray], tuple
     """A ``kind: probe`` task's training and test examples, ``(texts, labels)`` each, the labels
     numbered in the order of the training labels' sorted names (a test label the training file
     lacks is numbered -1, which no probe predicts)."""
-    read = {split: read_labelled(path, task.file_format(), task.columns()[0], task.label(), task.encoding)
-            for split, path in (("train", task.path), ("test", task.test))}
+    read = {split: read_labelled(path, task.file_format(), task.columns()[0], task.label(), task.encoding,
+                                 hint=_hint(task)) for split, path in (("train", task.path), ("test", task.test))}
     names = sorted(set(read["train"][1]))
     if len(names) < 2:
         raise DataError(f"{task.path}: the probe's training examples hold {len(names)} label ({names}); it needs two "

@@ -298,6 +298,9 @@ def test_tasks_of_your_own_are_checked_and_named(tmp_path: Path):
     task = SuiteTaskSpec(name="mine", kind="sts", path=tmp_path / "pairs.csv")
     with pytest.raises(DataError, match=r"pairs.csv: pair 2: the score \('score'\) is not a number: 'n/a'"):
         run_suite(bag_of_chars(), [task], tmp_path)
+    wrong = SuiteTaskSpec(name="mine", kind="sts", path=tmp_path / "pairs.csv", label_column="gold")
+    with pytest.raises(DataError, match=r"no column \['gold'\] .*; set text_column and label_column in suite task"):
+        run_suite(bag_of_chars(), [wrong], tmp_path)
     with pytest.raises(DataError, match="evaluate.suite task 'gone': path .*nothing.tsv not found"):
         run_suite(bag_of_chars(), [SuiteTaskSpec(name="gone", kind="sts", path=tmp_path / "nothing.tsv")], tmp_path)
     for fields, message in (({"name": "stsb", "kind": "sts", "path": "x.csv"}, "'stsb' is a built-in suite task"),
