@@ -29,7 +29,7 @@ from distill.card import read_exports, write_model_card
 from distill.checkpoint import BEST, checkpoints, copy_model_atomic, save_model_atomic
 from distill.config import Recipe, apply_overrides, load_recipe, parse_recipe
 from distill.engine import make_accelerator, train
-from distill.errors import DataError, RecipeError, RunFolderError
+from distill.errors import DataError, DistillError, RecipeError, RunFolderError
 from distill.evaluate import measure, suite_scores, time_models
 from distill.launch import process_state, shard_frozen, sharded_teacher, sync_batchnorm
 from distill.locks import locked
@@ -83,7 +83,7 @@ def _prepare_folder(recipe: Recipe, procs: PartialState) -> Path:
                 raise ValueError(marker)
         except ValueError:  # a damaged marker: the folder is this recipe's unless it holds results
             held = {"name": "?", "identity": f"unknown: {marker} is damaged"}
-        if held.get("identity") != identity and _holds_results(folder):
+        if held.get("identity") != identity and _holds_results(folder) and not _evaluation_changed(folder, recipe):
             raise RunFolderError(
                 f"{folder} holds a run of another recipe ('{held.get('name')}', identity {held.get('identity')}; "
                 f"this one is '{recipe.name}', identity {identity}). Nothing was changed: pick another "
@@ -98,6 +98,17 @@ def _prepare_folder(recipe: Recipe, procs: PartialState) -> Path:
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
     procs.wait_for_everyone()
     return folder
+
+
+def _evaluation_changed(folder: Path, recipe: Recipe) -> bool:
+    """Whether ``folder``'s recipe differs from ``recipe`` in its ``evaluate`` section alone: the
+    same training, reused, and the run measured again as ``recipe`` now says (another suite task,
+    say)."""
+    try:
+        held = load_recipe(folder / "recipe.yaml")
+    except DistillError:
+        return False
+    return held.model_copy(update={"evaluate": recipe.evaluate}).identity() == recipe.identity()
 
 
 def _holds_results(folder: Path) -> bool:

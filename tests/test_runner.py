@@ -139,6 +139,14 @@ def test_run_folder_of_another_recipe_is_refused(tmp_path, data_dir, tiny_teache
     with pytest.raises(RunFolderError, match="holds a run of another recipe"):
         distill.run(recipe(tmp_path, data_dir, tiny_teacher, baseline=False, seed=5))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    # Another evaluate section alone is the same training: reused, and measured as it now says.
+    weights = (tmp_path / "run/student/model.safetensors").read_bytes()
+    metrics = (tmp_path / "run/train/student/metrics.jsonl").read_text()
+    measured = {"latency_repeats": 3, "throughput_repeats": 1, "warmup": 0, "batch_size": 32}
+    distill.run(recipe(tmp_path, data_dir, tiny_teacher, baseline=False, evaluate=measured))
+    assert (tmp_path / "run/student/model.safetensors").read_bytes() == weights
+    assert (tmp_path / "run/train/student/metrics.jsonl").read_text() == metrics
+    assert "latency_repeats: 3" in (tmp_path / "run/recipe.yaml").read_text()
 
 
 def test_label_set_mismatch(tmp_path, data_dir):
