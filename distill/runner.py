@@ -52,8 +52,7 @@ from distill.pairing import (
 from distill.preflight import missing_paths, not_found
 from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
-from distill.suite import check_tasks
-from distill.suite_tasks import select_tasks
+from distill.suite import check_tasks, select_tasks
 from distill.tasks import EmbeddingTask, build_task
 
 __all__ = ["RunResult", "as_recipe", "build_caches", "build_loss_terms", "evaluate_run", "final_folder", "locked",

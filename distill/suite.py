@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
+from distill.config import parse_section
 from distill.errors import DataError, ModelError, RecipeError
 from distill.progress import progress
 from distill.registry import suggest
@@ -41,6 +43,7 @@ __all__ = [
     "run_suite",
     "score_probe",
     "score_sts",
+    "select_tasks",
     "spearman",
     "summarize_suite",
 ]
@@ -302,6 +305,41 @@ def check_tasks(tasks: list[Task]) -> None:
                 if path is not None and not Path(path).is_file():
                     raise DataError(f"evaluate.suite task '{task.name}': {field} {path} not found (relative paths "
                                     f"are read from the working directory, {Path.cwd()})")
+
+
+def select_tasks(names: list[str], own: list[Task]) -> list[Task]:
+    """The tasks ``names`` asks for (``distill eval --suite``): built-in ones, the recipe's own
+    tasks (``own``, its ``evaluate.suite``) by their names, and the tasks a YAML file lists (a
+    name ending in ``.yaml`` or ``.yml``: a list of task mappings, or one)."""
+    mine = {t.name: t for t in own if isinstance(t, SuiteTaskSpec)}
+    known = [*SUITE_TASKS, *mine]
+    tasks: list[Task] = []
+    for name in names:
+        if name.endswith((".yaml", ".yml")):
+            tasks += _task_file(Path(name))
+        elif name in known:
+            tasks.append(mine.get(name, name))
+        else:
+            raise RecipeError(f"unknown suite task '{name}';{suggest(name, known)} known: {', '.join(known)}, or a "
+                              "YAML file of tasks of your own")
+    return tasks
+
+
+def _task_file(path: Path) -> list[SuiteTaskSpec]:
+    """The tasks of the user's own a YAML file lists."""
+    if not path.is_file():
+        raise DataError(f"suite task file not found: {path}")
+    try:
+        listed = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    tasks = []
+    for i, entry in enumerate(listed if isinstance(listed, list) else [listed]):
+        try:  # the messages an evaluate.suite entry of a recipe gets (did-you-mean on a field)
+            tasks.append(parse_section(SuiteTaskSpec, entry, ("evaluate", "suite", i)))
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: task {i + 1}:{str(exc).removeprefix('invalid settings')}") from None
+    return tasks
 
 
 def _task_path(task: str, data_root: Path, sts_root: Path | None, paths: Mapping[str, Path]) -> Path:

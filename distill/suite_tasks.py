@@ -1,6 +1,6 @@
-"""The evaluation suite's task names, and tasks of the user's own: as a recipe or a YAML file
-gives them (``evaluate.suite``, ``distill eval --suite FILE``), their files read, and the key
-their scores are stored under. :mod:`distill.specs` validates them; :mod:`distill.suite` scores them."""
+"""The evaluation suite's task names, and tasks of the user's own: as a recipe gives them
+(``evaluate.suite``), their files read, and the key their scores are stored under.
+:mod:`distill.specs` validates them; :mod:`distill.suite` selects and scores them."""
 
 from __future__ import annotations
 
@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.data import read_labelled
-from distill.errors import DataError, RecipeError
-from distill.registry import suggest
+from distill.errors import DataError
 
-__all__ = ["SUITE_FORMATS", "SUITE_TASKS", "SuiteTaskSpec", "Task", "read_probe", "read_scored_pairs", "select_tasks",
-           "task_key", "task_name"]
+__all__ = ["SUITE_FORMATS", "SUITE_TASKS", "SuiteTaskSpec", "Task", "read_probe", "read_scored_pairs", "task_key",
+           "task_name"]
 
 #: Every built-in task, in the order tables list them: the SentEval STS years, STS-B test, the probes.
 SUITE_TASKS: tuple[str, ...] = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sst2", "trec")
@@ -92,43 +90,6 @@ Task = str | SuiteTaskSpec
 def task_name(task: Task) -> str:
     """The task's column in the suite's tables."""
     return task if isinstance(task, str) else task.name
-
-
-def select_tasks(names: list[str], own: list[Task]) -> list[Task]:
-    """The tasks ``names`` asks for (``distill eval --suite``): built-in ones, the recipe's own
-    tasks (``own``, its ``evaluate.suite``) by their names, and the tasks a YAML file lists (a
-    name ending in ``.yaml`` or ``.yml``: a list of task mappings, or one)."""
-    mine = {t.name: t for t in own if isinstance(t, SuiteTaskSpec)}
-    known = [*SUITE_TASKS, *mine]
-    tasks: list[Task] = []
-    for name in names:
-        if name.endswith((".yaml", ".yml")):
-            tasks += _task_file(Path(name))
-        elif name in known:
-            tasks.append(mine.get(name, name))
-        else:
-            raise RecipeError(f"unknown suite task '{name}';{suggest(name, known)} known: {', '.join(known)}, or a "
-                              "YAML file of tasks of your own")
-    return tasks
-
-
-def _task_file(path: Path) -> list[SuiteTaskSpec]:
-    """The tasks of the user's own a YAML file lists."""
-    if not path.is_file():
-        raise DataError(f"suite task file not found: {path}")
-    try:
-        listed = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    tasks = []
-    for number, entry in enumerate(listed if isinstance(listed, list) else [listed], 1):
-        try:
-            tasks.append(SuiteTaskSpec.model_validate(entry))
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg'].removeprefix('Value error, ')}"
-                                 for e in exc.errors())
-            raise RecipeError(f"{path}: task {number}: {problems}") from None
-    return tasks
 
 
 def task_key(task: Task) -> str:

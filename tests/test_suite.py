@@ -24,10 +24,11 @@ from distill.suite import (
     run_suite,
     score_probe,
     score_sts,
+    select_tasks,
     spearman,
     summarize_suite,
 )
-from distill.suite_tasks import SuiteTaskSpec, select_tasks, task_name
+from distill.suite_tasks import SuiteTaskSpec, task_name
 
 
 def bag_of_chars(alphabet: str = "abc") -> Callable[[list[str]], np.ndarray]:
@@ -315,8 +316,9 @@ def test_tasks_of_your_own_are_checked_and_named(tmp_path: Path):
     assert [task_name(t) for t in chosen] == ["stsb", "mine", "more"] and chosen[1] is task
     with pytest.raises(RecipeError, match="unknown suite task 'mien'; did you mean 'mine'"):
         select_tasks(["mien"], [task])
-    (tmp_path / "bad.yaml").write_text("- {name: more, kind: sts}\n")
-    with pytest.raises(RecipeError, match=r"bad.yaml: task 1: path: Field required"):
+    (tmp_path / "bad.yaml").write_text("- {name: more, kind: sts, path: a.csv, lable_column: x}\n- {name: b}\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: task 1:\n  evaluate.suite.0.lable_column: unknown field "
+                                          "'lable_column'; did you mean 'label_column'"):
         select_tasks([str(tmp_path / "bad.yaml")], [])
 
 
