@@ -28,6 +28,7 @@ from distill.export import TOLERANCE, ExportedAdapter, export_onnx, graph_of, lo
 from distill.models.hf import unwrap
 from distill.models.load import load_teacher
 from distill.records import read_evaluation
+from distill.tasks.base import higher_is_better
 
 __all__ = ["measure_deployment", "perplexity", "quantize_torch"]
 
@@ -166,5 +167,5 @@ def measure_deployment(folder: Path, recipe: Recipe, task: Any, student: Any, on
         for figure in ("latency_ms", "latency_ms_iqr", "throughput"):
             row[figure] = statistics.median(r[figure] for r in runs)
         row["latency_ms_rounds"] = [r["latency_ms"] for r in runs]
-    return {"metric": metric, "higher_is_better": getattr(task, "higher_is_better", True), "machine": _machine(),
+    return {"metric": metric, "higher_is_better": higher_is_better(task), "machine": _machine(),
             "onnxruntime": require_onnx().__version__, "rows": rows}

@@ -32,6 +32,7 @@ from distill.models.weights import freeze, merge_start, start_weights
 from distill.progress import progress
 from distill.step import TOKENS, LossTerm, StepModule, Teacher, TeacherStore, teacher_outputs
 from distill.tasks import Batch, Task
+from distill.tasks.base import higher_is_better
 from distill.tracking import Trackers
 
 __all__ = ["make_accelerator", "on_policy_turn", "student_written", "train"]
@@ -354,7 +355,7 @@ def _start(student: Adapter, task: Task, batches: Any, terms: list[LossTerm], pr
     loop.bar = progress(total=steps, initial=state.step, desc=desc, unit="step", show=main)
     loop.start = start
     if spec.keep_best or spec.patience:
-        loop.best = BestStudent(folder / BEST, task.metric, getattr(task, "higher_is_better", True), main)
+        loop.best = BestStudent(folder / BEST, task.metric, higher_is_better(task), main)
         loop.best.resume(state.step)
     return loop
 

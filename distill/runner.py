@@ -54,6 +54,7 @@ from distill.records import read_evaluation, read_json, read_json_lines
 from distill.report import write_report, write_stages_report
 from distill.suite import check_tasks, select_tasks
 from distill.tasks import EmbeddingTask, build_task
+from distill.tasks.base import higher_is_better
 
 __all__ = ["RunResult", "as_recipe", "build_caches", "build_loss_terms", "evaluate_run", "final_folder", "locked",
            "pair_outputs", "report_run", "run"]
@@ -424,7 +425,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         recipe.student.arch or recipe.student.source)
     steps, losses = trained.get("steps"), _training_text(recipe, trained)
     summary = {
-        "recipe": recipe.name, "metric": task.metric, "higher_is_better": getattr(task, "higher_is_better", True),
+        "recipe": recipe.name, "metric": task.metric, "higher_is_better": higher_is_better(task),
         "teacher": teacher_name(recipe.teacher) if recipe.losses else None,
         "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses,
         "task_loss_weight": recipe.task_loss_weight, "steps": steps,

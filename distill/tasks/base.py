@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Task", "TextBlocks", "evaluating", "spearman"]
+__all__ = ["Batch", "Task", "TextBlocks", "evaluating", "higher_is_better", "spearman"]
 
 #: A batch: ``index`` (positions in the training set, for the cache), ``inputs`` for the
 #: adapters, ``labels`` for the task loss (or ``None``).
@@ -23,7 +23,8 @@ class Task(Protocol):
     output: str
     """Named model output that distillation compares and evaluation scores."""
     metric: str
-    """Name of the quality metric (higher is better)."""
+    """Name of the quality metric (higher is better unless the task sets ``higher_is_better = False``:
+    :func:`higher_is_better`)."""
     train: Any
     """Training set: ``len()`` and ``batch(indices) -> Batch``."""
 
@@ -51,6 +52,12 @@ class Task(Protocol):
     def check_outputs(self, outputs: dict[str, Tensor], role: str) -> None:
         """Raise a clear error when a model's outputs do not fit the task (wrong label set)."""
         ...
+
+
+def higher_is_better(task: Any) -> bool:
+    """Whether a larger value of ``task``'s metric is better: a task whose metric falls as the
+    model improves (perplexity) says so with ``higher_is_better = False``."""
+    return bool(getattr(task, "higher_is_better", True))
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
