@@ -221,6 +221,13 @@ class Recipe(Spec):
                     raise ValueError(f"{role}.kind: data.format '{self.data.format}' is "
                                      f"{'text' if needs != 'torch' else 'images'}, so the models are '{needs}', "
                                      f"got '{k}'")
+        if self.data.mix:  # images here: set for task 'classification' just above
+            pairs = isinstance(self.data.text_column, list)
+            other = ("examples are images" if images else "examples are text pairs" if pairs else None
+                     ) if self.task in ("embedding", "classification", "regression") else f"task is '{self.task}'"
+            if other:
+                raise ValueError(f"data.mix: adds unlabelled single texts (tasks 'embedding', 'classification' and "
+                                 f"'regression' of texts), and this recipe's {other}")
         if self.evaluate.suite and self.task not in ("sts", "embedding"):
             raise ValueError(f"evaluate.suite: the suite scores sentence embeddings, and task '{self.task}' has none")
 

@@ -16,7 +16,7 @@ from distill.errors import DataError
 
 __all__ = ["LABELLED_SUFFIXES", "SentencePairs", "Text", "dataset_rows", "dataset_splits", "decoded_lines",
            "expand_path", "labelled_file", "mix_texts", "read_idx_images", "read_labelled", "read_lines",
-           "read_records", "read_stsb", "read_text", "read_texts", "unique"]
+           "read_records", "read_stsb", "read_text", "read_texts", "unique", "unlabelled_texts"]
 
 
 @dataclass(frozen=True)
@@ -347,6 +347,15 @@ def read_texts(path: Path, fmt: str, column: str = "text", split: str = "train",
     if not texts:
         raise DataError(f"{path}: no texts in field '{column}'")
     return texts
+
+
+def unlabelled_texts(spec: Any, seed: int = 0) -> list[str]:
+    """The texts of ``data.mix`` for a task of labelled texts: each corpus read as unlabelled texts
+    (in its own ``format``, else ``data.format`` where that is one of unlabelled texts, else
+    ``text``), repeats removed, and taken ``weight`` times (:func:`mix_texts`)."""
+    fallback = spec.format if spec.format in ("text", "jsonl", "parquet", "hf-dataset") else "text"
+    return mix_texts([(unique(read_texts(m.path, m.format or fallback, spec.text_column, spec.split,
+                                         m.encoding or spec.encoding)), m.weight) for m in spec.mix], seed)
 
 
 def unique(texts: list[str]) -> list[str]:

@@ -150,12 +150,15 @@ def _train_one(recipe: Recipe, role: str, built: BuiltStudent, teacher: Adapter,
                  accelerator.num_processes, local, total)
     elif not _is_sharded(teacher.module):
         teacher.module.to(accelerator.device)
+    data, lengths = task.train, task.lengths() if recipe.train.group_by_length else None
+    labelled = getattr(task, "labelled_examples", len(data))
+    if not distilled and labelled < len(data):  # without a teacher, data.mix's unlabelled texts teach nothing
+        data, lengths = data.head(labelled), lengths[:labelled] if lengths else None
     try:
         result = train(
             student=pair.student, task=task, terms=pair.terms, projectors=pair.projectors,
-            batches=ShuffledBatches(task.train, recipe.train.batch_size, recipe.seed, accelerator.process_index,
-                                    accelerator.num_processes,
-                                    task.lengths() if recipe.train.group_by_length else None),
+            batches=ShuffledBatches(data, recipe.train.batch_size, recipe.seed, accelerator.process_index,
+                                    accelerator.num_processes, lengths),
             teacher=pair.teacher if distilled else None, cache=cache if distilled else None,
             task_weight=recipe.task_loss_weight if distilled else 1.0, seed=recipe.seed,
             spec=recipe.train if recipe.train.project else recipe.train.model_copy(update={"project": recipe.name}),
@@ -428,6 +431,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         "recipe": recipe.name, "metric": task.metric, "higher_is_better": higher_is_better(task),
         "teacher": teacher_name(recipe.teacher) if recipe.losses else None,
         "student": f"`{student}`", "data": str(recipe.data.path), "losses": losses,
+        "mix": [{"path": str(m.path), "weight": m.weight} for m in recipe.data.mix],
         "task_loss_weight": recipe.task_loss_weight, "steps": steps,
         "machine": _machine(), "models": models,
     }

@@ -148,7 +148,7 @@ class ModelSpec(Spec):
 
 
 class MixSpec(Spec):
-    """One more corpus mixed into an unlabelled training set."""
+    """One more corpus of unlabelled texts mixed into the training set."""
 
     path: Path
     """The corpus (a file or a folder of them, as ``data.path``)."""
@@ -156,7 +156,7 @@ class MixSpec(Spec):
     """How many times its texts are taken: whole copies for the integer part, a seeded sample
     for the fraction (0.5: a random half)."""
     format: Literal["text", "jsonl", "parquet", "hf-dataset"] | None = None
-    """Its format (default: ``data.format``)."""
+    """Its format (default: ``data.format``; ``text`` beside a labelled format)."""
     encoding: str | None = None
     """Its text encoding (default: ``data.encoding``)."""
 
@@ -210,8 +210,9 @@ class DataSpec(Spec):
     weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     """Task ``embedding``: how many times ``path``'s training texts are taken (see ``mix``)."""
     mix: list[MixSpec] = []
-    """Task ``embedding``: more corpora mixed into the training texts, each with its weight.
-    Repeats within a corpus are removed first; validation and test come from ``path`` alone."""
+    """More corpora of unlabelled texts mixed into training, each with its weight (repeats in one
+    removed); validation and test come from ``path`` alone. Tasks ``classification`` and
+    ``regression``: the student learns them from the teacher alone (the baseline skips them)."""
     image_size: int | tuple[int, int] | None = None
     """``image-folder`` (and ``image_column``): resize every image to this (``[height, width]``, or one number for a
     square); ``null``: the first image's size, which every image must then have."""

@@ -129,7 +129,8 @@ class DKDLoss(nn.Module):
         beta: Weight of the non-target-class term (8 in the paper for CIFAR-100).
         temperature: Softmax temperature.
 
-    Shapes: ``(N, C)`` logits and ``(N,)`` integer labels in, scalar out. Labels are required.
+    Shapes: ``(N, C)`` logits and ``(N,)`` integer labels in, scalar out. Labels are required; a
+    row labelled -1 (unlabelled) takes the teacher's top class as its target.
     """
 
     traits: ClassVar[LossTraits] = LossTraits(output="logits")
@@ -146,7 +147,10 @@ class DKDLoss(nn.Module):
             raise ValueError("dkd needs class labels; use it on a labelled classification task")
         t = self.temperature
         s, te = flat(student_out) / t, flat(teacher_out) / t
-        target = F.one_hot(labels.reshape(-1).long(), s.shape[-1]).bool()
+        labels = labels.reshape(-1).long()
+        # An unlabelled example (-1: a text of data.mix) takes the teacher's top class as its target.
+        labels = torch.where(labels < 0, te.argmax(-1), labels)
+        target = F.one_hot(labels, s.shape[-1]).bool()
         tckd = kl_divergence(_binary_log_probs(te, target), _binary_log_probs(s, target))
         # Masking the target with a large negative logit leaves the softmax over the rest.
         log_nt_s = F.log_softmax(s.masked_fill(target, -1e4), -1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ from distill.data import (
     labelled_file,
     read_idx_images,
     read_labelled,
+    unlabelled_texts,
 )
 from distill.errors import DataError
 from distill.images import image_folder_splits, read_image_folder, read_image_records
 from distill.tasks.base import Batch, evaluating
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PIXEL_MEAN", "PIXEL_STD", "ClassificationTask", "ImageSet", "TextClassificationTask", "TextSet"]
 
@@ -70,8 +74,12 @@ class _Accuracy:
     splits: dict[str, Any]
 
     def task_loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
-        logits = outputs["logits"]
-        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+        logits = outputs["logits"].float()
+        labels = batch["labels"].to(logits.device)
+        known = labels >= 0  # -1: a text of data.mix, which only the teacher's outputs teach
+        if not bool(known.all()):
+            return F.cross_entropy(logits[known], labels[known]) if bool(known.any()) else logits.sum() * 0.0
+        return F.cross_entropy(logits, labels)
 
     def check_outputs(self, outputs: dict[str, Tensor], role: str) -> None:
         logits = outputs.get("logits")
@@ -216,6 +224,10 @@ class TextSet:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def head(self, n: int) -> TextSet:
+        """The first ``n`` examples."""
+        return TextSet(self.texts[:n], self.labels[:n].numpy())
+
     def batch(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(list(indices), dtype=torch.long)
         chosen = [self.texts[i] for i in index.tolist()]
@@ -238,11 +250,22 @@ class TextClassificationTask(_Accuracy):
     Labels are class ids when every label is an integer (0 .. n-1), else names, numbered in
     sorted order (:attr:`label_names`).
 
+    ``data.mix`` adds unlabelled texts to the training set (after the labelled ones, which keep
+    ``data.train_limit``): the distilled student learns them from the teacher's outputs alone
+    (the task loss skips them), and the no-teacher baseline, which has nothing to learn from
+    them, trains on the labelled examples only. A mix text that is also a labelled training,
+    validation or test text is dropped, so the teacher's answers on test texts never train the
+    student.
+
     Args:
         spec: Where the files are, their format and columns, how much to use and hold out.
+        seed: Seed of the mixing samples (a ``data.mix`` weight's fraction).
     """
 
-    def __init__(self, spec: DataSpec) -> None:
+    #: The label of a training text without one (a text of ``data.mix``).
+    UNLABELLED: float = -1
+
+    def __init__(self, spec: DataSpec, seed: int = 0) -> None:
         fmt, columns = spec.format, (spec.text_column, spec.label_column, spec.encoding)
         sources = _sources(spec)
         path, split_name = sources["train"]  # type: ignore[misc]
@@ -265,9 +288,20 @@ class TextClassificationTask(_Accuracy):
         self.label_names = _dataset_names(spec, self.label_names)
         self.num_classes = len(self.label_names)
         limits = {"train": spec.train_limit, "eval": spec.eval_limit, "test": spec.test_limit}
-        self.train = TextSet(train_texts[: limits["train"]], ids["train"][: limits["train"]])
         self.splits = {split: TextSet(held[split][0][: limits[split]], ids[split][: limits[split]])
                        for split in ("eval", "test")}
+        labelled, labels = train_texts[: limits["train"]], ids["train"][: limits["train"]]
+        known = {*labelled, *self.splits["eval"].texts, *self.splits["test"].texts}
+        mixed = unlabelled_texts(spec, seed)
+        extra = [t for t in mixed if t not in known]
+        if mixed:
+            log.info("data.mix: %d unlabelled texts beside %d labelled ones (%d dropped: texts of the labelled "
+                     "training, validation or test sets)", len(extra), len(labelled), len(mixed) - len(extra))
+        #: The training set: the labelled examples, then data.mix's texts, labelled as unknown.
+        self.train = TextSet(labelled + extra, np.concatenate([labels, np.full(len(extra), self.UNLABELLED,
+                                                                                  labels.dtype)]))
+        #: How many of the training examples (the first) have labels.
+        self.labelled_examples = len(labelled)
 
     def encode_labels(self, train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
         """The class names and each split's class ids, from the labels as written."""

@@ -248,3 +248,105 @@ def test_a_dataset_class_label_names_the_classes_in_its_own_id_order(tmp_path):
     plain = {"text": rows["text"], "label": rows["label"]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(plain)}).save_to_disk(str(tmp_path / "plain"))
     assert TextClassificationTask(DataSpec(format="hf-dataset", path=tmp_path / "plain")).label_names == ["0", "1"]
+
+
+def test_unlabelled_texts_join_the_training_set_without_labels(tmp_path, data_dir):
+    import torch
+
+    trec = data_dir / "trec"
+    test_text = (trec / "test.txt").read_text(encoding="latin-1").splitlines()[0].split(" ", 1)[1]
+    lines = ["What is the tallest tree ?", "Who wrote the letter ?", test_text, "What is the tallest tree ?"]
+    (tmp_path / "questions.txt").write_text("\n".join(lines) + "\n")
+    spec = DataSpec(format="labelled-text", path=trec, encoding="latin-1", train_limit=50,
+                    mix=[{"path": tmp_path / "questions.txt", "encoding": "utf-8", "weight": 2}])
+    task = TextClassificationTask(spec)
+    # The labelled examples first (train_limit counts them alone), then the mix taken twice, its
+    # repeat and the test question dropped: the teacher's answers on test texts never train the student.
+    assert task.labelled_examples == 50 and len(task.train) == 54
+    assert task.train.texts[50:] == ["What is the tallest tree ?", "Who wrote the letter ?"] * 2
+    assert (task.train.labels[:50] >= 0).all() and task.train.labels[50:].tolist() == [-1] * 4
+    head = task.train.head(50)
+    assert head.texts == task.train.texts[:50] and head.labels.tolist() == task.train.labels[:50].tolist()
+    # The task loss is the cross-entropy of the labelled rows alone; a batch of none gives 0.
+    logits = torch.randn(6, task.num_classes, requires_grad=True)
+    labels = torch.tensor([0, 3, -1, 1, -1, -1])
+    loss = task.task_loss({"logits": logits}, {"labels": labels})
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[[0, 1, 3]], labels[[0, 1, 3]]))
+    none = task.task_loss({"logits": logits}, {"labels": torch.full((6,), -1)})
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_unlabelled_scores_are_skipped_by_the_regression_loss(tmp_path):
+    import torch
+
+    from distill.tasks import TextRegressionTask
+
+    rows = "".join(f"{i % 5}.0\ttext {i}\n" for i in range(40))
+    (tmp_path / "train.tsv").write_text("label\ttext\n" + rows)
+    (tmp_path / "more.txt").write_text("an unscored text\ntext 3\n")
+    more = [{"path": tmp_path / "more.txt"}]
+    task = TextRegressionTask(DataSpec(format="tsv", path=tmp_path / "train.tsv", mix=more))
+    assert task.train.texts[-1] == "an unscored text" and torch.isnan(task.train.labels[-1])
+    assert "text 3" not in task.train.texts[task.labelled_examples :]
+    predicted = torch.tensor([[1.0], [2.0], [5.0]])
+    scores = torch.tensor([1.5, float("nan"), 4.0])
+    loss = task.task_loss({"logits": predicted}, {"labels": scores})
+    assert loss.item() == pytest.approx((0.5**2 + 1.0**2) / 2)
+
+
+def test_dkd_takes_the_teacher_s_top_class_for_an_unlabelled_example():
+    import torch
+
+    from distill.losses import LOSSES
+
+    dkd = LOSSES.get("dkd")()
+    student, teacher = torch.randn(5, 4), torch.randn(5, 4)
+    labels = torch.tensor([2, -1, 0, -1, 3])
+    filled = torch.where(labels < 0, teacher.argmax(-1), labels)
+    torch.testing.assert_close(dkd(student, teacher, labels), dkd(student, teacher, filled))
+
+
+def test_a_recipe_adds_unlabelled_texts_only_where_a_task_reads_them():
+    base = {"name": "x", "task": "classification", "teacher": {"kind": "hf-classifier", "source": "t"},
+            "student": {"derive": {"layers": [0]}}, "losses": [{"name": "kd"}]}
+    mix = [{"path": "more.txt"}]
+    pairs = {"format": "csv", "path": "d", "text_column": ["premise", "hypothesis"], "mix": mix}
+    with pytest.raises(RecipeError, match="data.mix: adds unlabelled single texts .* examples are text pairs"):
+        parse_recipe({**base, "data": pairs})
+    images = {**base, "data": {"format": "fashion-mnist", "path": "d", "mix": mix},
+              "teacher": {"kind": "torch", "arch": "convnet"}, "student": {"arch": "convnet"}}
+    with pytest.raises(RecipeError, match="examples are images"):
+        parse_recipe(images)
+    lm = {"name": "x", "task": "lm", "data": {"format": "text", "path": "d", "mix": mix},
+          "teacher": {"kind": "hf-causal-lm", "source": "t"}, "student": {"source": "s"},
+          "losses": [{"name": "token_kd"}]}
+    with pytest.raises(RecipeError, match="task is 'lm'"):
+        parse_recipe(lm)
+    assert parse_recipe({**base, "data": {"format": "labelled-text", "path": "d", "mix": mix}}).data.mix[0].weight == 1
+
+
+def test_a_classifier_learns_unlabelled_texts_from_its_teacher_and_the_baseline_skips_them(tmp_path, data_dir,
+                                                                                           tiny_bert):
+    teacher = _classifier(tmp_path / "teacher", tiny_bert, 6)
+    brown = (data_dir / "brown" / "brown-sentences.txt").read_text().splitlines()[:96]
+    (tmp_path / "brown.txt").write_text("\n".join(brown) + "\n")
+    recipe = {
+        "name": "tiny-trec-mix", "task": "classification", "seed": 0,
+        "teacher": {"kind": "hf-classifier", "source": str(teacher), "max_length": 32},
+        "student": {"derive": {"layers": [1], "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"format": "labelled-text", "path": str(data_dir / "trec"), "encoding": "latin-1",
+                 "train_limit": 256, "eval_limit": 32, "test_limit": 32, "mix": [{"path": str(tmp_path / "brown.txt"),
+                                                                                  "encoding": "utf-8"}]},
+        "losses": [{"name": "kd", "params": {"temperature": 2.0}}], "task_loss_weight": 1.0,
+        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "eval_every": 100, "checkpoint_every": 100},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
+        "output_dir": str(tmp_path / "run"),
+    }
+    distill.run(recipe)
+    steps = {role: json.loads((tmp_path / "run" / role / "distill.json").read_text())["steps"]
+             for role in ("student", "baseline")}
+    assert steps == {"student": 11, "baseline": 8}  # (256 + 96) / 32 against 256 / 32
+    report = (tmp_path / "run/report.md").read_text()
+    assert f"+ `{tmp_path / 'brown.txt'}` (unlabelled: taught by the teacher alone)" in report
