@@ -11,13 +11,15 @@ shape, KD at T=4 weight 0.9 + cross-entropy 0.1, 5 epochs). Per seed, four stude
   from the teacher's outputs alone;
 - ``all``: every labelled training sentence (the recipe as shipped), and its baseline;
 - ``all + Brown``: the same, plus a seeded ``--brown`` share of the Brown corpus' sentences
-  (general prose of 1961, not reviews), unlabelled.
+  (general prose of 1961, not reviews), unlabelled;
+- ``all + steps``: every label, no mix, 15 epochs: about as many steps as ``all + Brown`` at
+  0.25, so that more training alone is not mistaken for what the unlabelled texts add.
 
 The unlabelled SST-2 file is written to ``runs/unlabelled/sst2-train-texts.txt`` from
 ``../shared/data/sst2/train.txt``. Prints test accuracy per seed and mean ± std.
 
     python bench/unlabelled_classifier.py [--seeds 0 1 2] [--labels 1000] [--brown 0.25] [--threads 1]
-        [--variants few few+texts all all+brown] [--write docs/results.md]
+        [--variants few few+texts all all+brown all+steps] [--control-seeds 0] [--write docs/results.md]
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from distill.config import load_recipe
 
 DATA = Path("../shared/data")
 NAMES = {"few": "labels of {labels} sentences", "few+texts": "labels of {labels} + the other {rest} unlabelled",
-         "all": "labels of all {total} sentences (the recipe)", "all+brown": "all labels + {brown} of Brown unlabelled"}
+         "all": "labels of all {total} sentences (the recipe)", "all+brown": "all labels + {brown} of Brown unlabelled",
+         "all+steps": "all labels, 15 epochs (the steps of + Brown)"}
 
 
 def run(path: str, overrides: list[str]) -> dict:
@@ -63,10 +66,12 @@ def overrides(variant: str, seed: int, args: argparse.Namespace) -> list[str]:
     if variant == "all+brown":
         brown = DATA / "brown" / "brown-sentences.txt"
         sets.append(f"data.mix=[{{path: {brown}, weight: {args.brown}}}]")
+    if variant == "all+steps":
+        sets.append("train.epochs=15")
     if "+" in variant:
         sets.append("baseline=false")  # its baseline is the variant's without the mix: the same labels alone
     folder = {"few": f"sst2-few{args.labels}", "few+texts": f"sst2-few{args.labels}-texts", "all": "sst2",
-              "all+brown": f"sst2-brown{args.brown:g}"}[variant]
+              "all+brown": f"sst2-brown{args.brown:g}", "all+steps": "sst2-e15"}[variant]
     return [*sets, f"output_dir=runs/{folder}-s{seed}"]
 
 
@@ -77,25 +82,30 @@ def main() -> None:
     parser.add_argument("--brown", type=float, default=0.25, help="share of Brown's sentences mixed in")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--variants", nargs="+", default=list(NAMES), choices=list(NAMES))
+    parser.add_argument("--control-seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the 'all+steps' control (15 epochs each)")
     parser.add_argument("--write", type=Path, help="update this markdown file between the unlabelled-kd markers")
     args = parser.parse_args()
     teacher = run("recipes/sst2-teacher.yaml", [f"train.threads={args.threads}"])["student"]["accuracy"]
     total = sum(1 for line in (DATA / "sst2" / "train.txt").read_text().splitlines() if line.strip())
     names = {k: v.format(labels=args.labels, rest=total - args.labels, total=total, brown=f"{args.brown:g}")
              for k, v in NAMES.items()}
-    rows: list[tuple[str, list[float]]] = [("teacher (fine-tuned all-MiniLM-L6-v2, all labels)", [teacher])]
+    rows: list[tuple[str, dict[int, float]]] = [("teacher (fine-tuned all-MiniLM-L6-v2, all labels)",
+                                                  dict.fromkeys(args.seeds, teacher))]
     for variant in args.variants:
-        models = [run("recipes/sst2.yaml", overrides(variant, seed, args)) for seed in args.seeds]
+        seeds = args.control_seeds if variant == "all+steps" else args.seeds
+        models = {seed: run("recipes/sst2.yaml", overrides(variant, seed, args)) for seed in seeds}
         if "+" not in variant:
-            baseline = [m["baseline"]["accuracy"] for m in models]
+            baseline = {seed: m["baseline"]["accuracy"] for seed, m in models.items()}
             rows.append((f"student, {names[variant]}, cross-entropy alone", baseline))
-        rows.append((f"student, {names[variant]}, KD", [m["student"]["accuracy"] for m in models]))
+        rows.append((f"student, {names[variant]}, KD", {seed: m["student"]["accuracy"] for seed, m in models.items()}))
     head = "| model | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std |"
     lines = [head, "|---|" + "---|" * (len(args.seeds) + 1)]
     for name, values in rows:
-        cells = [f"{v:.2f}" for v in values] if len(values) > 1 else [f"{values[0]:.2f}"] * len(args.seeds)
-        lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f} |")
+        cells = [f"{values[s]:.2f}" if s in values else "" for s in args.seeds]
+        spread = (f"{statistics.mean(values.values()):.2f} ± {statistics.pstdev(values.values()):.2f}"
+                  if len(values) > 1 else "(one seed)")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {spread} |")
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -102,3 +102,18 @@ def test_the_demo_data_overrides_reach_both_stages(tmp_path):
     overrides = [re.sub(r"/your/\S+", lambda m: values[m.group(0)], s) for s in sets]
     general, sts = load_recipe(README.parent / recipe_path.strip(), overrides).stage_recipes()
     assert general.data.path == brown and sts.data.path == stsb and sts.data.format == "stsb"
+
+
+def test_the_unlabelled_texts_example_mixes_brown_into_the_sst2_recipe(data_dir):
+    from distill.config import load_recipe
+    from distill.tasks import build_task
+
+    text = " ".join(README.read_text().split())
+    command = re.search(r"`distill run (recipes/sst2\.yaml --set '(data\.mix=[^']+)' --set (\S+))`", text)
+    mix = command.group(2).replace("../shared/data", str(data_dir))
+    recipe = load_recipe(README.parent / command.group(1).split()[0],
+                         [mix, command.group(3), f"data.path={data_dir / 'sst2'}"])
+    task = build_task(recipe.task, recipe.data)
+    # The labelled sentences first, then a quarter of Brown's, which only the teacher labels.
+    assert task.labelled_examples == 6920 and len(task.train) - 6920 == 13440
+    assert set(task.train.labels[6920:].tolist()) == {-1} and recipe.baseline
