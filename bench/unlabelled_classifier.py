@@ -35,7 +35,8 @@ import distill
 from distill.config import load_recipe
 
 DATA = Path("../shared/data")
-NAMES = {"few": "labels of {labels} sentences", "few+texts": "labels of {labels} + the other {rest} unlabelled",
+NAMES = {"few": "labels of {labels} sentences",
+         "few+texts": "labels of {labels} + the other training sentences unlabelled",
          "all": "labels of all {total} sentences (the recipe)", "all+brown": "all labels + {brown} of Brown unlabelled",
          "all+steps": "all labels, 15 epochs (the steps of + Brown)"}
 
@@ -88,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     teacher = run("recipes/sst2-teacher.yaml", [f"train.threads={args.threads}"])["student"]["accuracy"]
     total = sum(1 for line in (DATA / "sst2" / "train.txt").read_text().splitlines() if line.strip())
-    names = {k: v.format(labels=args.labels, rest=total - args.labels, total=total, brown=f"{args.brown:g}")
+    names = {k: v.format(labels=args.labels, total=total, brown=f"{args.brown:g}")
              for k, v in NAMES.items()}
     rows: list[tuple[str, dict[int, float]]] = [("teacher (fine-tuned all-MiniLM-L6-v2, all labels)",
                                                   dict.fromkeys(args.seeds, teacher))]
