@@ -222,9 +222,9 @@ class Recipe(Spec):
                                      f"{'text' if needs != 'torch' else 'images'}, so the models are '{needs}', "
                                      f"got '{k}'")
         if self.data.mix:  # images here: set for task 'classification' just above
-            pairs = isinstance(self.data.text_column, list)
-            other = ("examples are images" if images else "examples are text pairs" if pairs else None
-                     ) if self.task in ("embedding", "classification", "regression") else f"task is '{self.task}'"
+            other = (f"task is '{self.task}'" if self.task not in ("embedding", "classification", "regression")
+                     else "examples are images" if images
+                     else "examples are text pairs" if isinstance(self.data.text_column, list) else None)
             if other:
                 raise ValueError(f"data.mix: adds unlabelled single texts (tasks 'embedding', 'classification' and "
                                  f"'regression' of texts), and this recipe's {other}")

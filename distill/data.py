@@ -16,7 +16,7 @@ from distill.errors import DataError
 
 __all__ = ["LABELLED_SUFFIXES", "SentencePairs", "Text", "dataset_rows", "dataset_splits", "decoded_lines",
            "expand_path", "labelled_file", "mix_texts", "read_idx_images", "read_labelled", "read_lines",
-           "read_records", "read_stsb", "read_text", "read_texts", "unique", "unlabelled_texts"]
+           "read_records", "read_stsb", "read_text", "read_texts", "unique", "mix_sources"]
 
 
 @dataclass(frozen=True)
@@ -349,13 +349,13 @@ def read_texts(path: Path, fmt: str, column: str = "text", split: str = "train",
     return texts
 
 
-def unlabelled_texts(spec: Any, seed: int = 0) -> list[str]:
-    """The texts of ``data.mix`` for a task of labelled texts: each corpus read as unlabelled texts
-    (in its own ``format``, else ``data.format`` where that is one of unlabelled texts, else
-    ``text``), repeats removed, and taken ``weight`` times (:func:`mix_texts`)."""
+def mix_sources(spec: Any) -> list[tuple[list[str], float]]:
+    """Each corpus of ``data.mix`` as unlabelled texts (read in its own ``format``, else
+    ``data.format`` where that is one of unlabelled texts, else ``text``), repeats removed, with
+    its weight: the sources :func:`mix_texts` takes."""
     fallback = spec.format if spec.format in ("text", "jsonl", "parquet", "hf-dataset") else "text"
-    return mix_texts([(unique(read_texts(m.path, m.format or fallback, spec.text_column, spec.split,
-                                         m.encoding or spec.encoding)), m.weight) for m in spec.mix], seed)
+    return [(unique(read_texts(m.path, m.format or fallback, spec.text_column, spec.split,
+                               m.encoding or spec.encoding)), m.weight) for m in spec.mix]
 
 
 def unique(texts: list[str]) -> list[str]:

@@ -20,9 +20,10 @@ from distill.data import (
     dataset_class_names,
     dataset_splits,
     labelled_file,
+    mix_sources,
+    mix_texts,
     read_idx_images,
     read_labelled,
-    unlabelled_texts,
 )
 from distill.errors import DataError
 from distill.images import image_folder_splits, read_image_folder, read_image_records
@@ -292,7 +293,7 @@ class TextClassificationTask(_Accuracy):
                        for split in ("eval", "test")}
         labelled, labels = train_texts[: limits["train"]], ids["train"][: limits["train"]]
         known = {*labelled, *self.splits["eval"].texts, *self.splits["test"].texts}
-        mixed = unlabelled_texts(spec, seed)
+        mixed = mix_texts(mix_sources(spec), seed)
         extra = [t for t in mixed if t not in known]
         if mixed:
             log.info("data.mix: %d unlabelled texts beside %d labelled ones (%d dropped: texts of the labelled "

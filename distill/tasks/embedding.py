@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import DataSpec
-from distill.data import mix_texts, read_texts, unique
+from distill.data import mix_sources, mix_texts, read_texts, unique
 from distill.errors import DataError, RecipeError
 from distill.tasks.base import Batch, TextBlocks, evaluating, spearman
 
@@ -64,7 +64,6 @@ class EmbeddingTask:
 
     output = "embedding"
     metric = "agreement"
-    labelled = False
 
     def __init__(self, spec: DataSpec, seed: int = 0) -> None:
         main = unique(read_texts(spec.path, spec.format, spec.text_column, spec.split, spec.encoding))
@@ -73,9 +72,7 @@ class EmbeddingTask:
             raise DataError(f"{spec.path}: {len(main)} distinct texts are too few to hold out a share of "
                             f"{spec.eval_fraction}")
         held = main[cut:]
-        extra = [(unique(read_texts(m.path, m.format or spec.format, spec.text_column, spec.split,
-                                    m.encoding or spec.encoding)), m.weight) for m in spec.mix]
-        train = mix_texts([(main[:cut], spec.weight), *extra], seed)
+        train = mix_texts([(main[:cut], spec.weight), *mix_sources(spec)], seed)
         test = (unique(read_texts(spec.test_path, spec.format, spec.text_column, encoding=spec.encoding))
                 if spec.test_path else held[len(held) // 2 :])
         self.train = TextBlocks(train[: spec.train_limit])
