@@ -326,7 +326,7 @@ def select_tasks(names: list[str], own: list[Task]) -> list[Task]:
 
 
 def _task_file(path: Path) -> list[SuiteTaskSpec]:
-    """The tasks of the user's own a YAML file lists."""
+    """The tasks of the user's own that a YAML file lists."""
     if not path.is_file():
         raise DataError(f"suite task file not found: {path}")
     try:
