@@ -228,15 +228,19 @@ def _curve(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 def _facts(summary: dict[str, Any]) -> str:
     teacher = f"`{summary['teacher']}`" if summary["teacher"] else "none: trained on labels alone"
     lines = [f"- teacher: {teacher}", f"- student: {summary['student']}",
-             f"- data: `{summary['data']}`{_mixed(summary.get('mix', []))}", f"- losses: {summary['losses']}",
+             f"- data: `{summary['data']}`{_mixed(summary.get('mix', []), summary.get('mix_certainty'))}",
+             f"- losses: {summary['losses']}",
              f"- training: {summary['steps']} steps; measured on {summary['machine']}"]
     return "\n".join(lines)
 
 
-def _mixed(mix: list[dict[str, Any]]) -> str:
-    """The corpora of ``data.mix``, as the report's data line continues."""
+def _mixed(mix: list[dict[str, Any]], certainty: dict[str, float] | None = None) -> str:
+    """The corpora of ``data.mix``, as the report's data line continues, with how sure the teacher
+    is of their texts against the test texts (a classifier's mean top-class probability)."""
+    sure = (f"; the teacher's mean top-class probability on them {certainty['mix']:.3f}, on the test texts "
+            f"{certainty['test']:.3f}" if certainty else "")
     return "".join(f" + `{m['path']}`" + (f" x {m['weight']:g}" if m["weight"] != 1 else "") for m in mix) + (
-        " (unlabelled: taught by the teacher alone)" if mix else "")
+        f" (unlabelled: taught by the teacher alone{sure})" if mix else "")
 
 
 _SUITE_NOTE = ("Each task's test set: STS12-16 and STS-B test (Spearman x 100 of cosine), SST-2 and TREC (accuracy "

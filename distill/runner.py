@@ -435,12 +435,26 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         "task_loss_weight": recipe.task_loss_weight, "steps": steps,
         "machine": _machine(), "models": models,
     }
+    if recipe.losses and (certainty := teacher_certainty(task, teacher)) is not None:
+        summary["mix_certainty"] = certainty
     if tasks:
         summary["suite"] = suite_scores(adapters, recipe.evaluate, tasks, recipe.cache.dir / "suite-scores.json")
     if isinstance(task, EmbeddingTask) and "baseline" in models:
         summary["baseline_untrained"] = True
     (folder / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return models
+
+
+def teacher_certainty(task: Any, teacher: Adapter) -> dict[str, float] | None:
+    """The teacher's mean top-class probability on the test texts and on data.mix's, for a
+    classifier with a mix (else ``None``); a warning when it is far less sure of the mix."""
+    certainty = getattr(task, "mix_certainty", None)
+    found = certainty(teacher) if certainty is not None else None
+    if found is not None and found["mix"] < found["test"] - 0.1:
+        log.warning("the teacher is far less sure of data.mix's texts than of the test texts (mean top-class "
+                    "probability %.3f against %.3f): they may not be texts its task has answers for, and may "
+                    "teach the student little (docs/results.md, 'which texts to mix')", found["mix"], found["test"])
+    return found
 
 
 def report_run(folder: Path) -> Path:

@@ -304,6 +304,20 @@ class TextClassificationTask(_Accuracy):
         #: How many of the training examples (the first) have labels.
         self.labelled_examples = len(labelled)
 
+    @torch.inference_mode()
+    def mix_certainty(self, model: Any, limit: int = 500, batch_size: int = 64) -> dict[str, float] | None:
+        """``model``'s mean top-class probability on (up to ``limit`` of) the test texts and on a seeded
+        sample of as many of ``data.mix``'s texts; ``None`` without a mix. A teacher far less sure of
+        the mix than of its task's texts has little to teach through it (docs/results.md: a
+        question-type teacher on general prose)."""
+        mixed = len(self.train) - self.labelled_examples
+        if not mixed:
+            return None
+        picked = np.sort(np.random.default_rng(0).choice(mixed, min(mixed, limit), replace=False))
+        test = self.splits["test"]
+        return {"test": _mean_top(model, test, list(range(min(len(test), limit))), batch_size),
+                "mix": _mean_top(model, self.train, (self.labelled_examples + picked).tolist(), batch_size)}
+
     def encode_labels(self, train: list[str], held: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
         """The class names and each split's class ids, from the labels as written."""
         return _number_labels(train, held)
@@ -319,6 +333,16 @@ class TextClassificationTask(_Accuracy):
     def train_texts(self) -> list[str]:
         """Every training text, both of a pair (for vocabulary pruning and calibration)."""
         return [t for text in self.train.texts for t in ((text,) if isinstance(text, str) else text)]
+
+
+def _mean_top(model: Any, data: TextSet, indices: list[int], batch_size: int) -> float:
+    """The mean of ``model``'s top-class probability over ``data``'s examples at ``indices``."""
+    total = 0.0
+    with evaluating(model):
+        for start in range(0, len(indices), batch_size):
+            logits = model(data.batch(indices[start:start + batch_size])["inputs"])["logits"].float()
+            total += float(logits.softmax(-1).amax(-1).sum())
+    return total / len(indices)
 
 
 def _joined(text: Text) -> str:

@@ -49,6 +49,10 @@ class TextRegressionTask(TextClassificationTask):
             raise DataError(f"task 'regression' needs one output per example from the {role} ((N, 1) logits, "
                             f"num_labels 1), got {shape}")
 
+    def mix_certainty(self, model: Any, limit: int = 500, batch_size: int = 64) -> None:
+        """None: a score has no class probabilities to be sure of."""
+        return None
+
     @torch.inference_mode()
     def evaluate(self, model: Any, split: str, batch_size: int = 256) -> float:
         data = self.splits[split]

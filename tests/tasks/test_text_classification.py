@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+import torch
 
 import distill
 from distill.config import DataSpec, parse_recipe
 from distill.data import read_labelled
 from distill.errors import DataError, RecipeError
+from distill.runner import teacher_certainty
 from distill.tasks import TextClassificationTask, build_task
 
 
@@ -70,7 +73,6 @@ def test_text_classification_recipes_are_checked():
 
 
 def _classifier(folder, tiny_bert, labels):
-    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     config = BertConfig.from_pretrained(tiny_bert, num_labels=labels)
@@ -251,8 +253,6 @@ def test_a_dataset_class_label_names_the_classes_in_its_own_id_order(tmp_path):
 
 
 def test_unlabelled_texts_join_the_training_set_without_labels(tmp_path, data_dir):
-    import torch
-
     trec = data_dir / "trec"
     test_text = (trec / "test.txt").read_text(encoding="latin-1").splitlines()[0].split(" ", 1)[1]
     lines = ["What is the tallest tree ?", "Who wrote the letter ?", test_text, "What is the tallest tree ?"]
@@ -278,8 +278,6 @@ def test_unlabelled_texts_join_the_training_set_without_labels(tmp_path, data_di
 
 
 def test_unlabelled_scores_are_skipped_by_the_regression_loss(tmp_path):
-    import torch
-
     from distill.tasks import TextRegressionTask
 
     rows = "".join(f"{i % 5}.0\ttext {i}\n" for i in range(40))
@@ -296,8 +294,6 @@ def test_unlabelled_scores_are_skipped_by_the_regression_loss(tmp_path):
 
 
 def test_dkd_takes_the_teacher_s_top_class_for_an_unlabelled_example():
-    import torch
-
     from distill.losses import LOSSES
 
     dkd = LOSSES.get("dkd")()
@@ -349,4 +345,37 @@ def test_a_classifier_learns_unlabelled_texts_from_its_teacher_and_the_baseline_
              for role in ("student", "baseline")}
     assert steps == {"student": 11, "baseline": 8}  # (256 + 96) / 32 against 256 / 32
     report = (tmp_path / "run/report.md").read_text()
-    assert f"+ `{tmp_path / 'brown.txt'}` (unlabelled: taught by the teacher alone)" in report
+    assert f"+ `{tmp_path / 'brown.txt'}` (unlabelled: taught by the teacher alone; the teacher's mean" in report
+    certainty = json.loads((tmp_path / "run/eval.json").read_text())["mix_certainty"]
+    assert set(certainty) == {"test", "mix"} and all(1 / 6 <= v <= 1 for v in certainty.values())
+    assert f"on them {certainty['mix']:.3f}, on the test texts {certainty['test']:.3f})" in report
+
+
+class _SureOfQuestions:
+    """A 6-class "teacher" adapter certain of a question's class and undecided on anything else."""
+
+    module = torch.nn.Identity()  # what evaluating() switches to eval mode and back
+
+    def __call__(self, inputs):
+        return {"logits": torch.stack([torch.tensor([30.0, 0, 0, 0, 0, 0]) if text.endswith("?")
+                                       else torch.zeros(6) for text in inputs["text"]])}
+
+
+def test_the_teacher_s_certainty_on_the_mix_is_measured_against_the_test_texts(tmp_path, data_dir, caplog):
+    brown = (data_dir / "brown" / "brown-sentences.txt").read_text().splitlines()
+    (tmp_path / "brown.txt").write_text("\n".join(s for s in brown[:200] if not s.endswith("?")) + "\n")
+    spec = DataSpec(format="labelled-text", path=data_dir / "trec", encoding="latin-1", train_limit=50,
+                    mix=[{"path": tmp_path / "brown.txt", "encoding": "utf-8"}])
+    task = TextClassificationTask(spec)
+    teacher = _SureOfQuestions()
+    certainty = task.mix_certainty(teacher, limit=64)
+    # Every TREC test question ends in '?'; no mix sentence does: sure of the one, uniform on the other.
+    assert certainty["test"] == pytest.approx(1.0) and certainty["mix"] == pytest.approx(1 / 6)
+    assert TextClassificationTask(DataSpec(format="labelled-text", path=data_dir / "trec", encoding="latin-1",
+                                           train_limit=50)).mix_certainty(teacher) is None
+    # The run records it and warns: a teacher this much less sure of the mix has little to say about it.
+    with caplog.at_level(logging.WARNING, logger="distill.runner"):
+        found = teacher_certainty(task, teacher)  # all 500 test questions: a few end without a '?'
+    assert found["test"] > 0.99 and found["mix"] == pytest.approx(1 / 6)
+    assert ("far less sure of data.mix's texts than of the test texts (mean top-class probability 0.167 against "
+            f"{found['test']:.3f})") in caplog.text
