@@ -291,6 +291,8 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     teacher = load_teacher(recipe)
     if isinstance(task, EmbeddingTask):
         task.use_teacher(teacher)  # the reference of its label-free validation metric
+    if recipe.losses and procs.is_main_process and not (folder / "student" / "distill.json").is_file():
+        teacher_certainty(task, teacher)  # a mix the teacher has little to say about is named before training
     # Built once, on the CPU with the teacher; every role below trains a fresh copy of it.
     built = BuiltStudent.build(recipe, teacher, task)
     pair = _pairing(recipe, built, teacher, task, True, procs)  # fail fast, before the teacher cache

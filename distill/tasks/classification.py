@@ -310,11 +310,10 @@ class TextClassificationTask(_Accuracy):
         sample of as many of ``data.mix``'s texts; ``None`` without a mix. A teacher far less sure of
         the mix than of its task's texts has little to teach through it (docs/results.md: a
         question-type teacher on general prose)."""
-        mixed = len(self.train) - self.labelled_examples
-        if not mixed:
+        mixed, test = len(self.train) - self.labelled_examples, self.splits["test"]
+        if not mixed or not len(test):
             return None
         picked = np.sort(np.random.default_rng(0).choice(mixed, min(mixed, limit), replace=False))
-        test = self.splits["test"]
         return {"test": _mean_top(model, test, list(range(min(len(test), limit))), batch_size),
                 "mix": _mean_top(model, self.train, (self.labelled_examples + picked).tolist(), batch_size)}
 

@@ -323,7 +323,7 @@ def test_a_recipe_adds_unlabelled_texts_only_where_a_task_reads_them():
 
 
 def test_a_classifier_learns_unlabelled_texts_from_its_teacher_and_the_baseline_skips_them(tmp_path, data_dir,
-                                                                                           tiny_bert):
+                                                                                           tiny_bert, monkeypatch):
     teacher = _classifier(tmp_path / "teacher", tiny_bert, 6)
     brown = (data_dir / "brown" / "brown-sentences.txt").read_text().splitlines()[:96]
     (tmp_path / "brown.txt").write_text("\n".join(brown) + "\n")
@@ -340,7 +340,11 @@ def test_a_classifier_learns_unlabelled_texts_from_its_teacher_and_the_baseline_
         "evaluate": {"latency_repeats": 1, "throughput_repeats": 1, "warmup": 0, "batch_size": 32},
         "output_dir": str(tmp_path / "run"),
     }
+    measured = []  # whether the student existed yet, each time the teacher's certainty is measured
+    monkeypatch.setattr(distill.runner, "teacher_certainty", lambda task, teacher: measured.append(
+        (tmp_path / "run/student/distill.json").is_file()) or teacher_certainty(task, teacher))
     distill.run(recipe)
+    assert measured == [False, True]  # before training, so a poor mix is named early; again for the report
     steps = {role: json.loads((tmp_path / "run" / role / "distill.json").read_text())["steps"]
              for role in ("student", "baseline")}
     assert steps == {"student": 11, "baseline": 8}  # (256 + 96) / 32 against 256 / 32
