@@ -3,7 +3,7 @@
 ``--task sst2`` (the default) or ``--task trec``. The teacher is ``recipes/TASK-teacher.yaml``'s
 fine-tuned all-MiniLM-L6-v2 (trained first if ``runs/TASK-teacher`` has no finished run); every
 student is ``recipes/TASK.yaml``'s (the demo's shape, KD at T=4 weight 0.9 + cross-entropy 0.1,
-5 epochs). Per seed, five students:
+5 epochs). Per seed, six students:
 
 - ``few``: only the first ``--labels`` labelled training texts (``data.train_limit``), and its
   baseline: the same student on those labels alone;
@@ -13,6 +13,8 @@ student is ``recipes/TASK.yaml``'s (the demo's shape, KD at T=4 weight 0.9 + cro
 - ``all``: every labelled training text (the recipe as shipped), and its baseline;
 - ``all + Brown``: the same, plus a seeded ``--brown`` share of the Brown corpus' sentences
   (general prose of 1961, neither reviews nor questions), unlabelled;
+- ``all + other``: every label, plus the other task's training texts (TREC's questions for SST-2,
+  SST-2's sentences for TREC), unlabelled: texts the teacher's task has little to say about;
 - ``all + steps``: every label, no mix, as many epochs as give about the steps of ``all + Brown``
   (15 for SST-2 at 0.25), so that more training alone is not mistaken for what the unlabelled
   texts add.
@@ -22,7 +24,7 @@ task file's own encoding) from ``../shared/data/TASK/train.txt``. Prints test ac
 and mean ± std.
 
     python bench/unlabelled_classifier.py [--task sst2] [--seeds 0 1 2] [--labels 1000] [--brown 0.25]
-        [--threads 1] [--variants few few+texts all all+brown all+steps] [--control-seeds 0]
+        [--threads 1] [--variants few few+texts all all+brown all+other all+steps] [--control-seeds 0]
         [--write docs/results.md]
 """
 
@@ -43,8 +45,11 @@ DATA = Path("../shared/data")
 NAMES = {"few": "labels of {labels} {unit}",
          "few+texts": "labels of {labels} + the other training {unit} unlabelled",
          "all": "labels of all {total} {unit} (the recipe)", "all+brown": "all labels + {brown} of Brown unlabelled",
-         "all+steps": "all labels, {epochs} epochs (the steps of + Brown)"}
+         "all+steps": "all labels, {epochs} epochs (the steps of + Brown)",
+         "all+other": "all labels + {other}'s training texts unlabelled"}
 UNITS = {"sst2": "sentences", "trec": "questions"}
+ENCODINGS = {"sst2": "utf-8", "trec": "latin-1"}  # of the task files, and of the texts written from them
+OTHER = {"sst2": "trec", "trec": "sst2"}
 MARKERS = {"sst2": "unlabelled-kd", "trec": "unlabelled-kd-trec"}
 
 
@@ -83,10 +88,14 @@ def overrides(variant: str, seed: int, args: argparse.Namespace, epochs: int = 0
         sets.append(f"data.mix=[{{path: {brown}, weight: {args.brown}}}]")
     if variant == "all+steps":
         sets.append(f"train.epochs={epochs}")
+    if variant == "all+other":
+        other = OTHER[args.task]
+        sets.append(f"data.mix=[{{path: {training_texts(other)}, encoding: {ENCODINGS[other]}}}]")
     if "+" in variant:
         sets.append("baseline=false")  # its baseline is the variant's without the mix: the same labels alone
     folder = {"few": f"few{args.labels}", "few+texts": f"few{args.labels}-texts", "all": "",
-              "all+brown": f"brown{args.brown:g}", "all+steps": f"e{epochs}"}[variant]
+              "all+brown": f"brown{args.brown:g}", "all+steps": f"e{epochs}",
+              "all+other": f"{OTHER[args.task]}texts"}[variant]
     folder = f"{args.task}-{folder}" if folder else args.task
     return [*sets, f"output_dir=runs/{folder}-s{seed}"]
 
@@ -108,7 +117,8 @@ def main() -> None:
     total = build_task(labelled.task, labelled.data).labelled_examples
     epochs = control_epochs(args) if "all+steps" in args.variants else 0
     names = {k: v.format(labels=args.labels, total=total, brown=f"{args.brown:g}", unit=UNITS[args.task],
-                         epochs=epochs) for k, v in NAMES.items()}
+                         epochs=epochs, other=OTHER[args.task].upper().replace("SST2", "SST-2"))
+             for k, v in NAMES.items()}
     rows: list[tuple[str, dict[int, float]]] = [("teacher (fine-tuned all-MiniLM-L6-v2, all labels)",
                                                   dict.fromkeys(args.seeds, teacher))]
     for variant in args.variants:
