@@ -22,8 +22,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from distill.config import load_recipe
+from distill.tasks import build_task
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ENCODINGS = {"sst2": "utf-8", "trec": "latin-1"}
+TASKS = ("sst2", "trec")
 
 
 def probabilities(folder: Path, texts: list[str], batch: int = 64) -> torch.Tensor:
@@ -50,7 +53,7 @@ def summary(probs: torch.Tensor) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", nargs="+", default=list(ENCODINGS), choices=list(ENCODINGS))
+    parser.add_argument("--task", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--sample", type=int, default=2000, help="Brown sentences drawn (seed 0)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -61,8 +64,8 @@ def main() -> None:
           "| most frequent top class (share) | spread of top classes (share of max) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for task in args.task:
-        lines = (DATA / task / "test.txt").read_text(encoding=ENCODINGS[task]).splitlines()
-        test = [line.split(" ", 1)[1] for line in lines if line.strip()]
+        recipe = load_recipe(f"recipes/{task}.yaml", [f"data.path={DATA / task}"])
+        test = build_task(recipe.task, recipe.data).splits["test"].texts  # read as the recipe's runs read them
         folder = Path("runs") / f"{task}-teacher" / "student"
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder}: no teacher there; train it first: distill run recipes/{task}-teacher.yaml")

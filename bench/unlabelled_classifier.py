@@ -48,7 +48,6 @@ NAMES = {"few": "labels of {labels} {unit}",
          "all+steps": "all labels, {epochs} epochs (the steps of + Brown)",
          "all+other": "all labels + {other}'s training texts unlabelled"}
 UNITS = {"sst2": "sentences", "trec": "questions"}
-ENCODINGS = {"sst2": "utf-8", "trec": "latin-1"}  # of the task files, and of the texts written from them
 OTHER = {"sst2": "trec", "trec": "sst2"}
 MARKERS = {"sst2": "unlabelled-kd", "trec": "unlabelled-kd-trec"}
 
@@ -89,8 +88,9 @@ def overrides(variant: str, seed: int, args: argparse.Namespace, epochs: int = 0
     if variant == "all+steps":
         sets.append(f"train.epochs={epochs}")
     if variant == "all+other":
-        other = OTHER[args.task]
-        sets.append(f"data.mix=[{{path: {training_texts(other)}, encoding: {ENCODINGS[other]}}}]")
+        other = OTHER[args.task]  # its texts are written in its own file's encoding, which its recipe names
+        encoding = load_recipe(f"recipes/{other}.yaml", []).data.encoding
+        sets.append(f"data.mix=[{{path: {training_texts(other)}, encoding: {encoding}}}]")
     if "+" in variant:
         sets.append("baseline=false")  # its baseline is the variant's without the mix: the same labels alone
     folder = {"few": f"few{args.labels}", "few+texts": f"few{args.labels}-texts", "all": "",

@@ -291,8 +291,9 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     teacher = load_teacher(recipe)
     if isinstance(task, EmbeddingTask):
         task.use_teacher(teacher)  # the reference of its label-free validation metric
+    certainty = None  # a mix the teacher has little to say about is named before training
     if recipe.losses and procs.is_main_process and not (folder / "student" / "distill.json").is_file():
-        teacher_certainty(task, teacher)  # a mix the teacher has little to say about is named before training
+        certainty = teacher_certainty(task, teacher)
     # Built once, on the CPU with the teacher; every role below trains a fresh copy of it.
     built = BuiltStudent.build(recipe, teacher, task)
     pair = _pairing(recipe, built, teacher, task, True, procs)  # fail fast, before the teacher cache
@@ -318,7 +319,7 @@ def _run(recipe: Recipe, procs: PartialState) -> RunResult:
     if not procs.is_main_process:
         return RunResult(folder, folder / "report.md", {})
     # A sharded teacher is whole nowhere: the main process loads it again, on the CPU, to measure it.
-    models = evaluate_run(folder, recipe, task, None if sharded else teacher)
+    models = evaluate_run(folder, recipe, task, None if sharded else teacher, certainty=certainty)
     report = report_run(folder)
     return RunResult(folder, report, models)
 
@@ -392,11 +393,13 @@ def _training_text(recipe: Recipe, trained: dict[str, Any]) -> str:
 
 
 def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, teacher: Adapter | None = None,
-                 suite: list[str] | None = None) -> dict[str, dict[str, Any]]:
+                 suite: list[str] | None = None, certainty: dict[str, float] | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """Measure teacher, student and baseline of a finished run and write ``eval.json``.
 
     ``suite`` names evaluation-suite tasks to score them on, built-in ones or the recipe's own
-    (default: the recipe's ``evaluate.suite``).
+    (default: the recipe's ``evaluate.suite``). ``certainty``: :func:`teacher_certainty` as the
+    run measured it before training, so the teacher does not answer the same texts twice.
     """
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     tasks = select_tasks(suite, recipe.evaluate.suite) if suite is not None else recipe.evaluate.suite
@@ -437,7 +440,7 @@ def evaluate_run(folder: Path, recipe: Recipe | None = None, task: Any = None, t
         "task_loss_weight": recipe.task_loss_weight, "steps": steps,
         "machine": _machine(), "models": models,
     }
-    if recipe.losses and (certainty := teacher_certainty(task, teacher)) is not None:
+    if recipe.losses and (certainty := certainty or teacher_certainty(task, teacher)) is not None:
         summary["mix_certainty"] = certainty
     if tasks:
         summary["suite"] = suite_scores(adapters, recipe.evaluate, tasks, recipe.cache.dir / "suite-scores.json")

@@ -344,7 +344,7 @@ def test_a_classifier_learns_unlabelled_texts_from_its_teacher_and_the_baseline_
     monkeypatch.setattr(distill.runner, "teacher_certainty", lambda task, teacher: measured.append(
         (tmp_path / "run/student/distill.json").is_file()) or teacher_certainty(task, teacher))
     distill.run(recipe)
-    assert measured == [False, True]  # before training, so a poor mix is named early; again for the report
+    assert measured == [False]  # before training, so a poor mix is named early; the report reuses it
     steps = {role: json.loads((tmp_path / "run" / role / "distill.json").read_text())["steps"]
              for role in ("student", "baseline")}
     assert steps == {"student": 11, "baseline": 8}  # (256 + 96) / 32 against 256 / 32
